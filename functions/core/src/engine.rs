@@ -1,0 +1,478 @@
+//! The export engine: every step of a job's life, written once over the ports.
+//!
+//! The local server runs these steps in-process (see [`crate::runner`]); on AWS, Step Functions
+//! calls `plan`, workers call `export_item`, and the coordinator calls `finalize` or `fail`.
+
+use crate::error::{ApiError, StoreError, StoreResult};
+use crate::fhir::compartment::in_patient_compartment;
+use crate::fhir::outcome::{IssueCode, operation_outcome};
+use crate::fhir::time::{Instant, now_millis};
+use crate::ids::new_id;
+use crate::job::{Job, JobStatus};
+use crate::manifest::{manifest, part_key, progress_line, sort_parts};
+use crate::params::{ExportLevel, ExportParams};
+use crate::ports::{
+    ExportLock, JobStore, OutputStore, PartRecord, PartWriter, PatientScope, ReadScope, ResourceStore,
+    WorkItem,
+};
+use crate::settings::Settings;
+use bytes::{Bytes, BytesMut};
+use http::StatusCode;
+use serde_json::Value;
+use std::sync::Arc;
+
+/// Bytes gathered before they are handed to a part writer.
+const WRITE_CHUNK: usize = 256 * 1024;
+
+/// The adapters an engine works through.
+#[derive(Clone)]
+pub struct Ports {
+    pub resources: Arc<dyn ResourceStore>,
+    pub jobs: Arc<dyn JobStore>,
+    pub lock: Arc<dyn ExportLock>,
+    pub output: Arc<dyn OutputStore>,
+}
+
+/// Where an item stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ItemOutcome {
+    /// Every resource of the item is in finished, recorded parts.
+    Done,
+    /// Stopped at a part boundary before the deadline; continue from here.
+    Continue(ItemCursor),
+    /// The job is no longer active; nothing more was written.
+    Stopped,
+}
+
+/// A position inside a work item, always at a part boundary.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ItemCursor {
+    pub cursor: String,
+    pub next_seq: u32,
+}
+
+/// What a status poll answers.
+#[derive(Debug)]
+pub enum JobView {
+    Running { progress: String },
+    Completed { manifest: Value, expires: Instant },
+    Failed { diagnostics: String },
+}
+
+/// The export engine.
+pub struct Exporter {
+    pub ports: Ports,
+    pub settings: Settings,
+}
+
+impl Exporter {
+    pub fn new(ports: Ports, settings: Settings) -> Self {
+        Exporter { ports, settings }
+    }
+
+    /// Accepts a kick-off: checks the Group and patients, takes the export lock, stores the job.
+    pub async fn kickoff(&self, level: ExportLevel, params: ExportParams, request_url: String) -> Result<Job, ApiError> {
+        let now = now_millis();
+        let resources = &self.ports.resources;
+        let members = match &level {
+            ExportLevel::Group(group_id) => Some(
+                resources
+                    .group_members(group_id, now)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found(format!("Group/{group_id} is not known to this server")))?,
+            ),
+            _ => None,
+        };
+        for patient in params.patients.iter().flatten() {
+            if !resources.patient_exists(patient, now).await? {
+                return Err(ApiError::invalid(format!("patient Patient/{patient} is not known to this server")));
+            }
+            if let (Some(members), ExportLevel::Group(group_id)) = (&members, &level)
+                && !members.contains(patient)
+            {
+                return Err(ApiError::invalid(format!("Patient/{patient} is not a member of Group/{group_id}")));
+            }
+        }
+
+        let job = Job::new(new_id(), level, request_url, params, now);
+        if !self.ports.lock.acquire(&job.id, self.settings.lock_lease, now).await? {
+            let mut busy = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                IssueCode::Throttled,
+                "another export is in progress; only one export runs at a time, retry later",
+            );
+            busy.retry_after = Some(self.settings.busy_retry_after);
+            return Err(busy);
+        }
+        if let Err(e) = self.ports.jobs.create(&job).await {
+            self.ports.lock.release(&job.id).await.ok();
+            return Err(e.into());
+        }
+        tracing::info!(job = %job.id, level = ?job.level, "export accepted");
+        Ok(job)
+    }
+
+    /// Cuts an accepted job into work items and stores them with the job's patient set.
+    /// A job already planned is left as it is, so planning twice is harmless.
+    pub async fn plan(&self, job_id: &str) -> StoreResult<Vec<WorkItem>> {
+        let mut job = self.job(job_id).await?;
+        if job.status != JobStatus::Accepted {
+            return self.ports.jobs.items(job_id).await;
+        }
+        let resources = &self.ports.resources;
+        let as_of = job.transaction_time;
+        let patient_set = match &job.level {
+            ExportLevel::System => None,
+            ExportLevel::Patient => job.params.patients.clone(),
+            ExportLevel::Group(group_id) => {
+                let members = resources.group_members(group_id, as_of).await?.unwrap_or_default();
+                Some(match &job.params.patients {
+                    Some(wanted) => members.into_iter().filter(|m| wanted.contains(m)).collect(),
+                    None => members,
+                })
+            }
+        };
+        if let Some(mut set) = patient_set {
+            set.sort_unstable();
+            set.dedup();
+            self.ports.jobs.put_patient_set(job_id, &set).await?;
+        }
+
+        let present = resources.resource_types().await?;
+        let mut types: Vec<String> = match &job.params.types {
+            Some(wanted) => wanted.iter().filter(|t| present.contains(t)).cloned().collect(),
+            None => present,
+        };
+        if job.level != ExportLevel::System {
+            types.retain(|t| in_patient_compartment(t));
+        }
+        types.sort_unstable();
+
+        let mut items = Vec::new();
+        for resource_type in types {
+            for partition in 0..resources.partitions(&resource_type).await?.max(1) {
+                let item = items.len() as u32;
+                items.push(WorkItem { job_id: job_id.to_string(), item, resource_type: resource_type.clone(), partition });
+            }
+        }
+        self.ports.jobs.put_items(&items).await?;
+        job.items_total = items.len() as u32;
+        job.status = JobStatus::InProgress;
+        if !self.ports.jobs.update(&job, JobStatus::Accepted).await? {
+            return Err(StoreError::new(format!("job {job_id} changed while it was being planned")));
+        }
+        Ok(items)
+    }
+
+    /// Exports one work item into NDJSON parts, from its start or from `resume`.
+    ///
+    /// Part boundaries depend only on the data and the size limits, so a repeated run writes the
+    /// same parts under the same keys. With a `deadline`, the item stops at the first part boundary
+    /// past it and returns where to continue.
+    pub async fn export_item(
+        &self,
+        item: &WorkItem,
+        resume: Option<ItemCursor>,
+        deadline: Option<std::time::Instant>,
+    ) -> StoreResult<ItemOutcome> {
+        let job = self.job(&item.job_id).await?;
+        if !job.status.is_active() {
+            return Ok(ItemOutcome::Stopped);
+        }
+        let (mut cursor, mut seq) = match resume {
+            Some(r) => (Some(r.cursor), r.next_seq),
+            None => {
+                for stale in self.ports.jobs.clear_item_parts(&item.job_id, item.item).await? {
+                    self.ports.output.delete(&stale.key).await?;
+                }
+                (None, 0)
+            }
+        };
+        let scope = self.read_scope(&job, item).await?;
+        let skip_group = match &job.level {
+            ExportLevel::Group(id) if item.resource_type == "Group" => Some(id.clone()),
+            _ => None,
+        };
+        let mut part: Option<OpenPart> = None;
+        let mut last_job_check = std::time::Instant::now();
+
+        loop {
+            let page = self.ports.resources.read_page(&scope, cursor.as_deref(), self.settings.page_size).await?;
+            for (resource, position) in page.resources.into_iter().zip(page.cursors) {
+                if skip_group.as_deref() == Some(resource.id.as_str()) {
+                    cursor = Some(position);
+                    continue;
+                }
+                let line_len = resource.json.len() as u64 + 1;
+                if let Some(open) = &part
+                    && (open.bytes + line_len > self.settings.max_file_bytes
+                        || open.count + 1 > self.settings.max_file_resources)
+                {
+                    self.finish_part(part.take().expect("open part"), item).await?;
+                    seq += 1;
+                    if !self.still_active(&item.job_id).await? {
+                        return Ok(ItemOutcome::Stopped);
+                    }
+                    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                        let cursor = cursor.unwrap_or_default();
+                        return Ok(ItemOutcome::Continue(ItemCursor { cursor, next_seq: seq }));
+                    }
+                }
+                let open = match &mut part {
+                    Some(open) => open,
+                    None => {
+                        let key = part_key(&item.job_id, &item.resource_type, item.partition, seq);
+                        let writer = self.ports.output.create_part(&key).await?;
+                        part.insert(OpenPart { key, seq, writer, buffer: BytesMut::new(), count: 0, bytes: 0 })
+                    }
+                };
+                open.push(&resource.json).await?;
+                cursor = Some(position);
+            }
+            if !page.more {
+                break;
+            }
+            if !self.settings.page_delay.is_zero() {
+                tokio::time::sleep(self.settings.page_delay).await;
+            }
+            if last_job_check.elapsed() >= std::time::Duration::from_millis(500) {
+                last_job_check = std::time::Instant::now();
+                if !self.still_active(&item.job_id).await? {
+                    if let Some(open) = part {
+                        open.writer.abort().await?;
+                    }
+                    return Ok(ItemOutcome::Stopped);
+                }
+            }
+        }
+        if let Some(open) = part {
+            self.finish_part(open, item).await?;
+        }
+        self.ports.jobs.complete_item(&item.job_id, item.item).await?;
+        Ok(ItemOutcome::Done)
+    }
+
+    /// Completes a job whose items are all done: writes its error file, marks it completed with
+    /// its expiry, and frees the lock.
+    pub async fn finalize(&self, job_id: &str) -> StoreResult<()> {
+        let mut job = self.job(job_id).await?;
+        if job.status != JobStatus::InProgress {
+            return Ok(());
+        }
+        let done = self.ports.jobs.completed_items(job_id).await?.len();
+        if done < job.items_total as usize {
+            return Err(StoreError::new(format!("job {job_id}: only {done} of {} items are done", job.items_total)));
+        }
+        self.write_error_file(&job).await?;
+        let now = now_millis();
+        job.status = JobStatus::Completed;
+        job.completed_at = Some(now);
+        job.expires_at = Some(now + self.settings.retention);
+        if self.ports.jobs.update(&job, JobStatus::InProgress).await? {
+            tracing::info!(job = %job_id, "export completed");
+        }
+        self.ports.lock.release(job_id).await
+    }
+
+    /// Marks a job failed, deletes its files and frees the lock.
+    pub async fn fail(&self, job_id: &str, diagnostics: &str) -> StoreResult<()> {
+        let Some(mut job) = self.ports.jobs.get(job_id).await? else { return Ok(()) };
+        if job.status.is_active() {
+            let expected = job.status;
+            let now = now_millis();
+            job.status = JobStatus::Failed;
+            job.error = Some(diagnostics.to_string());
+            job.completed_at = Some(now);
+            job.expires_at = Some(now + self.settings.retention);
+            if self.ports.jobs.update(&job, expected).await? {
+                tracing::warn!(job = %job_id, %diagnostics, "export failed");
+            }
+        }
+        self.ports.output.delete_job(job_id).await?;
+        self.ports.lock.release(job_id).await
+    }
+
+    /// Marks a job cancelled (active or finished). Returns `false` if there is no such job to cancel.
+    /// The caller then stops its work and calls [`Exporter::discard`].
+    pub async fn mark_cancelled(&self, job_id: &str) -> StoreResult<bool> {
+        loop {
+            let Some(mut job) = self.ports.jobs.get(job_id).await? else { return Ok(false) };
+            if !job.status.can_become(JobStatus::Cancelled) {
+                return Ok(false);
+            }
+            let expected = job.status;
+            job.status = JobStatus::Cancelled;
+            if self.ports.jobs.update(&job, expected).await? {
+                tracing::info!(job = %job_id, "export cancelled");
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Deletes a cancelled or expired job's files and frees the lock if the job held it.
+    pub async fn discard(&self, job_id: &str) -> StoreResult<()> {
+        self.ports.output.delete_job(job_id).await?;
+        self.ports.lock.release(job_id).await
+    }
+
+    /// Expires finished jobs whose retention is over: files deleted, status gone.
+    pub async fn expire_due(&self, now: Instant) -> StoreResult<usize> {
+        let due = self.ports.jobs.expired_jobs(now).await?;
+        for job in &due {
+            self.expire(job.clone()).await?;
+        }
+        Ok(due.len())
+    }
+
+    async fn expire(&self, mut job: Job) -> StoreResult<()> {
+        let expected = job.status;
+        job.status = JobStatus::Expired;
+        self.ports.jobs.update(&job, expected).await?;
+        self.discard(&job.id).await
+    }
+
+    /// What a status poll shows, or `None` when the job is unknown, cancelled or expired.
+    pub async fn view(&self, job_id: &str, base_url: &str) -> StoreResult<Option<JobView>> {
+        let Some(job) = self.ports.jobs.get(job_id).await? else { return Ok(None) };
+        if let Some(expires) = job.expires_at
+            && expires <= now_millis()
+            && matches!(job.status, JobStatus::Completed | JobStatus::Failed)
+        {
+            self.expire(job).await?;
+            return Ok(None);
+        }
+        let view = match job.status {
+            JobStatus::Accepted | JobStatus::InProgress => {
+                let done = self.ports.jobs.completed_items(job_id).await?.len();
+                let written: u64 = self.ports.jobs.parts(job_id).await?.iter().filter(|p| !p.is_error).map(|p| p.count).sum();
+                JobView::Running { progress: progress_line(&job, done, written) }
+            }
+            JobStatus::Completed => {
+                let mut parts = self.ports.jobs.parts(job_id).await?;
+                sort_parts(&mut parts);
+                let mut urls = Vec::with_capacity(parts.len());
+                for part in &parts {
+                    urls.push(self.ports.output.download_url(&part.key, base_url).await?);
+                }
+                JobView::Completed {
+                    manifest: manifest(&job, &parts, &urls),
+                    expires: job.expires_at.unwrap_or(job.transaction_time),
+                }
+            }
+            JobStatus::Failed => JobView::Failed { diagnostics: job.error.unwrap_or_default() },
+            JobStatus::Cancelled | JobStatus::Expired => return Ok(None),
+        };
+        Ok(Some(view))
+    }
+
+    /// The recorded part behind a download key, if its job is completed and not expired.
+    pub async fn downloadable_part(&self, key: &str) -> StoreResult<Option<PartRecord>> {
+        let Some((job_id, _)) = key.split_once('/') else { return Ok(None) };
+        let Some(job) = self.ports.jobs.get(job_id).await? else { return Ok(None) };
+        let live = job.status == JobStatus::Completed && job.expires_at.is_none_or(|e| e > now_millis());
+        if !live {
+            return Ok(None);
+        }
+        Ok(self.ports.jobs.parts(job_id).await?.into_iter().find(|p| p.key == key))
+    }
+
+    async fn job(&self, job_id: &str) -> StoreResult<Job> {
+        self.ports.jobs.get(job_id).await?.ok_or_else(|| StoreError::new(format!("job {job_id} does not exist")))
+    }
+
+    async fn still_active(&self, job_id: &str) -> StoreResult<bool> {
+        Ok(self.ports.jobs.get(job_id).await?.is_some_and(|j| j.status.is_active()))
+    }
+
+    async fn read_scope(&self, job: &Job, item: &WorkItem) -> StoreResult<ReadScope> {
+        let patients = match (&job.level, &job.params.patients) {
+            (ExportLevel::System, _) => PatientScope::Everything,
+            (ExportLevel::Patient, None) => PatientScope::AllPatients,
+            _ => PatientScope::Listed(Arc::new(self.ports.jobs.patient_set(&job.id).await?)),
+        };
+        Ok(ReadScope {
+            resource_type: item.resource_type.clone(),
+            partition: item.partition,
+            since: job.params.since,
+            until: job.window_end(),
+            as_of: job.transaction_time,
+            patients,
+        })
+    }
+
+    async fn finish_part(&self, part: OpenPart, item: &WorkItem) -> StoreResult<()> {
+        let OpenPart { key, seq, mut writer, buffer, count, bytes } = part;
+        if !buffer.is_empty() {
+            writer.write(buffer.freeze()).await?;
+        }
+        writer.finish().await?;
+        let record = PartRecord {
+            job_id: item.job_id.clone(),
+            key,
+            resource_type: item.resource_type.clone(),
+            item: item.item,
+            seq,
+            count,
+            bytes,
+            is_error: false,
+        };
+        self.ports.jobs.record_part(&record).await
+    }
+
+    /// Lenient handling: one OperationOutcome line per ignored parameter, in the manifest's `error`.
+    async fn write_error_file(&self, job: &Job) -> StoreResult<()> {
+        if job.params.ignored.is_empty() {
+            return Ok(());
+        }
+        let mut body = Vec::new();
+        for name in &job.params.ignored {
+            let outcome = operation_outcome(
+                "warning",
+                IssueCode::NotSupported,
+                &format!("parameter {name} is not supported and was ignored (Prefer: handling=lenient)"),
+            );
+            serde_json::to_writer(&mut body, &outcome)?;
+            body.push(b'\n');
+        }
+        let key = format!("{}/OperationOutcome/error-0000.ndjson", job.id);
+        let mut writer = self.ports.output.create_part(&key).await?;
+        let bytes = body.len() as u64;
+        writer.write(Bytes::from(body)).await?;
+        writer.finish().await?;
+        let record = PartRecord {
+            job_id: job.id.clone(),
+            key,
+            resource_type: "OperationOutcome".into(),
+            item: u32::MAX,
+            seq: 0,
+            count: job.params.ignored.len() as u64,
+            bytes,
+            is_error: true,
+        };
+        self.ports.jobs.record_part(&record).await
+    }
+}
+
+/// A part being written: lines are gathered into `buffer` and handed over in large chunks.
+struct OpenPart {
+    key: String,
+    seq: u32,
+    writer: Box<dyn PartWriter>,
+    buffer: BytesMut,
+    count: u64,
+    bytes: u64,
+}
+
+impl OpenPart {
+    async fn push(&mut self, line: &[u8]) -> StoreResult<()> {
+        self.buffer.extend_from_slice(line);
+        self.buffer.extend_from_slice(b"\n");
+        self.count += 1;
+        self.bytes += line.len() as u64 + 1;
+        if self.buffer.len() >= WRITE_CHUNK {
+            let chunk = self.buffer.split().freeze();
+            self.writer.write(chunk).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,30 @@
+//! FHIR R4 facts the export needs: resource types, instants, references, the Patient compartment,
+//! OperationOutcome and the CapabilityStatement.
+
+pub mod capability;
+pub mod compartment;
+mod compartment_table;
+pub mod outcome;
+pub mod reference;
+pub mod time;
+
+pub use compartment_table::RESOURCE_TYPES;
+
+/// Whether `name` is an R4 resource type (case-sensitive, as FHIR is).
+pub fn is_resource_type(name: &str) -> bool {
+    RESOURCE_TYPES.binary_search(&name).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn knows_r4_types() {
+        assert!(is_resource_type("Patient"));
+        assert!(is_resource_type("ExplanationOfBenefit"));
+        assert!(!is_resource_type("patient"));
+        assert!(!is_resource_type("Patients"));
+        assert_eq!(RESOURCE_TYPES.len(), 145);
+    }
+}

@@ -1,0 +1,25 @@
+//! FHIR Bulk Data export, independent of where it runs.
+//!
+//! This crate holds the FHIR semantics (kick-off parameters, the Patient compartment, the job state
+//! machine, NDJSON parts, the manifest) and the HTTP API. Storage, output, the export lock and work
+//! dispatch are ports ([`ports`]) implemented by the local adapters (SQLite, files) and the AWS
+//! adapters (DynamoDB, S3, Step Functions).
+
+pub mod engine;
+pub mod error;
+pub mod fhir;
+pub mod generate;
+pub mod ids;
+pub mod job;
+pub mod load;
+pub mod manifest;
+pub mod params;
+pub mod ports;
+pub mod router;
+pub mod runner;
+pub mod settings;
+
+pub use engine::{Exporter, Ports};
+pub use error::{ApiError, StoreError, StoreResult};
+pub use router::{Api, Body};
+pub use settings::Settings;

@@ -1,0 +1,39 @@
+//! The completion manifest and the status progress line.
+
+use crate::fhir::time::format_instant;
+use crate::job::Job;
+use crate::ports::PartRecord;
+use serde_json::{Value, json};
+
+/// Storage key of a part: `<job>/<type>/<partition>-<seq>.ndjson`. Deterministic, so a redone
+/// work item overwrites its own files instead of adding copies.
+pub fn part_key(job_id: &str, resource_type: &str, partition: u32, seq: u32) -> String {
+    format!("{job_id}/{resource_type}/{partition:03}-{seq:04}.ndjson")
+}
+
+/// Orders parts as the manifest lists them: by type, then partition, then sequence.
+pub fn sort_parts(parts: &mut [PartRecord]) {
+    parts.sort_by(|a, b| (&a.resource_type, &a.key).cmp(&(&b.resource_type, &b.key)));
+}
+
+/// The manifest of a completed job; `urls[i]` is the download URL of `parts[i]`.
+pub fn manifest(job: &Job, parts: &[PartRecord], urls: &[String]) -> Value {
+    let entry = |(p, url): (&PartRecord, &String)| json!({"type": p.resource_type, "url": url, "count": p.count});
+    let output: Vec<Value> = parts.iter().zip(urls).filter(|(p, _)| !p.is_error).map(entry).collect();
+    let error: Vec<Value> = parts.iter().zip(urls).filter(|(p, _)| p.is_error).map(entry).collect();
+    json!({
+        "transactionTime": format_instant(job.transaction_time),
+        "request": job.request_url,
+        "requiresAccessToken": false,
+        "output": output,
+        "error": error,
+    })
+}
+
+/// The `X-Progress` value: short (under 100 characters) and human readable.
+pub fn progress_line(job: &Job, items_done: usize, resources: u64) -> String {
+    if job.items_total == 0 {
+        return "planning export".to_string();
+    }
+    format!("{items_done}/{} work items done, {resources} resources written", job.items_total)
+}

@@ -1,0 +1,384 @@
+//! Kick-off parameters: read from the query string (GET) or a `Parameters` body (POST), then
+//! validated against the Bulk Data IG. Everything unsupported is rejected, or, under
+//! `Prefer: handling=lenient`, ignored and reported in the manifest's error files.
+
+use crate::error::ApiError;
+use crate::fhir::time::{Instant, format_instant, parse_instant};
+use crate::fhir::{is_resource_type, reference};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The output formats accepted for `_outputFormat`; all mean NDJSON.
+pub const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
+
+/// Parameters of the IG that this server does not implement (yet).
+const UNSUPPORTED: &[&str] = &[
+    "_elements",
+    "_typeFilter",
+    "includeAssociatedData",
+    "organizeOutputBy",
+    "allowPartialManifests",
+];
+
+/// Which `$export` endpoint was called.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "level", content = "group", rename_all = "lowercase")]
+pub enum ExportLevel {
+    System,
+    Patient,
+    Group(String),
+}
+
+/// The HTTP method of the kick-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickoffMethod {
+    Get,
+    Post,
+}
+
+/// Validated kick-off parameters, as stored with the job.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExportParams {
+    pub output_format: String,
+    pub since: Option<Instant>,
+    pub until: Option<Instant>,
+    /// `_type`, in request order without repeats; `None` means every type.
+    pub types: Option<Vec<String>>,
+    /// Patient ids from the `patient` parameter; `None` means every patient in scope.
+    pub patients: Option<Vec<String>>,
+    /// `Prefer: handling=lenient` was sent.
+    pub lenient: bool,
+    /// Parameters ignored under lenient handling, reported as OperationOutcome lines.
+    pub ignored: Vec<String>,
+}
+
+/// One raw parameter value before validation.
+#[derive(Debug, Clone)]
+enum RawValue {
+    Text(String),
+    Reference(String),
+    Other,
+}
+
+/// The request headers that matter to a kick-off.
+#[derive(Debug, Clone, Default)]
+pub struct KickoffHeaders {
+    pub prefer: Vec<String>,
+    pub accept: Option<String>,
+}
+
+impl KickoffHeaders {
+    fn preferences(&self) -> impl Iterator<Item = String> + '_ {
+        self.prefer
+            .iter()
+            .flat_map(|h| h.split([',', ';']))
+            .map(|p| p.trim().to_ascii_lowercase().replace(' ', ""))
+    }
+
+    /// `Prefer: respond-async` is present.
+    pub fn respond_async(&self) -> bool {
+        self.preferences().any(|p| p == "respond-async")
+    }
+
+    /// `Prefer: handling=lenient` is present.
+    pub fn lenient(&self) -> bool {
+        self.preferences().any(|p| p == "handling=lenient")
+    }
+}
+
+/// Checks the kick-off headers: `Prefer: respond-async` and an `Accept` that allows FHIR JSON.
+pub fn check_kickoff_headers(headers: &KickoffHeaders) -> Result<(), ApiError> {
+    if !headers.respond_async() {
+        return Err(ApiError::invalid(
+            "the Prefer header must include respond-async for $export",
+        ));
+    }
+    let accept = headers.accept.as_deref().unwrap_or("").trim();
+    if accept.is_empty() {
+        return Err(ApiError::invalid(
+            "the Accept header must be application/fhir+json for $export",
+        ));
+    }
+    let acceptable = accept.split(',').any(|media| {
+        let media = media.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        matches!(
+            media.as_str(),
+            "application/fhir+json" | "application/json" | "application/json+fhir" | "application/*" | "*/*"
+        )
+    });
+    if !acceptable {
+        return Err(ApiError::invalid(format!(
+            "Accept '{accept}' is not supported: $export answers with application/fhir+json"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses and validates the kick-off parameters.
+///
+/// `query` holds the decoded query pairs; `body` the POST body (a FHIR `Parameters` resource).
+/// `now` decides whether `_since`/`_until` lie in the future.
+pub fn parse_kickoff(
+    level: &ExportLevel,
+    method: KickoffMethod,
+    query: &[(String, String)],
+    body: Option<&[u8]>,
+    headers: &KickoffHeaders,
+    now: Instant,
+) -> Result<ExportParams, ApiError> {
+    let mut raw: Vec<(String, RawValue)> = query
+        .iter()
+        .map(|(k, v)| (k.clone(), RawValue::Text(v.clone())))
+        .collect();
+    if method == KickoffMethod::Post {
+        raw.extend(parameters_body(body.unwrap_or_default())?);
+    }
+
+    let lenient = headers.lenient();
+    let mut params = ExportParams {
+        output_format: OUTPUT_FORMATS[0].to_string(),
+        lenient,
+        ..ExportParams::default()
+    };
+    let mut seen_single: Vec<&str> = Vec::new();
+    let mut patients: Vec<String> = Vec::new();
+    let mut types: Vec<String> = Vec::new();
+    let mut saw_type = false;
+
+    for (name, value) in &raw {
+        let name = name.as_str();
+        match name {
+            "_outputFormat" | "_since" | "_until" => {
+                if seen_single.contains(&name) {
+                    return Err(ApiError::invalid(format!("parameter {name} may appear only once")));
+                }
+                seen_single.push(name);
+                let text = text_value(name, value)?;
+                match name {
+                    "_outputFormat" => {
+                        if !OUTPUT_FORMATS.contains(&text) {
+                            return Err(ApiError::invalid(format!(
+                                "_outputFormat '{text}' is not supported; use one of {}",
+                                OUTPUT_FORMATS.join(", ")
+                            )));
+                        }
+                        params.output_format = text.to_string();
+                    }
+                    "_since" => params.since = Some(instant_param(name, text, now)?),
+                    _ => params.until = Some(instant_param(name, text, now)?),
+                }
+            }
+            "_type" => {
+                saw_type = true;
+                for t in text_value(name, value)?.split(',').map(str::trim) {
+                    if !is_resource_type(t) {
+                        return Err(ApiError::invalid(format!(
+                            "_type '{t}' is not an R4 resource type"
+                        )));
+                    }
+                    if !types.iter().any(|x| x == t) {
+                        types.push(t.to_string());
+                    }
+                }
+            }
+            "patient" => {
+                if method == KickoffMethod::Get {
+                    return Err(ApiError::invalid(
+                        "the patient parameter is supported only in a POST kick-off (a Parameters body)",
+                    ));
+                }
+                if *level == ExportLevel::System {
+                    return Err(ApiError::invalid(
+                        "the patient parameter is not allowed at system level: use Patient/$export or Group/[id]/$export",
+                    ));
+                }
+                let RawValue::Reference(r) = value else {
+                    return Err(ApiError::invalid(
+                        "patient must be given as valueReference, e.g. {\"reference\": \"Patient/123\"}",
+                    ));
+                };
+                let Some(id) = reference::patient_id(r) else {
+                    return Err(ApiError::invalid(format!("patient reference '{r}' is not a Patient reference")));
+                };
+                if !patients.iter().any(|p| p == id) {
+                    patients.push(id.to_string());
+                }
+            }
+            _ if lenient => params.ignored.push(name.to_string()),
+            _ if UNSUPPORTED.contains(&name) => {
+                return Err(ApiError::not_supported(format!(
+                    "parameter {name} is not supported by this server (send Prefer: handling=lenient to have it ignored)"
+                )));
+            }
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "unknown parameter '{name}' for $export (send Prefer: handling=lenient to have it ignored)"
+                )));
+            }
+        }
+    }
+    if let (Some(since), Some(until)) = (params.since, params.until)
+        && since >= until
+    {
+        return Err(ApiError::invalid(format!(
+            "_since ({}) must be before _until ({})",
+            format_instant(since),
+            format_instant(until)
+        )));
+    }
+    params.ignored.dedup();
+    if saw_type {
+        params.types = Some(types);
+    }
+    if !patients.is_empty() {
+        params.patients = Some(patients);
+    }
+    Ok(params)
+}
+
+/// Reads a POST body: a FHIR `Parameters` resource.
+fn parameters_body(body: &[u8]) -> Result<Vec<(String, RawValue)>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let doc: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("the POST body is not valid JSON: {e}")))?;
+    if doc.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
+        return Err(ApiError::invalid("the POST body must be a FHIR Parameters resource"));
+    }
+    let entries = match doc.get("parameter") {
+        None => return Ok(Vec::new()),
+        Some(Value::Array(entries)) => entries,
+        Some(_) => return Err(ApiError::invalid("Parameters.parameter must be an array")),
+    };
+    entries
+        .iter()
+        .map(|entry| {
+            let name = entry
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::invalid("every Parameters.parameter needs a name"))?;
+            let value = entry
+                .as_object()
+                .and_then(|o| o.iter().find(|(k, _)| k.starts_with("value")))
+                .map(|(_, v)| match v {
+                    Value::String(s) => RawValue::Text(s.clone()),
+                    Value::Object(o) => match o.get("reference").and_then(Value::as_str) {
+                        Some(r) => RawValue::Reference(r.to_string()),
+                        None => RawValue::Other,
+                    },
+                    _ => RawValue::Other,
+                })
+                .unwrap_or(RawValue::Other);
+            Ok((name.to_string(), value))
+        })
+        .collect()
+}
+
+fn text_value<'a>(name: &str, value: &'a RawValue) -> Result<&'a str, ApiError> {
+    match value {
+        RawValue::Text(t) if !t.trim().is_empty() => Ok(t.trim()),
+        RawValue::Text(_) => Err(ApiError::invalid(format!("parameter {name} has an empty value"))),
+        _ => Err(ApiError::invalid(format!("parameter {name} must have a string value"))),
+    }
+}
+
+fn instant_param(name: &str, text: &str, now: Instant) -> Result<Instant, ApiError> {
+    let t = parse_instant(text).map_err(|e| ApiError::invalid(format!("{name}: {e}")))?;
+    if t > now {
+        return Err(ApiError::invalid(format!("{name} ({text}) is in the future")));
+    }
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::time::now_millis;
+
+    fn headers() -> KickoffHeaders {
+        KickoffHeaders { prefer: vec!["respond-async".into()], accept: Some("application/fhir+json".into()) }
+    }
+
+    fn get(level: ExportLevel, q: &[(&str, &str)]) -> Result<ExportParams, ApiError> {
+        let q: Vec<_> = q.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        parse_kickoff(&level, KickoffMethod::Get, &q, None, &headers(), now_millis())
+    }
+
+    fn post(level: ExportLevel, body: &str) -> Result<ExportParams, ApiError> {
+        parse_kickoff(&level, KickoffMethod::Post, &[], Some(body.as_bytes()), &headers(), now_millis())
+    }
+
+    #[test]
+    fn reads_query_parameters() {
+        let p = get(
+            ExportLevel::System,
+            &[("_type", "Patient,Observation"), ("_type", "Patient, Condition"), ("_since", "2020-01-01T00:00:00Z"), ("_outputFormat", "ndjson")],
+        )
+        .unwrap();
+        assert_eq!(p.types.unwrap(), vec!["Patient", "Observation", "Condition"]);
+        assert_eq!(p.output_format, "ndjson");
+        assert!(p.since.is_some());
+    }
+
+    #[test]
+    fn reads_parameters_body() {
+        let body = r#"{"resourceType":"Parameters","parameter":[
+            {"name":"_type","valueString":"Observation"},
+            {"name":"_since","valueInstant":"2020-01-01T00:00:00Z"},
+            {"name":"patient","valueReference":{"reference":"Patient/a"}},
+            {"name":"patient","valueReference":{"reference":"Patient/b"}}]}"#;
+        let p = post(ExportLevel::Patient, body).unwrap();
+        assert_eq!(p.patients.unwrap(), vec!["a", "b"]);
+        assert_eq!(p.types.unwrap(), vec!["Observation"]);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let cases: &[&[(&str, &str)]] = &[
+            &[("_outputFormat", "text/csv")],
+            &[("_since", "yesterday")],
+            &[("_since", "2999-01-01T00:00:00Z")],
+            &[("_until", "2999-01-01T00:00:00Z")],
+            &[("_since", "2021-01-01T00:00:00Z"), ("_until", "2020-01-01T00:00:00Z")],
+            &[("_type", "Foo")],
+            &[("_type", "Patient,,Observation")],
+            &[("_type", "")],
+            &[("_since", "2020-01-01T00:00:00Z"), ("_since", "2020-01-01T00:00:00Z")],
+            &[("_typeFilter", "Observation?code=1")],
+            &[("_elements", "id")],
+            &[("includeAssociatedData", "LatestProvenanceResources")],
+            &[("foo", "bar")],
+            &[("patient", "Patient/1")],
+        ];
+        for q in cases {
+            let e = get(ExportLevel::Patient, q).unwrap_err();
+            assert_eq!(e.status, 400, "{q:?}");
+        }
+        assert!(post(ExportLevel::System, r#"{"resourceType":"Parameters","parameter":[{"name":"patient","valueReference":{"reference":"Patient/a"}}]}"#).is_err());
+        assert!(post(ExportLevel::Patient, "{not json").is_err());
+        assert!(post(ExportLevel::Patient, r#"{"resourceType":"Patient"}"#).is_err());
+    }
+
+    #[test]
+    fn lenient_ignores_unsupported() {
+        let mut h = headers();
+        h.prefer = vec!["respond-async, handling=lenient".into()];
+        let q = vec![("_typeFilter".to_string(), "Observation?code=1".to_string())];
+        let p = parse_kickoff(&ExportLevel::System, KickoffMethod::Get, &q, None, &h, now_millis()).unwrap();
+        assert_eq!(p.ignored, vec!["_typeFilter"]);
+    }
+
+    #[test]
+    fn checks_headers() {
+        assert!(check_kickoff_headers(&headers()).is_ok());
+        let mut h = headers();
+        h.prefer.clear();
+        assert!(check_kickoff_headers(&h).is_err());
+        let mut h = headers();
+        h.accept = Some("application/xml".into());
+        assert!(check_kickoff_headers(&h).is_err());
+        h.accept = None;
+        assert!(check_kickoff_headers(&h).is_err());
+    }
+}

@@ -1,0 +1,182 @@
+//! The ports: what the export engine needs from the outside world. Each has a local adapter
+//! (SQLite, files, tokio tasks) and an AWS adapter (DynamoDB, S3, Step Functions + SQS).
+
+use crate::error::StoreResult;
+use crate::fhir::time::Instant;
+use crate::job::{Job, JobStatus};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_core::Stream;
+use serde::{Deserialize, Serialize};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which patients' compartments a work item reads.
+#[derive(Debug, Clone)]
+pub enum PatientScope {
+    /// No compartment restriction (system level).
+    Everything,
+    /// The compartment of any Patient that exists at the transaction time.
+    AllPatients,
+    /// The compartments of these patients (sorted, unique).
+    Listed(Arc<Vec<String>>),
+}
+
+/// What one work item reads: a type, a partition of it, a time window and a patient scope.
+#[derive(Debug, Clone)]
+pub struct ReadScope {
+    pub resource_type: String,
+    pub partition: u32,
+    /// Exclusive lower bound on lastUpdated (`_since`).
+    pub since: Option<Instant>,
+    /// Inclusive upper bound on lastUpdated: `min(_until, transactionTime)`.
+    pub until: Instant,
+    /// The version of each resource current at this instant is the one read.
+    pub as_of: Instant,
+    pub patients: PatientScope,
+}
+
+/// One stored resource as read for export.
+#[derive(Debug, Clone)]
+pub struct StoredResource {
+    pub id: String,
+    /// The resource as minified JSON, one line, no newline.
+    pub json: Bytes,
+}
+
+/// A page of an item's resources, in a stable order.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub resources: Vec<StoredResource>,
+    /// `cursors[i]` resumes the read just after `resources[i]`.
+    pub cursors: Vec<String>,
+    /// More may follow.
+    pub more: bool,
+}
+
+/// A resource to write into the store.
+#[derive(Debug, Clone)]
+pub struct NewResource {
+    pub resource_type: String,
+    pub id: String,
+    pub last_updated: Instant,
+    /// Minified JSON of the resource; `meta.lastUpdated` and `meta.versionId` are set by the store.
+    pub json: serde_json::Value,
+    /// Patients whose compartment holds this resource.
+    pub patients: Vec<String>,
+}
+
+/// The FHIR data being exported.
+#[async_trait]
+pub trait ResourceStore: Send + Sync {
+    /// The resource types that have at least one resource.
+    async fn resource_types(&self) -> StoreResult<Vec<String>>;
+    /// How many partitions one type is cut into so several workers can read it in parallel.
+    async fn partitions(&self, resource_type: &str) -> StoreResult<u32>;
+    /// Whether Patient `id` exists at `as_of`.
+    async fn patient_exists(&self, id: &str, as_of: Instant) -> StoreResult<bool>;
+    /// The Patient ids of `Group.member.entity` at `as_of`, or `None` if the Group does not exist.
+    async fn group_members(&self, group_id: &str, as_of: Instant) -> StoreResult<Option<Vec<String>>>;
+    /// Up to `limit` resources of `scope` after `cursor`.
+    async fn read_page(&self, scope: &ReadScope, cursor: Option<&str>, limit: usize) -> StoreResult<Page>;
+    /// Writes resources, each replacing the earlier version of the same type and id.
+    async fn put_resources(&self, resources: Vec<NewResource>) -> StoreResult<()>;
+}
+
+/// A finished NDJSON file of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartRecord {
+    pub job_id: String,
+    /// Storage key, `<job>/<type>/<partition>-<seq>.ndjson`.
+    pub key: String,
+    /// The resource type of every line (`OperationOutcome` for error files).
+    pub resource_type: String,
+    pub item: u32,
+    pub seq: u32,
+    pub count: u64,
+    pub bytes: u64,
+    /// Error file (OperationOutcome lines) rather than output.
+    pub is_error: bool,
+}
+
+/// A unit of work: one partition of one type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkItem {
+    pub job_id: String,
+    pub item: u32,
+    pub resource_type: String,
+    pub partition: u32,
+}
+
+/// Job state, work items and finished parts.
+#[async_trait]
+pub trait JobStore: Send + Sync {
+    async fn create(&self, job: &Job) -> StoreResult<()>;
+    async fn get(&self, id: &str) -> StoreResult<Option<Job>>;
+    /// Writes `job` only if the stored status is still `expected`; returns whether it did.
+    async fn update(&self, job: &Job, expected: JobStatus) -> StoreResult<bool>;
+    /// Jobs that are accepted or in progress (to resume after a restart).
+    async fn active_jobs(&self) -> StoreResult<Vec<Job>>;
+    /// Completed or failed jobs whose retention ended by `now`.
+    async fn expired_jobs(&self, now: Instant) -> StoreResult<Vec<Job>>;
+
+    async fn put_patient_set(&self, job_id: &str, patients: &[String]) -> StoreResult<()>;
+    async fn patient_set(&self, job_id: &str) -> StoreResult<Vec<String>>;
+
+    async fn put_items(&self, items: &[WorkItem]) -> StoreResult<()>;
+    async fn items(&self, job_id: &str) -> StoreResult<Vec<WorkItem>>;
+    /// Marks an item done (idempotent).
+    async fn complete_item(&self, job_id: &str, item: u32) -> StoreResult<()>;
+    async fn completed_items(&self, job_id: &str) -> StoreResult<Vec<u32>>;
+
+    /// Records a finished part; recording the same key again replaces it (idempotent).
+    async fn record_part(&self, part: &PartRecord) -> StoreResult<()>;
+    /// Forgets every part of one item (before the item is redone from the start).
+    async fn clear_item_parts(&self, job_id: &str, item: u32) -> StoreResult<Vec<PartRecord>>;
+    async fn parts(&self, job_id: &str) -> StoreResult<Vec<PartRecord>>;
+}
+
+/// The single-active-export lock: a lease with an owner token.
+#[async_trait]
+pub trait ExportLock: Send + Sync {
+    /// Takes the lock for `owner` if it is free or its lease ended; returns whether it was taken.
+    async fn acquire(&self, owner: &str, lease: Duration, now: Instant) -> StoreResult<bool>;
+    /// Extends the lease if `owner` still holds it.
+    async fn renew(&self, owner: &str, lease: Duration, now: Instant) -> StoreResult<bool>;
+    /// Frees the lock if `owner` holds it.
+    async fn release(&self, owner: &str) -> StoreResult<()>;
+}
+
+/// Bytes of a stored file, streamed.
+pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
+
+/// Writes one part; nothing is visible under its key until `finish`.
+#[async_trait]
+pub trait PartWriter: Send {
+    async fn write(&mut self, data: Bytes) -> StoreResult<()>;
+    /// Makes the part visible, complete, under its key.
+    async fn finish(self: Box<Self>) -> StoreResult<()>;
+    /// Drops what was written.
+    async fn abort(self: Box<Self>) -> StoreResult<()>;
+}
+
+/// Where NDJSON files go and how clients fetch them.
+#[async_trait]
+pub trait OutputStore: Send + Sync {
+    async fn create_part(&self, key: &str) -> StoreResult<Box<dyn PartWriter>>;
+    /// The URL a client downloads `key` from, given the server's FHIR base URL.
+    async fn download_url(&self, key: &str, base_url: &str) -> StoreResult<String>;
+    /// The file's bytes, when this server serves downloads itself.
+    async fn open(&self, key: &str) -> StoreResult<Option<ByteStream>>;
+    async fn delete(&self, key: &str) -> StoreResult<()>;
+    /// Deletes every file of a job.
+    async fn delete_job(&self, job_id: &str) -> StoreResult<()>;
+}
+
+/// Starts and stops the work of jobs.
+#[async_trait]
+pub trait Dispatcher: Send + Sync {
+    async fn start(&self, job_id: &str) -> StoreResult<()>;
+    async fn cancel(&self, job_id: &str) -> StoreResult<()>;
+}

@@ -1,0 +1,237 @@
+//! The FHIR HTTP API as one function, `http::Request -> http::Response`, shared by the local server
+//! and the API Lambda.
+//!
+//! Routes (below the base path, `/fhir` by default):
+//! `GET metadata`; `GET|POST $export`, `Patient/$export`, `Group/{id}/$export`;
+//! `GET|DELETE $export-status/{id}`; `GET $export-output/{job}/{type}/{file}`.
+
+use crate::engine::{Exporter, JobView};
+use crate::error::ApiError;
+use crate::fhir::capability::capability_statement;
+use crate::fhir::outcome::{IssueCode, operation_outcome};
+use crate::fhir::time::{format_instant, now_millis};
+use crate::params::{ExportLevel, KickoffHeaders, KickoffMethod, check_kickoff_headers, parse_kickoff};
+use crate::ports::{ByteStream, Dispatcher};
+use bytes::Bytes;
+use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_TYPE, EXPIRES, HOST, RETRY_AFTER};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+const FHIR_JSON: &str = "application/fhir+json";
+const FHIR_NDJSON: &str = "application/fhir+ndjson";
+
+/// A response body: small JSON in memory, or a file streamed from storage.
+pub enum Body {
+    Full(Bytes),
+    Stream(ByteStream),
+}
+
+impl Body {
+    /// The body's bytes if it is held in memory (tests and Lambda use this).
+    pub fn as_bytes(&self) -> Option<&Bytes> {
+        match self {
+            Body::Full(b) => Some(b),
+            Body::Stream(_) => None,
+        }
+    }
+}
+
+/// The FHIR Bulk Data API.
+pub struct Api {
+    exporter: Arc<Exporter>,
+    dispatcher: Arc<dyn Dispatcher>,
+    base_path: String,
+}
+
+/// The route a path names.
+enum Route {
+    Metadata,
+    Kickoff(ExportLevel),
+    Status(String),
+    Download(String),
+}
+
+impl Api {
+    /// `base_path` is where the FHIR API lives, e.g. `/fhir`.
+    pub fn new(exporter: Arc<Exporter>, dispatcher: Arc<dyn Dispatcher>, base_path: &str) -> Self {
+        Api { exporter, dispatcher, base_path: base_path.trim_end_matches('/').to_string() }
+    }
+
+    pub fn exporter(&self) -> &Arc<Exporter> {
+        &self.exporter
+    }
+
+    /// Answers one request. Every error is an OperationOutcome.
+    pub async fn handle(&self, request: Request<Bytes>) -> Response<Body> {
+        match self.route(&request).await {
+            Ok(response) => response,
+            Err(error) => error_response(&error),
+        }
+    }
+
+    async fn route(&self, request: &Request<Bytes>) -> Result<Response<Body>, ApiError> {
+        let path = request.uri().path();
+        let Some(rest) = path.strip_prefix(&self.base_path) else {
+            return Err(ApiError::not_found(format!("no FHIR endpoint at {path}; the FHIR base is {}", self.base_path)));
+        };
+        let segments: Vec<String> = rest
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned())
+            .collect();
+        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let route = match segments.as_slice() {
+            ["metadata"] => Route::Metadata,
+            ["$export"] => Route::Kickoff(ExportLevel::System),
+            ["Patient", "$export"] => Route::Kickoff(ExportLevel::Patient),
+            ["Group", id, "$export"] => Route::Kickoff(ExportLevel::Group(id.to_string())),
+            ["$export-status", id] => Route::Status(id.to_string()),
+            ["$export-output", job, resource_type, file] => Route::Download(format!("{job}/{resource_type}/{file}")),
+            _ => return Err(ApiError::not_found(format!("no FHIR endpoint at {path}"))),
+        };
+        let method = request.method();
+        match (route, method) {
+            (Route::Metadata, &Method::GET) => Ok(self.metadata(request)),
+            (Route::Kickoff(level), &Method::GET | &Method::POST) => self.kickoff(request, level).await,
+            (Route::Status(id), &Method::GET) => self.status(request, &id).await,
+            (Route::Status(id), &Method::DELETE) => self.cancel(&id).await,
+            (Route::Download(key), &Method::GET) => self.download(&key).await,
+            _ => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                IssueCode::NotSupported,
+                format!("method {method} is not allowed on {path}"),
+            )),
+        }
+    }
+
+    fn metadata(&self, request: &Request<Bytes>) -> Response<Body> {
+        let statement = capability_statement(&self.base_url(request), env!("CARGO_PKG_VERSION"), "2026-11-22");
+        json_response(StatusCode::OK, FHIR_JSON, &statement)
+    }
+
+    async fn kickoff(&self, request: &Request<Bytes>, level: ExportLevel) -> Result<Response<Body>, ApiError> {
+        let headers = KickoffHeaders {
+            prefer: request.headers().get_all("prefer").iter().filter_map(|v| v.to_str().ok()).map(String::from).collect(),
+            accept: request.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).map(String::from),
+        };
+        check_kickoff_headers(&headers)?;
+        let method = if request.method() == Method::POST { KickoffMethod::Post } else { KickoffMethod::Get };
+        let query: Vec<(String, String)> = form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let params = parse_kickoff(&level, method, &query, Some(request.body()), &headers, now_millis())?;
+        let job = self.exporter.kickoff(level, params, self.request_url(request)).await?;
+        if let Err(e) = self.dispatcher.start(&job.id).await {
+            self.exporter.fail(&job.id, &format!("could not start the export: {e}")).await.ok();
+            return Err(ApiError::internal(format!("could not start the export: {e}")));
+        }
+        let status_url = format!("{}/$export-status/{}", self.base_url(request), job.id);
+        let outcome = operation_outcome("information", IssueCode::Informational, &format!("export accepted; poll {status_url}"));
+        let mut response = json_response(StatusCode::ACCEPTED, FHIR_JSON, &outcome);
+        response.headers_mut().insert(CONTENT_LOCATION, header(&status_url));
+        Ok(response)
+    }
+
+    async fn status(&self, request: &Request<Bytes>, job_id: &str) -> Result<Response<Body>, ApiError> {
+        let view = self.exporter.view(job_id, &self.base_url(request)).await?;
+        match view {
+            None => Err(unknown_job(job_id)),
+            Some(JobView::Running { progress }) => {
+                let mut response = empty(StatusCode::ACCEPTED);
+                let headers = response.headers_mut();
+                headers.insert("x-progress", header(&progress));
+                headers.insert(RETRY_AFTER, header(&self.exporter.settings.poll_retry_after.to_string()));
+                Ok(response)
+            }
+            Some(JobView::Completed { manifest, expires }) => {
+                let mut response = json_response(StatusCode::OK, "application/json", &manifest);
+                let expires = SystemTime::from(expires);
+                response.headers_mut().insert(EXPIRES, header(&httpdate::fmt_http_date(expires)));
+                Ok(response)
+            }
+            Some(JobView::Failed { diagnostics }) => Err(ApiError::internal(diagnostics)),
+        }
+    }
+
+    async fn cancel(&self, job_id: &str) -> Result<Response<Body>, ApiError> {
+        if !self.exporter.mark_cancelled(job_id).await? {
+            return Err(unknown_job(job_id));
+        }
+        self.dispatcher.cancel(job_id).await?;
+        self.exporter.discard(job_id).await?;
+        let outcome = operation_outcome(
+            "information",
+            IssueCode::Informational,
+            &format!("export {job_id} was cancelled and its files deleted"),
+        );
+        Ok(json_response(StatusCode::ACCEPTED, FHIR_JSON, &outcome))
+    }
+
+    async fn download(&self, key: &str) -> Result<Response<Body>, ApiError> {
+        let gone = || ApiError::not_found(format!("no export file {key}"));
+        let part = self.exporter.downloadable_part(key).await?.ok_or_else(gone)?;
+        let stream = self.exporter.ports.output.open(&part.key).await?.ok_or_else(gone)?;
+        let mut response = Response::new(Body::Stream(stream));
+        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(FHIR_NDJSON));
+        response.headers_mut().insert(CONTENT_LENGTH, header(&part.bytes.to_string()));
+        Ok(response)
+    }
+
+    /// The absolute FHIR base URL as the client sees it (scheme and host from the request).
+    pub fn base_url(&self, request: &Request<Bytes>) -> String {
+        let headers = request.headers();
+        let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(|v| v.split(',').next().unwrap_or("").trim().to_string());
+        let scheme = value("x-forwarded-proto").filter(|s| s == "https" || s == "http").unwrap_or_else(|| "http".into());
+        let host = value("x-forwarded-host")
+            .or_else(|| headers.get(HOST).and_then(|v| v.to_str().ok()).map(String::from))
+            .or_else(|| request.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| "localhost".into());
+        format!("{scheme}://{host}{}", self.base_path)
+    }
+
+    fn request_url(&self, request: &Request<Bytes>) -> String {
+        let base = self.base_url(request);
+        let path = request.uri().path().strip_prefix(&self.base_path).unwrap_or("");
+        match request.uri().query() {
+            Some(q) if !q.is_empty() => format!("{base}{path}?{q}"),
+            _ => format!("{base}{path}"),
+        }
+    }
+}
+
+fn unknown_job(job_id: &str) -> ApiError {
+    ApiError::not_found(format!("no export {job_id}: it never existed, was cancelled, or has expired"))
+}
+
+fn header(value: &str) -> HeaderValue {
+    HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+fn empty(status: StatusCode) -> Response<Body> {
+    let mut response = Response::new(Body::Full(Bytes::new()));
+    *response.status_mut() = status;
+    response
+}
+
+fn json_response(status: StatusCode, content_type: &'static str, body: &Value) -> Response<Body> {
+    let mut response = Response::new(Body::Full(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// The OperationOutcome response for an error.
+pub fn error_response(error: &ApiError) -> Response<Body> {
+    let mut response = json_response(error.status, FHIR_JSON, &error.outcome());
+    if let Some(seconds) = error.retry_after {
+        response.headers_mut().insert(RETRY_AFTER, header(&seconds.to_string()));
+    }
+    response
+}
+
+/// Formats the transaction time the way the manifest does (for tests and logs).
+pub fn instant_text(t: crate::fhir::time::Instant) -> String {
+    format_instant(t)
+}

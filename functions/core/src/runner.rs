@@ -1,0 +1,75 @@
+//! Runs a whole job in this process: plan, export the items a few at a time, finalize. Used by
+//! the local server; on AWS, Step Functions plays this part.
+
+use crate::engine::{Exporter, ItemOutcome};
+use crate::error::{StoreError, StoreResult};
+use crate::fhir::time::now_millis;
+use crate::job::JobStatus;
+use std::sync::Arc;
+use tokio::task::JoinSet;
+
+/// Runs `job_id` to its end. Any error fails the job (files deleted, lock freed); a job cancelled
+/// meanwhile just stops. Safe to call again for a job that was interrupted: finished items are
+/// kept and unfinished ones are redone from their start.
+pub async fn run_job(exporter: Arc<Exporter>, job_id: String) {
+    let lease_keeper = tokio::spawn(keep_lease(exporter.clone(), job_id.clone()));
+    let result = run_items(&exporter, &job_id).await;
+    lease_keeper.abort();
+    let outcome = match result {
+        Ok(true) => exporter.finalize(&job_id).await,
+        Ok(false) => Ok(()),
+        Err(e) => exporter.fail(&job_id, &format!("export failed: {e}")).await,
+    };
+    if let Err(e) = outcome {
+        tracing::error!(job = %job_id, error = %e, "could not close the export");
+        exporter.fail(&job_id, &format!("export failed: {e}")).await.ok();
+    }
+}
+
+/// Exports every unfinished item; `Ok(false)` when the job stopped being active.
+async fn run_items(exporter: &Arc<Exporter>, job_id: &str) -> StoreResult<bool> {
+    let items = exporter.plan(job_id).await?;
+    let done = exporter.ports.jobs.completed_items(job_id).await?;
+    let mut pending = items.into_iter().filter(|i| !done.contains(&i.item));
+    let mut running = JoinSet::new();
+    let mut all_done = true;
+    loop {
+        while running.len() < exporter.settings.concurrency.max(1) {
+            let Some(item) = pending.next() else { break };
+            let exporter = exporter.clone();
+            running.spawn(async move { exporter.export_item(&item, None, None).await });
+        }
+        let Some(joined) = running.join_next().await else { break };
+        match joined.map_err(|e| StoreError::new(format!("worker task ended abnormally: {e}")))?? {
+            ItemOutcome::Done => {}
+            ItemOutcome::Stopped | ItemOutcome::Continue(_) => all_done = false,
+        }
+        if !all_done {
+            running.shutdown().await;
+            return Ok(false);
+        }
+    }
+    let job = exporter.ports.jobs.get(job_id).await?;
+    Ok(job.is_some_and(|j| j.status == JobStatus::InProgress))
+}
+
+/// Renews the export lock while the job runs; if the lease is lost, the job fails rather than
+/// run beside another export.
+async fn keep_lease(exporter: Arc<Exporter>, job_id: String) {
+    let lease = exporter.settings.lock_lease;
+    let mut tick = tokio::time::interval(lease / 4);
+    loop {
+        tick.tick().await;
+        match exporter.ports.lock.renew(&job_id, lease, now_millis()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let still_active = exporter.ports.jobs.get(&job_id).await.ok().flatten().is_some_and(|j| j.status.is_active());
+                if still_active {
+                    exporter.fail(&job_id, "the export lost its lock lease").await.ok();
+                }
+                return;
+            }
+            Err(e) => tracing::warn!(job = %job_id, error = %e, "could not renew the export lock"),
+        }
+    }
+}

@@ -1,0 +1,540 @@
+//! The embedded store: one SQLite file holding the FHIR resources (every version, with the
+//! Patient-compartment index written at load time), the jobs, their parts, and the export lock.
+//!
+//! Resources are versioned: each row knows when the next version replaced it (`superseded`), so
+//! an export reads exactly the versions current at its transaction time, whatever is written
+//! while it runs.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use export_core::error::{StoreError, StoreResult};
+use export_core::fhir::reference;
+use export_core::fhir::time::{Instant, to_micros};
+use export_core::job::{Job, JobStatus};
+use export_core::ports::{
+    ExportLock, JobStore, NewResource, Page, PartRecord, PatientScope, ReadScope, ResourceStore, StoredResource,
+    WorkItem,
+};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS resources (
+    rid        INTEGER PRIMARY KEY,
+    type       TEXT    NOT NULL,
+    id         TEXT    NOT NULL,
+    version    INTEGER NOT NULL,
+    lu         INTEGER NOT NULL,  -- meta.lastUpdated, microseconds since the epoch
+    superseded INTEGER,           -- lastUpdated of the next version; NULL while current
+    body       TEXT    NOT NULL   -- minified JSON
+);
+CREATE UNIQUE INDEX IF NOT EXISTS resources_by_id ON resources (type, id, version);
+CREATE INDEX IF NOT EXISTS resources_by_time ON resources (type, lu);
+CREATE TABLE IF NOT EXISTS membership (
+    patient TEXT    NOT NULL,
+    type    TEXT    NOT NULL,
+    rid     INTEGER NOT NULL,
+    PRIMARY KEY (patient, type, rid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS membership_by_rid ON membership (rid, patient);
+CREATE TABLE IF NOT EXISTS jobs (
+    id      TEXT PRIMARY KEY,
+    status  TEXT NOT NULL,
+    expires INTEGER,
+    doc     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS job_patients (job TEXT NOT NULL, patient TEXT NOT NULL, PRIMARY KEY (job, patient)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS job_items (job TEXT NOT NULL, item INTEGER NOT NULL, doc TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (job, item)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS job_parts (job TEXT NOT NULL, key TEXT NOT NULL, item INTEGER NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (job, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS export_lock (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires INTEGER NOT NULL);
+"#;
+
+/// Visibility of a version at `as_of` (bound as `?as_of`).
+const CURRENT_AT: &str = "(superseded IS NULL OR superseded > :as_of)";
+
+/// The SQLite store. Cheap to clone; connections are pooled.
+#[derive(Clone)]
+pub struct SqliteStore {
+    path: PathBuf,
+    pool: Arc<Mutex<Vec<Connection>>>,
+}
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::new(format!("sqlite: {e}"))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let store = SqliteStore { path: path.to_path_buf(), pool: Arc::new(Mutex::new(Vec::new())) };
+        let conn = store.connect()?;
+        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        store.pool.lock().expect("pool").push(conn);
+        Ok(store)
+    }
+
+    fn connect(&self) -> StoreResult<Connection> {
+        let conn = Connection::open(&self.path).map_err(db_err)?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(db_err)?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536;")
+            .map_err(db_err)?;
+        Ok(conn)
+    }
+
+    /// Runs `f` with a pooled connection on the calling thread.
+    pub fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> StoreResult<T>) -> StoreResult<T> {
+        let pooled = self.pool.lock().expect("pool").pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => self.connect()?,
+        };
+        let result = f(&mut conn);
+        self.pool.lock().expect("pool").push(conn);
+        result
+    }
+
+    /// Runs `f` with a pooled connection on tokio's blocking pool.
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static) -> StoreResult<T> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.with_conn(f)).await.map_err(db_err)?
+    }
+
+    /// Writes a batch of resources in one transaction (used by `load`, `--sample` and the port).
+    pub fn put_resources_blocking(&self, resources: Vec<NewResource>) -> StoreResult<()> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction().map_err(db_err)?;
+            {
+                let mut current = tx
+                    .prepare_cached("SELECT rid, version FROM resources WHERE type = ?1 AND id = ?2 AND superseded IS NULL")
+                    .map_err(db_err)?;
+                let mut supersede = tx.prepare_cached("UPDATE resources SET superseded = ?2 WHERE rid = ?1").map_err(db_err)?;
+                let mut insert = tx
+                    .prepare_cached("INSERT INTO resources (type, id, version, lu, body) VALUES (?1, ?2, ?3, ?4, ?5)")
+                    .map_err(db_err)?;
+                let mut member = tx
+                    .prepare_cached("INSERT OR IGNORE INTO membership (patient, type, rid) VALUES (?1, ?2, ?3)")
+                    .map_err(db_err)?;
+                for mut resource in resources {
+                    let lu = to_micros(resource.last_updated);
+                    let previous: Option<(i64, i64)> = current
+                        .query_row(params![resource.resource_type, resource.id], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                        .map_err(db_err)?;
+                    let version = previous.map_or(1, |(_, v)| v + 1);
+                    if let Some((rid, _)) = previous {
+                        supersede.execute(params![rid, lu]).map_err(db_err)?;
+                    }
+                    if let Some(meta) = resource.json.get_mut("meta").and_then(Value::as_object_mut) {
+                        meta.insert("versionId".into(), Value::String(version.to_string()));
+                    }
+                    let body = serde_json::to_string(&resource.json)?;
+                    insert.execute(params![resource.resource_type, resource.id, version, lu, body]).map_err(db_err)?;
+                    let rid = tx.last_insert_rowid();
+                    for patient in &resource.patients {
+                        member.execute(params![patient, resource.resource_type, rid]).map_err(db_err)?;
+                    }
+                }
+            }
+            tx.commit().map_err(db_err)
+        })
+    }
+
+    /// Number of current resources per type.
+    pub fn counts(&self) -> StoreResult<Vec<(String, u64)>> {
+        self.with_conn(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT type, COUNT(*) FROM resources WHERE superseded IS NULL GROUP BY type ORDER BY type")
+                .map_err(db_err)?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
+        })
+    }
+
+    fn current_body(conn: &Connection, resource_type: &str, id: &str, as_of: i64) -> StoreResult<Option<String>> {
+        let sql = format!("SELECT body FROM resources WHERE type = :type AND id = :id AND lu <= :as_of AND {CURRENT_AT}");
+        conn.prepare_cached(&sql)
+            .map_err(db_err)?
+            .query_row(rusqlite::named_params! {":type": resource_type, ":id": id, ":as_of": as_of}, |r| r.get(0))
+            .optional()
+            .map_err(db_err)
+    }
+}
+
+/// Reads a page over one type ordered by `(lu, rid)`, optionally only compartment members of
+/// any existing Patient.
+fn page_by_time(conn: &Connection, scope: &ReadScope, cursor: Option<&str>, limit: usize, any_patient: bool) -> StoreResult<Page> {
+    let (after_lu, after_rid) = match cursor {
+        Some(c) => parse_pair(c)?,
+        None => (i64::MIN, i64::MIN),
+    };
+    let compartment = if any_patient {
+        "AND EXISTS (SELECT 1 FROM membership m JOIN resources p ON p.type = 'Patient' AND p.id = m.patient \
+         WHERE m.rid = r.rid AND p.lu <= :as_of AND (p.superseded IS NULL OR p.superseded > :as_of))"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "SELECT r.rid, r.id, r.lu, r.body FROM resources r WHERE r.type = :type AND r.lu > :since AND r.lu <= :until \
+         AND (r.superseded IS NULL OR r.superseded > :as_of) AND (r.lu, r.rid) > (:after_lu, :after_rid) {compartment} \
+         ORDER BY r.lu, r.rid LIMIT :limit"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(db_err)?;
+    let mut rows = stmt
+        .query(rusqlite::named_params! {
+            ":type": scope.resource_type,
+            ":since": scope.since.map_or(i64::MIN, to_micros),
+            ":until": to_micros(scope.until),
+            ":as_of": to_micros(scope.as_of),
+            ":after_lu": after_lu,
+            ":after_rid": after_rid,
+            ":limit": limit as i64,
+        })
+        .map_err(db_err)?;
+    let mut page = Page::default();
+    while let Some(row) = rows.next().map_err(db_err)? {
+        let rid: i64 = row.get(0).map_err(db_err)?;
+        let lu: i64 = row.get(2).map_err(db_err)?;
+        let body: String = row.get(3).map_err(db_err)?;
+        page.resources.push(StoredResource { id: row.get(1).map_err(db_err)?, json: Bytes::from(body) });
+        page.cursors.push(format!("{lu}:{rid}"));
+    }
+    page.more = page.resources.len() == limit;
+    Ok(page)
+}
+
+/// Reads a page of the compartments of a listed patient set, patient by patient. A resource in
+/// several listed compartments is returned only under the first of those patients.
+fn page_by_patient(conn: &Connection, scope: &ReadScope, patients: &[String], cursor: Option<&str>, limit: usize) -> StoreResult<Page> {
+    let (mut index, mut after_rid) = match cursor {
+        Some(c) => parse_pair(c)?,
+        None => (0, i64::MIN),
+    };
+    let sql = format!(
+        "SELECT r.rid, r.id, r.body FROM membership m JOIN resources r ON r.rid = m.rid \
+         WHERE m.patient = :patient AND m.type = :type AND m.rid > :after_rid \
+         AND r.lu > :since AND r.lu <= :until AND (r.superseded IS NULL OR r.superseded > :as_of) \
+         ORDER BY m.rid LIMIT :limit"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(db_err)?;
+    let mut owners = conn.prepare_cached("SELECT patient FROM membership WHERE rid = ?1").map_err(db_err)?;
+    let mut page = Page::default();
+    while (index as usize) < patients.len() && page.resources.len() < limit {
+        let patient = &patients[index as usize];
+        let mut rows = stmt
+            .query(rusqlite::named_params! {
+                ":patient": patient,
+                ":type": scope.resource_type,
+                ":after_rid": after_rid,
+                ":since": scope.since.map_or(i64::MIN, to_micros),
+                ":until": to_micros(scope.until),
+                ":as_of": to_micros(scope.as_of),
+                ":limit": (limit - page.resources.len()) as i64,
+            })
+            .map_err(db_err)?;
+        let mut fetched = 0;
+        while let Some(row) = rows.next().map_err(db_err)? {
+            fetched += 1;
+            let rid: i64 = row.get(0).map_err(db_err)?;
+            after_rid = rid;
+            let owned_earlier = owners
+                .query_map([rid], |r| r.get::<_, String>(0))
+                .map_err(db_err)?
+                .filter_map(Result::ok)
+                .any(|other| other < *patient && patients.binary_search(&other).is_ok());
+            if !owned_earlier {
+                let body: String = row.get(2).map_err(db_err)?;
+                page.resources.push(StoredResource { id: row.get(1).map_err(db_err)?, json: Bytes::from(body) });
+                page.cursors.push(format!("{index}:{rid}"));
+            }
+        }
+        if page.resources.len() < limit && fetched < limit {
+            index += 1;
+            after_rid = i64::MIN;
+        }
+    }
+    page.more = (index as usize) < patients.len();
+    Ok(page)
+}
+
+fn parse_pair(cursor: &str) -> StoreResult<(i64, i64)> {
+    let bad = || StoreError::new(format!("bad cursor '{cursor}'"));
+    let (a, b) = cursor.split_once(':').ok_or_else(bad)?;
+    Ok((a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?))
+}
+
+#[async_trait]
+impl ResourceStore for SqliteStore {
+    async fn resource_types(&self) -> StoreResult<Vec<String>> {
+        self.run(|conn| {
+            let mut stmt = conn.prepare("SELECT DISTINCT type FROM resources ORDER BY type").map_err(db_err)?;
+            let rows = stmt.query_map([], |r| r.get(0)).map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn partitions(&self, _resource_type: &str) -> StoreResult<u32> {
+        Ok(1)
+    }
+
+    async fn patient_exists(&self, id: &str, as_of: Instant) -> StoreResult<bool> {
+        let id = id.to_string();
+        self.run(move |conn| Ok(Self::current_body(conn, "Patient", &id, to_micros(as_of))?.is_some())).await
+    }
+
+    async fn group_members(&self, group_id: &str, as_of: Instant) -> StoreResult<Option<Vec<String>>> {
+        let id = group_id.to_string();
+        let body = self.run(move |conn| Self::current_body(conn, "Group", &id, to_micros(as_of))).await?;
+        let Some(body) = body else { return Ok(None) };
+        let group: Value = serde_json::from_str(&body)?;
+        let members = group
+            .get("member")
+            .and_then(Value::as_array)
+            .map(|members| {
+                members
+                    .iter()
+                    .filter_map(|m| m.pointer("/entity/reference").and_then(Value::as_str))
+                    .filter_map(reference::patient_id)
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Some(members))
+    }
+
+    async fn read_page(&self, scope: &ReadScope, cursor: Option<&str>, limit: usize) -> StoreResult<Page> {
+        let scope = scope.clone();
+        let cursor = cursor.map(String::from);
+        self.run(move |conn| match &scope.patients {
+            PatientScope::Everything => page_by_time(conn, &scope, cursor.as_deref(), limit, false),
+            PatientScope::AllPatients => page_by_time(conn, &scope, cursor.as_deref(), limit, true),
+            PatientScope::Listed(patients) => page_by_patient(conn, &scope, patients, cursor.as_deref(), limit),
+        })
+        .await
+    }
+
+    async fn put_resources(&self, resources: Vec<NewResource>) -> StoreResult<()> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.put_resources_blocking(resources)).await.map_err(db_err)?
+    }
+}
+
+fn job_from(doc: String) -> StoreResult<Job> {
+    Ok(serde_json::from_str(&doc)?)
+}
+
+#[async_trait]
+impl JobStore for SqliteStore {
+    async fn create(&self, job: &Job) -> StoreResult<()> {
+        let (id, status, expires, doc) = (job.id.clone(), job.status.as_str(), job.expires_at.map(to_micros), serde_json::to_string(job)?);
+        self.run(move |conn| {
+            conn.execute("INSERT INTO jobs (id, status, expires, doc) VALUES (?1, ?2, ?3, ?4)", params![id, status, expires, doc])
+                .map_err(db_err)
+                .map(drop)
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> StoreResult<Option<Job>> {
+        let id = id.to_string();
+        let doc: Option<String> = self
+            .run(move |conn| conn.query_row("SELECT doc FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional().map_err(db_err))
+            .await?;
+        doc.map(job_from).transpose()
+    }
+
+    async fn update(&self, job: &Job, expected: JobStatus) -> StoreResult<bool> {
+        let (id, status, expires, doc) = (job.id.clone(), job.status.as_str(), job.expires_at.map(to_micros), serde_json::to_string(job)?);
+        self.run(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE jobs SET status = ?2, expires = ?3, doc = ?4 WHERE id = ?1 AND status = ?5",
+                    params![id, status, expires, doc, expected.as_str()],
+                )
+                .map_err(db_err)?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn active_jobs(&self) -> StoreResult<Vec<Job>> {
+        self.jobs_where("status IN ('accepted', 'in-progress')", i64::MAX).await
+    }
+
+    async fn expired_jobs(&self, now: Instant) -> StoreResult<Vec<Job>> {
+        self.jobs_where("status IN ('completed', 'failed') AND expires <= ?1", to_micros(now)).await
+    }
+
+    async fn put_patient_set(&self, job_id: &str, patients: &[String]) -> StoreResult<()> {
+        let (job, patients) = (job_id.to_string(), patients.to_vec());
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(db_err)?;
+            {
+                let mut insert = tx.prepare("INSERT OR IGNORE INTO job_patients (job, patient) VALUES (?1, ?2)").map_err(db_err)?;
+                for p in &patients {
+                    insert.execute(params![job, p]).map_err(db_err)?;
+                }
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn patient_set(&self, job_id: &str) -> StoreResult<Vec<String>> {
+        let job = job_id.to_string();
+        self.run(move |conn| {
+            let mut stmt = conn.prepare("SELECT patient FROM job_patients WHERE job = ?1 ORDER BY patient").map_err(db_err)?;
+            let rows = stmt.query_map([job], |r| r.get(0)).map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn put_items(&self, items: &[WorkItem]) -> StoreResult<()> {
+        let docs: Vec<(String, u32, String)> =
+            items.iter().map(|i| Ok((i.job_id.clone(), i.item, serde_json::to_string(i)?))).collect::<StoreResult<_>>()?;
+        self.run(move |conn| {
+            let tx = conn.transaction().map_err(db_err)?;
+            {
+                let mut insert = tx.prepare("INSERT OR IGNORE INTO job_items (job, item, doc) VALUES (?1, ?2, ?3)").map_err(db_err)?;
+                for (job, item, doc) in &docs {
+                    insert.execute(params![job, item, doc]).map_err(db_err)?;
+                }
+            }
+            tx.commit().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn items(&self, job_id: &str) -> StoreResult<Vec<WorkItem>> {
+        let job = job_id.to_string();
+        let docs: Vec<String> = self
+            .run(move |conn| {
+                let mut stmt = conn.prepare("SELECT doc FROM job_items WHERE job = ?1 ORDER BY item").map_err(db_err)?;
+                let rows = stmt.query_map([job], |r| r.get(0)).map_err(db_err)?;
+                rows.collect::<Result<_, _>>().map_err(db_err)
+            })
+            .await?;
+        docs.iter().map(|d| Ok(serde_json::from_str(d)?)).collect()
+    }
+
+    async fn complete_item(&self, job_id: &str, item: u32) -> StoreResult<()> {
+        let job = job_id.to_string();
+        self.run(move |conn| {
+            conn.execute("UPDATE job_items SET done = 1 WHERE job = ?1 AND item = ?2", params![job, item]).map_err(db_err).map(drop)
+        })
+        .await
+    }
+
+    async fn completed_items(&self, job_id: &str) -> StoreResult<Vec<u32>> {
+        let job = job_id.to_string();
+        self.run(move |conn| {
+            let mut stmt = conn.prepare("SELECT item FROM job_items WHERE job = ?1 AND done = 1").map_err(db_err)?;
+            let rows = stmt.query_map([job], |r| r.get(0)).map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn record_part(&self, part: &PartRecord) -> StoreResult<()> {
+        let (job, key, item, doc) = (part.job_id.clone(), part.key.clone(), part.item, serde_json::to_string(part)?);
+        self.run(move |conn| {
+            conn.execute("INSERT OR REPLACE INTO job_parts (job, key, item, doc) VALUES (?1, ?2, ?3, ?4)", params![job, key, item, doc])
+                .map_err(db_err)
+                .map(drop)
+        })
+        .await
+    }
+
+    async fn clear_item_parts(&self, job_id: &str, item: u32) -> StoreResult<Vec<PartRecord>> {
+        let job = job_id.to_string();
+        let docs: Vec<String> = self
+            .run(move |conn| {
+                let tx = conn.transaction().map_err(db_err)?;
+                let docs = {
+                    let mut stmt = tx.prepare("SELECT doc FROM job_parts WHERE job = ?1 AND item = ?2").map_err(db_err)?;
+                    let rows = stmt.query_map(params![job, item], |r| r.get(0)).map_err(db_err)?;
+                    rows.collect::<Result<Vec<String>, _>>().map_err(db_err)?
+                };
+                tx.execute("DELETE FROM job_parts WHERE job = ?1 AND item = ?2", params![job, item]).map_err(db_err)?;
+                tx.commit().map_err(db_err)?;
+                Ok(docs)
+            })
+            .await?;
+        docs.iter().map(|d| Ok(serde_json::from_str(d)?)).collect()
+    }
+
+    async fn parts(&self, job_id: &str) -> StoreResult<Vec<PartRecord>> {
+        let job = job_id.to_string();
+        let docs: Vec<String> = self
+            .run(move |conn| {
+                let mut stmt = conn.prepare("SELECT doc FROM job_parts WHERE job = ?1 ORDER BY key").map_err(db_err)?;
+                let rows = stmt.query_map([job], |r| r.get(0)).map_err(db_err)?;
+                rows.collect::<Result<_, _>>().map_err(db_err)
+            })
+            .await?;
+        docs.iter().map(|d| Ok(serde_json::from_str(d)?)).collect()
+    }
+}
+
+impl SqliteStore {
+    async fn jobs_where(&self, condition: &'static str, bound: i64) -> StoreResult<Vec<Job>> {
+        let docs: Vec<String> = self
+            .run(move |conn| {
+                let sql = format!("SELECT doc FROM jobs WHERE {condition}");
+                let mut stmt = conn.prepare(&sql).map_err(db_err)?;
+                let params: &[&dyn rusqlite::ToSql] = if condition.contains("?1") { &[&bound] } else { &[] };
+                let rows = stmt.query_map(params, |r| r.get(0)).map_err(db_err)?;
+                rows.collect::<Result<_, _>>().map_err(db_err)
+            })
+            .await?;
+        docs.into_iter().map(job_from).collect()
+    }
+}
+
+/// The lock row's name: there is one export lock per store.
+const LOCK_NAME: &str = "export";
+
+#[async_trait]
+impl ExportLock for SqliteStore {
+    async fn acquire(&self, owner: &str, lease: Duration, now: Instant) -> StoreResult<bool> {
+        let owner = owner.to_string();
+        let (now, expires) = (to_micros(now), to_micros(now) + lease.as_micros() as i64);
+        self.run(move |conn| {
+            // One statement: insert, or take over only an expired lease (or our own).
+            let changed = conn
+                .execute(
+                    "INSERT INTO export_lock (name, owner, expires) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires = excluded.expires \
+                     WHERE export_lock.expires <= ?4 OR export_lock.owner = excluded.owner",
+                    params![LOCK_NAME, owner, expires, now],
+                )
+                .map_err(db_err)?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn renew(&self, owner: &str, lease: Duration, now: Instant) -> StoreResult<bool> {
+        let owner = owner.to_string();
+        let expires = to_micros(now) + lease.as_micros() as i64;
+        self.run(move |conn| {
+            let changed = conn
+                .execute("UPDATE export_lock SET expires = ?3 WHERE name = ?1 AND owner = ?2", params![LOCK_NAME, owner, expires])
+                .map_err(db_err)?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn release(&self, owner: &str) -> StoreResult<()> {
+        let owner = owner.to_string();
+        self.run(move |conn| {
+            conn.execute("DELETE FROM export_lock WHERE name = ?1 AND owner = ?2", params![LOCK_NAME, owner]).map_err(db_err).map(drop)
+        })
+        .await
+    }
+}
