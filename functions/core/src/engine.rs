@@ -12,8 +12,8 @@ use crate::job::{Job, JobStatus};
 use crate::manifest::{manifest, part_key, progress_line, sort_parts};
 use crate::params::{ExportLevel, ExportParams};
 use crate::ports::{
-    ExportLock, JobStore, OutputStore, PartRecord, PartWriter, PatientScope, ReadScope, ResourceStore,
-    WorkItem,
+    ExportLock, JobStore, OutputStore, PartRecord, PartWriter, PatientScope, ReadScope,
+    ResourceStore, WorkItem,
 };
 use crate::settings::Settings;
 use bytes::{Bytes, BytesMut};
@@ -71,7 +71,12 @@ impl Exporter {
     }
 
     /// Accepts a kick-off: checks the Group and patients, takes the export lock, stores the job.
-    pub async fn kickoff(&self, level: ExportLevel, params: ExportParams, request_url: String) -> Result<Job, ApiError> {
+    pub async fn kickoff(
+        &self,
+        level: ExportLevel,
+        params: ExportParams,
+        request_url: String,
+    ) -> Result<Job, ApiError> {
         let now = now_millis();
         let resources = &self.ports.resources;
         let members = match &level {
@@ -79,23 +84,34 @@ impl Exporter {
                 resources
                     .group_members(group_id, now)
                     .await?
-                    .ok_or_else(|| ApiError::not_found(format!("Group/{group_id} is not known to this server")))?,
+                    .ok_or_else(|| {
+                        ApiError::not_found(format!("Group/{group_id} is not known to this server"))
+                    })?,
             ),
             _ => None,
         };
         for patient in params.patients.iter().flatten() {
             if !resources.patient_exists(patient, now).await? {
-                return Err(ApiError::invalid(format!("patient Patient/{patient} is not known to this server")));
+                return Err(ApiError::invalid(format!(
+                    "patient Patient/{patient} is not known to this server"
+                )));
             }
             if let (Some(members), ExportLevel::Group(group_id)) = (&members, &level)
                 && !members.contains(patient)
             {
-                return Err(ApiError::invalid(format!("Patient/{patient} is not a member of Group/{group_id}")));
+                return Err(ApiError::invalid(format!(
+                    "Patient/{patient} is not a member of Group/{group_id}"
+                )));
             }
         }
 
         let job = Job::new(new_id(), level, request_url, params, now);
-        if !self.ports.lock.acquire(&job.id, self.settings.lock_lease, now).await? {
+        if !self
+            .ports
+            .lock
+            .acquire(&job.id, self.settings.lock_lease, now)
+            .await?
+        {
             let mut busy = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 IssueCode::Throttled,
@@ -125,7 +141,10 @@ impl Exporter {
             ExportLevel::System => None,
             ExportLevel::Patient => job.params.patients.clone(),
             ExportLevel::Group(group_id) => {
-                let members = resources.group_members(group_id, as_of).await?.unwrap_or_default();
+                let members = resources
+                    .group_members(group_id, as_of)
+                    .await?
+                    .unwrap_or_default();
                 Some(match &job.params.patients {
                     Some(wanted) => members.into_iter().filter(|m| wanted.contains(m)).collect(),
                     None => members,
@@ -140,7 +159,11 @@ impl Exporter {
 
         let present = resources.resource_types().await?;
         let mut types: Vec<String> = match &job.params.types {
-            Some(wanted) => wanted.iter().filter(|t| present.contains(t)).cloned().collect(),
+            Some(wanted) => wanted
+                .iter()
+                .filter(|t| present.contains(t))
+                .cloned()
+                .collect(),
             None => present,
         };
         if job.level != ExportLevel::System {
@@ -152,14 +175,21 @@ impl Exporter {
         for resource_type in types {
             for partition in 0..resources.partitions(&resource_type).await?.max(1) {
                 let item = items.len() as u32;
-                items.push(WorkItem { job_id: job_id.to_string(), item, resource_type: resource_type.clone(), partition });
+                items.push(WorkItem {
+                    job_id: job_id.to_string(),
+                    item,
+                    resource_type: resource_type.clone(),
+                    partition,
+                });
             }
         }
         self.ports.jobs.put_items(&items).await?;
         job.items_total = items.len() as u32;
         job.status = JobStatus::InProgress;
         if !self.ports.jobs.update(&job, JobStatus::Accepted).await? {
-            return Err(StoreError::new(format!("job {job_id} changed while it was being planned")));
+            return Err(StoreError::new(format!(
+                "job {job_id} changed while it was being planned"
+            )));
         }
         Ok(items)
     }
@@ -182,7 +212,12 @@ impl Exporter {
         let (mut cursor, mut seq) = match resume {
             Some(r) => (Some(r.cursor), r.next_seq),
             None => {
-                for stale in self.ports.jobs.clear_item_parts(&item.job_id, item.item).await? {
+                for stale in self
+                    .ports
+                    .jobs
+                    .clear_item_parts(&item.job_id, item.item)
+                    .await?
+                {
                     self.ports.output.delete(&stale.key).await?;
                 }
                 (None, 0)
@@ -197,7 +232,11 @@ impl Exporter {
         let mut last_job_check = std::time::Instant::now();
 
         loop {
-            let page = self.ports.resources.read_page(&scope, cursor.as_deref(), self.settings.page_size).await?;
+            let page = self
+                .ports
+                .resources
+                .read_page(&scope, cursor.as_deref(), self.settings.page_size)
+                .await?;
             for (resource, position) in page.resources.into_iter().zip(page.cursors) {
                 if skip_group.as_deref() == Some(resource.id.as_str()) {
                     cursor = Some(position);
@@ -208,14 +247,18 @@ impl Exporter {
                     && (open.bytes + line_len > self.settings.max_file_bytes
                         || open.count + 1 > self.settings.max_file_resources)
                 {
-                    self.finish_part(part.take().expect("open part"), item).await?;
+                    self.finish_part(part.take().expect("open part"), item)
+                        .await?;
                     seq += 1;
                     if !self.still_active(&item.job_id).await? {
                         return Ok(ItemOutcome::Stopped);
                     }
                     if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                         let cursor = cursor.unwrap_or_default();
-                        return Ok(ItemOutcome::Continue(ItemCursor { cursor, next_seq: seq }));
+                        return Ok(ItemOutcome::Continue(ItemCursor {
+                            cursor,
+                            next_seq: seq,
+                        }));
                     }
                 }
                 let open = match &mut part {
@@ -223,7 +266,14 @@ impl Exporter {
                     None => {
                         let key = part_key(&item.job_id, &item.resource_type, item.partition, seq);
                         let writer = self.ports.output.create_part(&key).await?;
-                        part.insert(OpenPart { key, seq, writer, buffer: BytesMut::new(), count: 0, bytes: 0 })
+                        part.insert(OpenPart {
+                            key,
+                            seq,
+                            writer,
+                            buffer: BytesMut::new(),
+                            count: 0,
+                            bytes: 0,
+                        })
                     }
                 };
                 open.push(&resource.json).await?;
@@ -248,7 +298,10 @@ impl Exporter {
         if let Some(open) = part {
             self.finish_part(open, item).await?;
         }
-        self.ports.jobs.complete_item(&item.job_id, item.item).await?;
+        self.ports
+            .jobs
+            .complete_item(&item.job_id, item.item)
+            .await?;
         Ok(ItemOutcome::Done)
     }
 
@@ -261,7 +314,10 @@ impl Exporter {
         }
         let done = self.ports.jobs.completed_items(job_id).await?.len();
         if done < job.items_total as usize {
-            return Err(StoreError::new(format!("job {job_id}: only {done} of {} items are done", job.items_total)));
+            return Err(StoreError::new(format!(
+                "job {job_id}: only {done} of {} items are done",
+                job.items_total
+            )));
         }
         self.write_error_file(&job).await?;
         let now = now_millis();
@@ -276,7 +332,9 @@ impl Exporter {
 
     /// Marks a job failed, deletes its files and frees the lock.
     pub async fn fail(&self, job_id: &str, diagnostics: &str) -> StoreResult<()> {
-        let Some(mut job) = self.ports.jobs.get(job_id).await? else { return Ok(()) };
+        let Some(mut job) = self.ports.jobs.get(job_id).await? else {
+            return Ok(());
+        };
         if job.status.is_active() {
             let expected = job.status;
             let now = now_millis();
@@ -296,7 +354,9 @@ impl Exporter {
     /// The caller then stops its work and calls [`Exporter::discard`].
     pub async fn mark_cancelled(&self, job_id: &str) -> StoreResult<bool> {
         loop {
-            let Some(mut job) = self.ports.jobs.get(job_id).await? else { return Ok(false) };
+            let Some(mut job) = self.ports.jobs.get(job_id).await? else {
+                return Ok(false);
+            };
             if !job.status.can_become(JobStatus::Cancelled) {
                 return Ok(false);
             }
@@ -333,7 +393,9 @@ impl Exporter {
 
     /// What a status poll shows, or `None` when the job is unknown, cancelled or expired.
     pub async fn view(&self, job_id: &str, base_url: &str) -> StoreResult<Option<JobView>> {
-        let Some(job) = self.ports.jobs.get(job_id).await? else { return Ok(None) };
+        let Some(job) = self.ports.jobs.get(job_id).await? else {
+            return Ok(None);
+        };
         if let Some(expires) = job.expires_at
             && expires <= now_millis()
             && matches!(job.status, JobStatus::Completed | JobStatus::Failed)
@@ -344,8 +406,18 @@ impl Exporter {
         let view = match job.status {
             JobStatus::Accepted | JobStatus::InProgress => {
                 let done = self.ports.jobs.completed_items(job_id).await?.len();
-                let written: u64 = self.ports.jobs.parts(job_id).await?.iter().filter(|p| !p.is_error).map(|p| p.count).sum();
-                JobView::Running { progress: progress_line(&job, done, written) }
+                let written: u64 = self
+                    .ports
+                    .jobs
+                    .parts(job_id)
+                    .await?
+                    .iter()
+                    .filter(|p| !p.is_error)
+                    .map(|p| p.count)
+                    .sum();
+                JobView::Running {
+                    progress: progress_line(&job, done, written),
+                }
             }
             JobStatus::Completed => {
                 let mut parts = self.ports.jobs.parts(job_id).await?;
@@ -359,7 +431,9 @@ impl Exporter {
                     expires: job.expires_at.unwrap_or(job.transaction_time),
                 }
             }
-            JobStatus::Failed => JobView::Failed { diagnostics: job.error.unwrap_or_default() },
+            JobStatus::Failed => JobView::Failed {
+                diagnostics: job.error.unwrap_or_default(),
+            },
             JobStatus::Cancelled | JobStatus::Expired => return Ok(None),
         };
         Ok(Some(view))
@@ -367,21 +441,41 @@ impl Exporter {
 
     /// The recorded part behind a download key, if its job is completed and not expired.
     pub async fn downloadable_part(&self, key: &str) -> StoreResult<Option<PartRecord>> {
-        let Some((job_id, _)) = key.split_once('/') else { return Ok(None) };
-        let Some(job) = self.ports.jobs.get(job_id).await? else { return Ok(None) };
-        let live = job.status == JobStatus::Completed && job.expires_at.is_none_or(|e| e > now_millis());
+        let Some((job_id, _)) = key.split_once('/') else {
+            return Ok(None);
+        };
+        let Some(job) = self.ports.jobs.get(job_id).await? else {
+            return Ok(None);
+        };
+        let live =
+            job.status == JobStatus::Completed && job.expires_at.is_none_or(|e| e > now_millis());
         if !live {
             return Ok(None);
         }
-        Ok(self.ports.jobs.parts(job_id).await?.into_iter().find(|p| p.key == key))
+        Ok(self
+            .ports
+            .jobs
+            .parts(job_id)
+            .await?
+            .into_iter()
+            .find(|p| p.key == key))
     }
 
     async fn job(&self, job_id: &str) -> StoreResult<Job> {
-        self.ports.jobs.get(job_id).await?.ok_or_else(|| StoreError::new(format!("job {job_id} does not exist")))
+        self.ports
+            .jobs
+            .get(job_id)
+            .await?
+            .ok_or_else(|| StoreError::new(format!("job {job_id} does not exist")))
     }
 
     async fn still_active(&self, job_id: &str) -> StoreResult<bool> {
-        Ok(self.ports.jobs.get(job_id).await?.is_some_and(|j| j.status.is_active()))
+        Ok(self
+            .ports
+            .jobs
+            .get(job_id)
+            .await?
+            .is_some_and(|j| j.status.is_active()))
     }
 
     async fn read_scope(&self, job: &Job, item: &WorkItem) -> StoreResult<ReadScope> {
@@ -401,7 +495,14 @@ impl Exporter {
     }
 
     async fn finish_part(&self, part: OpenPart, item: &WorkItem) -> StoreResult<()> {
-        let OpenPart { key, seq, mut writer, buffer, count, bytes } = part;
+        let OpenPart {
+            key,
+            seq,
+            mut writer,
+            buffer,
+            count,
+            bytes,
+        } = part;
         if !buffer.is_empty() {
             writer.write(buffer.freeze()).await?;
         }
@@ -429,7 +530,9 @@ impl Exporter {
             let outcome = operation_outcome(
                 "warning",
                 IssueCode::NotSupported,
-                &format!("parameter {name} is not supported and was ignored (Prefer: handling=lenient)"),
+                &format!(
+                    "parameter {name} is not supported and was ignored (Prefer: handling=lenient)"
+                ),
             );
             serde_json::to_writer(&mut body, &outcome)?;
             body.push(b'\n');

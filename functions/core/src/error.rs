@@ -15,7 +15,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: IssueCode, diagnostics: impl Into<String>) -> Self {
-        ApiError { status, code, diagnostics: diagnostics.into(), retry_after: None }
+        ApiError {
+            status,
+            code,
+            diagnostics: diagnostics.into(),
+            retry_after: None,
+        }
     }
 
     /// 400 with issue code `invalid`.
@@ -25,7 +30,11 @@ impl ApiError {
 
     /// 400 with issue code `not-supported`.
     pub fn not_supported(diagnostics: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, IssueCode::NotSupported, diagnostics)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            IssueCode::NotSupported,
+            diagnostics,
+        )
     }
 
     /// 404 with issue code `not-found`.
@@ -35,7 +44,11 @@ impl ApiError {
 
     /// 500 with issue code `exception`.
     pub fn internal(diagnostics: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, IssueCode::Exception, diagnostics)
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            IssueCode::Exception,
+            diagnostics,
+        )
     }
 
     /// The OperationOutcome body.

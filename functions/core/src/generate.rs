@@ -8,9 +8,25 @@ use serde_json::{Value, json};
 
 /// The resource types the generator writes.
 pub const GENERATED_TYPES: &[&str] = &[
-    "AllergyIntolerance", "CarePlan", "Claim", "Condition", "DiagnosticReport", "Encounter",
-    "ExplanationOfBenefit", "Group", "Immunization", "Location", "MedicationRequest", "Observation",
-    "Organization", "Patient", "Practitioner", "Procedure", "Provenance", "ResearchStudy", "ResearchSubject",
+    "AllergyIntolerance",
+    "CarePlan",
+    "Claim",
+    "Condition",
+    "DiagnosticReport",
+    "Encounter",
+    "ExplanationOfBenefit",
+    "Group",
+    "Immunization",
+    "Location",
+    "MedicationRequest",
+    "Observation",
+    "Organization",
+    "Patient",
+    "Practitioner",
+    "Procedure",
+    "Provenance",
+    "ResearchStudy",
+    "ResearchSubject",
 ];
 
 /// Patients per Group; every `GROUP_EVERY`th block of patients forms one Group.
@@ -40,18 +56,39 @@ const START_MICROS: i64 = 1_577_836_800_000_000; // 2020-01-01T00:00:00Z
 const SPAN_MICROS: i64 = 6 * 365 * 24 * 3600 * 1_000_000;
 
 const LOINC: &[(&str, &str, &str)] = &[
-    ("8302-2", "Body Height", "cm"), ("29463-7", "Body Weight", "kg"), ("8867-4", "Heart rate", "/min"),
-    ("9279-1", "Respiratory rate", "/min"), ("8310-5", "Body temperature", "Cel"), ("2339-0", "Glucose", "mg/dL"),
-    ("2093-3", "Cholesterol", "mg/dL"), ("39156-5", "Body mass index", "kg/m2"),
+    ("8302-2", "Body Height", "cm"),
+    ("29463-7", "Body Weight", "kg"),
+    ("8867-4", "Heart rate", "/min"),
+    ("9279-1", "Respiratory rate", "/min"),
+    ("8310-5", "Body temperature", "Cel"),
+    ("2339-0", "Glucose", "mg/dL"),
+    ("2093-3", "Cholesterol", "mg/dL"),
+    ("39156-5", "Body mass index", "kg/m2"),
 ];
 const SNOMED: &[(&str, &str)] = &[
-    ("44054006", "Diabetes mellitus type 2"), ("38341003", "Hypertension"), ("195662009", "Acute viral pharyngitis"),
-    ("10509002", "Acute bronchitis"), ("40055000", "Chronic sinusitis"), ("55822004", "Hyperlipidemia"),
+    ("44054006", "Diabetes mellitus type 2"),
+    ("38341003", "Hypertension"),
+    ("195662009", "Acute viral pharyngitis"),
+    ("10509002", "Acute bronchitis"),
+    ("40055000", "Chronic sinusitis"),
+    ("55822004", "Hyperlipidemia"),
 ];
-const VACCINES: &[(&str, &str)] = &[("140", "Influenza, seasonal"), ("113", "Td (adult)"), ("08", "Hep B, adolescent")];
-const DRUGS: &[(&str, &str)] = &[("314076", "lisinopril 10 MG"), ("860975", "metformin 500 MG"), ("197361", "amlodipine 5 MG")];
-const GIVEN: &[&str] = &["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Jun", "Kofi", "Lena"];
-const FAMILY: &[&str] = &["Silva", "Okafor", "Nguyen", "Müller", "Haddad", "Kowalski", "Tanaka", "Rossi"];
+const VACCINES: &[(&str, &str)] = &[
+    ("140", "Influenza, seasonal"),
+    ("113", "Td (adult)"),
+    ("08", "Hep B, adolescent"),
+];
+const DRUGS: &[(&str, &str)] = &[
+    ("314076", "lisinopril 10 MG"),
+    ("860975", "metformin 500 MG"),
+    ("197361", "amlodipine 5 MG"),
+];
+const GIVEN: &[&str] = &[
+    "Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Jun", "Kofi", "Lena",
+];
+const FAMILY: &[&str] = &[
+    "Silva", "Okafor", "Nguyen", "Müller", "Haddad", "Kowalski", "Tanaka", "Rossi",
+];
 
 /// Calls `sink(resource_type, resource)` for every resource of a dataset with `patients` patients.
 pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
@@ -59,28 +96,44 @@ pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
     let organizations = (patients / 20).max(2);
     let practitioners = (patients / 10).max(3);
     let studies = (patients / 100).max(1);
-    let when = |rng: &mut Rng| format_instant(from_micros(START_MICROS + rng.below(SPAN_MICROS as u64) as i64));
+    let when = |rng: &mut Rng| {
+        format_instant(from_micros(
+            START_MICROS + rng.below(SPAN_MICROS as u64) as i64,
+        ))
+    };
 
     for o in 0..organizations {
         let lu = when(&mut rng);
-        sink("Organization", json!({"resourceType":"Organization","id":format!("org-{o}"),"meta":{"lastUpdated":lu},
+        sink(
+            "Organization",
+            json!({"resourceType":"Organization","id":format!("org-{o}"),"meta":{"lastUpdated":lu},
             "active":true,"type":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/organization-type","code":"prov","display":"Healthcare Provider"}]}],
             "name":format!("Community Clinic {o}"),"telecom":[{"system":"phone","value":format!("555-01{o:02}")}],
-            "address":[{"line":[format!("{} Main St", 100 + o)],"city":"Springfield","state":"MA","postalCode":"01101","country":"US"}]}));
+            "address":[{"line":[format!("{} Main St", 100 + o)],"city":"Springfield","state":"MA","postalCode":"01101","country":"US"}]}),
+        );
         let lu = when(&mut rng);
-        sink("Location", json!({"resourceType":"Location","id":format!("loc-{o}"),"meta":{"lastUpdated":lu},"status":"active",
-            "name":format!("Community Clinic {o} – main site"),"managingOrganization":{"reference":format!("Organization/org-{o}")}}));
+        sink(
+            "Location",
+            json!({"resourceType":"Location","id":format!("loc-{o}"),"meta":{"lastUpdated":lu},"status":"active",
+            "name":format!("Community Clinic {o} – main site"),"managingOrganization":{"reference":format!("Organization/org-{o}")}}),
+        );
     }
     for p in 0..practitioners {
         let lu = when(&mut rng);
-        sink("Practitioner", json!({"resourceType":"Practitioner","id":format!("prac-{p}"),"meta":{"lastUpdated":lu},"active":true,
+        sink(
+            "Practitioner",
+            json!({"resourceType":"Practitioner","id":format!("prac-{p}"),"meta":{"lastUpdated":lu},"active":true,
             "identifier":[{"system":"http://hl7.org/fhir/sid/us-npi","value":format!("{}", 9_999_000_000u64 + p as u64)}],
-            "name":[{"family":rng.pick(FAMILY),"given":[rng.pick(GIVEN)],"prefix":["Dr."]}],"gender":"female"}));
+            "name":[{"family":rng.pick(FAMILY),"given":[rng.pick(GIVEN)],"prefix":["Dr."]}],"gender":"female"}),
+        );
     }
     for s in 0..studies {
         let lu = when(&mut rng);
-        sink("ResearchStudy", json!({"resourceType":"ResearchStudy","id":format!("study-{s}"),"meta":{"lastUpdated":lu},
-            "title":format!("Outcomes study {s}"),"status":"active","sponsor":{"reference":format!("Organization/org-{}", s % organizations)}}));
+        sink(
+            "ResearchStudy",
+            json!({"resourceType":"ResearchStudy","id":format!("study-{s}"),"meta":{"lastUpdated":lu},
+            "title":format!("Outcomes study {s}"),"status":"active","sponsor":{"reference":format!("Organization/org-{}", s % organizations)}}),
+        );
     }
     for g in 0..patients.div_ceil(GROUP_SIZE * GROUP_EVERY) {
         let first = g * GROUP_SIZE * GROUP_EVERY;
@@ -88,8 +141,11 @@ pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
             .map(|i| json!({"entity":{"reference":format!("Patient/{}", patient_id(i))}}))
             .collect();
         let lu = when(&mut rng);
-        sink("Group", json!({"resourceType":"Group","id":format!("group-{g}"),"meta":{"lastUpdated":lu},"type":"person","actual":true,
-            "name":format!("Cohort {g}"),"quantity":members.len(),"member":members}));
+        sink(
+            "Group",
+            json!({"resourceType":"Group","id":format!("group-{g}"),"meta":{"lastUpdated":lu},"type":"person","actual":true,
+            "name":format!("Cohort {g}"),"quantity":members.len(),"member":members}),
+        );
     }
 
     for i in 0..patients {
@@ -112,12 +168,15 @@ pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
         let encounters: Vec<String> = (0..20).map(|e| format!("enc-{pid}-{e}")).collect();
         for (e, enc) in encounters.iter().enumerate() {
             let lu = when(&mut rng);
-            sink("Encounter", json!({"resourceType":"Encounter","id":enc,"meta":{"lastUpdated":lu},"status":"finished",
+            sink(
+                "Encounter",
+                json!({"resourceType":"Encounter","id":enc,"meta":{"lastUpdated":lu},"status":"finished",
                 "class":{"system":"http://terminology.hl7.org/CodeSystem/v3-ActCode","code":"AMB"},
                 "type":[{"coding":[{"system":"http://snomed.info/sct","code":"185349003","display":"Encounter for check up"}]}],
                 "subject":patient_ref,"participant":[{"individual":prac(&mut rng)}],
                 "period":{"start":lu,"end":lu},"location":[{"location":{"reference":format!("Location/loc-{}", i % organizations)}}],
-                "serviceProvider":{"reference":org},"reasonCode":[{"text":format!("visit {e}")}]}));
+                "serviceProvider":{"reference":org},"reasonCode":[{"text":format!("visit {e}")}]}),
+            );
         }
         for k in 0..150 {
             let (code, display, unit) = *rng.pick(LOINC);
@@ -134,55 +193,80 @@ pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
         for k in 0..10 {
             let (code, display) = *rng.pick(SNOMED);
             let lu = when(&mut rng);
-            sink("Condition", json!({"resourceType":"Condition","id":format!("cond-{pid}-{k}"),"meta":{"lastUpdated":lu},
+            sink(
+                "Condition",
+                json!({"resourceType":"Condition","id":format!("cond-{pid}-{k}"),"meta":{"lastUpdated":lu},
                 "clinicalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-clinical","code":"active"}]},
                 "code":{"coding":[{"system":"http://snomed.info/sct","code":code,"display":display}],"text":display},
-                "subject":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k])},"onsetDateTime":lu,"asserter":prac(&mut rng)}));
+                "subject":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k])},"onsetDateTime":lu,"asserter":prac(&mut rng)}),
+            );
         }
         for k in 0..15 {
             let lu = when(&mut rng);
-            sink("Procedure", json!({"resourceType":"Procedure","id":format!("proc-{pid}-{k}"),"meta":{"lastUpdated":lu},"status":"completed",
+            sink(
+                "Procedure",
+                json!({"resourceType":"Procedure","id":format!("proc-{pid}-{k}"),"meta":{"lastUpdated":lu},"status":"completed",
                 "code":{"coding":[{"system":"http://snomed.info/sct","code":"430193006","display":"Medication reconciliation"}]},
                 "subject":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k])},"performedDateTime":lu,
-                "performer":[{"actor":prac(&mut rng)}]}));
+                "performer":[{"actor":prac(&mut rng)}]}),
+            );
         }
         for k in 0..20 {
             let (code, display) = *rng.pick(DRUGS);
             let lu = when(&mut rng);
-            sink("MedicationRequest", json!({"resourceType":"MedicationRequest","id":format!("medrx-{pid}-{k}"),"meta":{"lastUpdated":lu},
+            sink(
+                "MedicationRequest",
+                json!({"resourceType":"MedicationRequest","id":format!("medrx-{pid}-{k}"),"meta":{"lastUpdated":lu},
                 "status":"active","intent":"order","medicationCodeableConcept":{"coding":[{"system":"http://www.nlm.nih.gov/research/umls/rxnorm","code":code,"display":display}]},
                 "subject":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k])},"authoredOn":lu,"requester":prac(&mut rng),
-                "dosageInstruction":[{"text":"1 tablet daily"}]}));
+                "dosageInstruction":[{"text":"1 tablet daily"}]}),
+            );
         }
         for k in 0..10 {
             let (code, display) = *rng.pick(VACCINES);
             let lu = when(&mut rng);
-            sink("Immunization", json!({"resourceType":"Immunization","id":format!("imm-{pid}-{k}"),"meta":{"lastUpdated":lu},"status":"completed",
+            sink(
+                "Immunization",
+                json!({"resourceType":"Immunization","id":format!("imm-{pid}-{k}"),"meta":{"lastUpdated":lu},"status":"completed",
                 "vaccineCode":{"coding":[{"system":"http://hl7.org/fhir/sid/cvx","code":code,"display":display}]},
-                "patient":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k])},"occurrenceDateTime":lu,"primarySource":true}));
+                "patient":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k])},"occurrenceDateTime":lu,"primarySource":true}),
+            );
         }
         for k in 0..2 {
             let lu = when(&mut rng);
-            sink("AllergyIntolerance", json!({"resourceType":"AllergyIntolerance","id":format!("allergy-{pid}-{k}"),"meta":{"lastUpdated":lu},
+            sink(
+                "AllergyIntolerance",
+                json!({"resourceType":"AllergyIntolerance","id":format!("allergy-{pid}-{k}"),"meta":{"lastUpdated":lu},
                 "clinicalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical","code":"active"}]},
                 "type":"allergy","category":["food"],"criticality":"low",
                 "code":{"coding":[{"system":"http://snomed.info/sct","code":"91935009","display":"Allergy to peanuts"}]},
-                "patient":patient_ref,"recorder":prac(&mut rng),"recordedDate":lu}));
+                "patient":patient_ref,"recorder":prac(&mut rng),"recordedDate":lu}),
+            );
         }
         for k in 0..20 {
             let lu = when(&mut rng);
-            let results: Vec<Value> = (0..3).map(|r| json!({"reference":format!("Observation/obs-{pid}-{}", (k * 7 + r) % 150)})).collect();
-            sink("DiagnosticReport", json!({"resourceType":"DiagnosticReport","id":format!("report-{pid}-{k}"),"meta":{"lastUpdated":lu},"status":"final",
+            let results: Vec<Value> = (0..3)
+                .map(
+                    |r| json!({"reference":format!("Observation/obs-{pid}-{}", (k * 7 + r) % 150)}),
+                )
+                .collect();
+            sink(
+                "DiagnosticReport",
+                json!({"resourceType":"DiagnosticReport","id":format!("report-{pid}-{k}"),"meta":{"lastUpdated":lu},"status":"final",
                 "code":{"coding":[{"system":"http://loinc.org","code":"51990-0","display":"Basic metabolic panel"}]},
                 "subject":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k])},"effectiveDateTime":lu,"issued":lu,
-                "performer":[prac(&mut rng)],"result":results}));
+                "performer":[prac(&mut rng)],"result":results}),
+            );
         }
         for k in 0..3 {
             let lu = when(&mut rng);
-            sink("CarePlan", json!({"resourceType":"CarePlan","id":format!("careplan-{pid}-{k}"),"meta":{"lastUpdated":lu},"status":"active","intent":"plan",
+            sink(
+                "CarePlan",
+                json!({"resourceType":"CarePlan","id":format!("careplan-{pid}-{k}"),"meta":{"lastUpdated":lu},"status":"active","intent":"plan",
                 "category":[{"coding":[{"system":"http://snomed.info/sct","code":"734163000","display":"Care plan"}]}],
                 "subject":patient_ref,"period":{"start":lu},"activity":[{"detail":{"status":"in-progress","performer":[prac(&mut rng)],
-                "code":{"coding":[{"system":"http://snomed.info/sct","code":"229065009","display":"Exercise therapy"}]}}}]}));
+                "code":{"coding":[{"system":"http://snomed.info/sct","code":"229065009","display":"Exercise therapy"}]}}}]}),
+            );
         }
         for k in 0..20 {
             let lu = when(&mut rng);
@@ -195,27 +279,41 @@ pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
                     "encounter":[{"reference":format!("Encounter/{}", encounters[k])}],"net":{"value":amount,"currency":"USD"}}],
                 "total":{"value":amount,"currency":"USD"}});
             if k == 0 {
-                claim["payee"] = json!({"type":{"coding":[{"code":"subscriber"}]},"party":patient_ref});
+                claim["payee"] =
+                    json!({"type":{"coding":[{"code":"subscriber"}]},"party":patient_ref});
             }
             sink("Claim", claim);
             let lu = when(&mut rng);
-            sink("ExplanationOfBenefit", json!({"resourceType":"ExplanationOfBenefit","id":format!("eob-{pid}-{k}"),"meta":{"lastUpdated":lu},
+            sink(
+                "ExplanationOfBenefit",
+                json!({"resourceType":"ExplanationOfBenefit","id":format!("eob-{pid}-{k}"),"meta":{"lastUpdated":lu},
                 "status":"active","type":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/claim-type","code":"professional"}]},"use":"claim",
                 "patient":patient_ref,"created":lu,"insurer":{"display":"Self-pay"},"provider":{"reference":org},
                 "claim":{"reference":format!("Claim/claim-{pid}-{k}")},"outcome":"complete",
-                "insurance":[{"focal":true,"coverage":{"display":"Self-pay"}}],"payment":{"amount":{"value":amount,"currency":"USD"}}}));
+                "insurance":[{"focal":true,"coverage":{"display":"Self-pay"}}],"payment":{"amount":{"value":amount,"currency":"USD"}}}),
+            );
         }
         for k in 0..2 {
             let lu = when(&mut rng);
-            let target = if k == 0 { json!({"reference":format!("Patient/{pid}")}) } else { json!({"reference":format!("Encounter/{}", encounters[0])}) };
-            sink("Provenance", json!({"resourceType":"Provenance","id":format!("prov-{pid}-{k}"),"meta":{"lastUpdated":lu},
+            let target = if k == 0 {
+                json!({"reference":format!("Patient/{pid}")})
+            } else {
+                json!({"reference":format!("Encounter/{}", encounters[0])})
+            };
+            sink(
+                "Provenance",
+                json!({"resourceType":"Provenance","id":format!("prov-{pid}-{k}"),"meta":{"lastUpdated":lu},
                 "target":[target],"recorded":lu,"agent":[{"type":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/provenance-participant-type","code":"author"}]},
-                "who":prac(&mut rng),"onBehalfOf":{"reference":org}}]}));
+                "who":prac(&mut rng),"onBehalfOf":{"reference":org}}]}),
+            );
         }
         if i % 3 == 0 {
             let lu = when(&mut rng);
-            sink("ResearchSubject", json!({"resourceType":"ResearchSubject","id":format!("subject-{pid}"),"meta":{"lastUpdated":lu},"status":"on-study",
-                "study":{"reference":format!("ResearchStudy/study-{}", i % studies)},"individual":patient_ref}));
+            sink(
+                "ResearchSubject",
+                json!({"resourceType":"ResearchSubject","id":format!("subject-{pid}"),"meta":{"lastUpdated":lu},"status":"on-study",
+                "study":{"reference":format!("ResearchStudy/study-{}", i % studies)},"individual":patient_ref}),
+            );
         }
     }
 }
@@ -245,7 +343,10 @@ mod tests {
         });
         assert_eq!(types.keys().copied().collect::<Vec<_>>(), GENERATED_TYPES);
         for (t, r) in &a {
-            assert!(crate::load::prepare(r.clone(), crate::fhir::time::now_millis()).is_ok(), "{t}");
+            assert!(
+                crate::load::prepare(r.clone(), crate::fhir::time::now_millis()).is_ok(),
+                "{t}"
+            );
         }
     }
 }

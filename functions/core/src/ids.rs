@@ -13,14 +13,21 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// SipHash outputs over a counter and the clock give 128 unpredictable bits without another crate.
 pub fn new_id() -> String {
     let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let half = |state: RandomState| {
         let mut h = state.build_hasher();
         h.write_u64(count);
         h.write_u128(nanos);
         h.finish()
     };
-    format!("{:016x}{:016x}", half(RandomState::new()), half(RandomState::new()))
+    format!(
+        "{:016x}{:016x}",
+        half(RandomState::new()),
+        half(RandomState::new())
+    )
 }
 
 #[cfg(test)]

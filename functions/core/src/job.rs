@@ -70,7 +70,13 @@ pub struct Job {
 
 impl Job {
     /// A freshly accepted job.
-    pub fn new(id: String, level: ExportLevel, request_url: String, params: ExportParams, now: Instant) -> Self {
+    pub fn new(
+        id: String,
+        level: ExportLevel,
+        request_url: String,
+        params: ExportParams,
+        now: Instant,
+    ) -> Self {
         Job {
             id,
             status: JobStatus::Accepted,

@@ -49,7 +49,9 @@ pub fn data_files(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
 
 fn is_data_file(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    [".ndjson", ".ndjson.gz", ".json", ".json.gz"].iter().any(|ext| name.ends_with(ext))
+    [".ndjson", ".ndjson.gz", ".json", ".json.gz"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
 }
 
 /// Reads one file, handing every good resource to `sink` and every bad one to `issues`.
@@ -59,10 +61,18 @@ pub fn read_file(
     sink: &mut dyn FnMut(NewResource),
     issues: &mut dyn FnMut(LoadIssue),
 ) -> std::io::Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("")
+        .to_string();
     let display = path.display().to_string();
     let file = File::open(path)?;
-    let reader: Box<dyn Read> = if name.ends_with(".gz") { Box::new(MultiGzDecoder::new(file)) } else { Box::new(file) };
+    let reader: Box<dyn Read> = if name.ends_with(".gz") {
+        Box::new(MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
     let reader = BufReader::with_capacity(1 << 20, reader);
     if name.trim_end_matches(".gz").ends_with(".ndjson") {
         read_ndjson(reader, &display, now, sink, issues)
@@ -93,9 +103,15 @@ fn read_ndjson(
         match serde_json::from_str::<Value>(&line) {
             Ok(value) => match prepare(value, now) {
                 Ok(resource) => sink(resource),
-                Err(message) => issues(LoadIssue { location: location(), message }),
+                Err(message) => issues(LoadIssue {
+                    location: location(),
+                    message,
+                }),
             },
-            Err(e) => issues(LoadIssue { location: location(), message: format!("not valid JSON: {e}") }),
+            Err(e) => issues(LoadIssue {
+                location: location(),
+                message: format!("not valid JSON: {e}"),
+            }),
         }
     }
 }
@@ -111,21 +127,44 @@ fn read_json(
         Ok(v) => v,
         Err(e) => {
             let location = format!("{file}:{}", e.line());
-            issues(LoadIssue { location, message: format!("not valid JSON: {e}") });
+            issues(LoadIssue {
+                location,
+                message: format!("not valid JSON: {e}"),
+            });
             return Ok(());
         }
     };
     if value.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         match prepare(value, now) {
             Ok(resource) => sink(resource),
-            Err(message) => issues(LoadIssue { location: file.to_string(), message }),
+            Err(message) => issues(LoadIssue {
+                location: file.to_string(),
+                message,
+            }),
         }
         return Ok(());
     }
-    let bundle_type = value.get("type").and_then(Value::as_str).unwrap_or("").to_string();
-    if !matches!(bundle_type.as_str(), "collection" | "transaction" | "batch" | "searchset" | "transaction-response" | "batch-response") {
-        let message = format!("Bundle type '{bundle_type}' cannot be loaded (use collection, transaction or batch)");
-        issues(LoadIssue { location: file.to_string(), message });
+    let bundle_type = value
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if !matches!(
+        bundle_type.as_str(),
+        "collection"
+            | "transaction"
+            | "batch"
+            | "searchset"
+            | "transaction-response"
+            | "batch-response"
+    ) {
+        let message = format!(
+            "Bundle type '{bundle_type}' cannot be loaded (use collection, transaction or batch)"
+        );
+        issues(LoadIssue {
+            location: file.to_string(),
+            message,
+        });
         return Ok(());
     }
     let mut entries = match value {
@@ -138,13 +177,23 @@ fn read_json(
     let renames = assign_bundle_ids(&mut entries);
     for (i, entry) in entries.into_iter().enumerate() {
         let location = format!("{file}:entry[{i}]");
-        let method = entry.pointer("/request/method").and_then(Value::as_str).unwrap_or("PUT").to_ascii_uppercase();
+        let method = entry
+            .pointer("/request/method")
+            .and_then(Value::as_str)
+            .unwrap_or("PUT")
+            .to_ascii_uppercase();
         if !matches!(method.as_str(), "PUT" | "POST") {
-            issues(LoadIssue { location, message: format!("request.method {method} is not loaded (only PUT and POST)") });
+            issues(LoadIssue {
+                location,
+                message: format!("request.method {method} is not loaded (only PUT and POST)"),
+            });
             continue;
         }
         let Some(mut resource) = entry.get("resource").cloned() else {
-            issues(LoadIssue { location, message: "entry has no resource".into() });
+            issues(LoadIssue {
+                location,
+                message: "entry has no resource".into(),
+            });
             continue;
         };
         if !renames.is_empty() {
@@ -163,13 +212,34 @@ fn read_json(
 fn assign_bundle_ids(entries: &mut [Value]) -> HashMap<String, String> {
     let mut renames = HashMap::new();
     for entry in entries.iter_mut() {
-        let full_url = entry.get("fullUrl").and_then(Value::as_str).map(String::from);
-        let request_url = entry.pointer("/request/url").and_then(Value::as_str).map(String::from);
-        let Some(resource) = entry.get_mut("resource").and_then(Value::as_object_mut) else { continue };
-        let Some(resource_type) = resource.get("resourceType").and_then(Value::as_str).map(String::from) else { continue };
+        let full_url = entry
+            .get("fullUrl")
+            .and_then(Value::as_str)
+            .map(String::from);
+        let request_url = entry
+            .pointer("/request/url")
+            .and_then(Value::as_str)
+            .map(String::from);
+        let Some(resource) = entry.get_mut("resource").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        let Some(resource_type) = resource
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .map(String::from)
+        else {
+            continue;
+        };
         if resource.get("id").is_none() {
-            let from_request = request_url.as_deref().and_then(reference::target_of).filter(|(t, _)| *t == resource_type).map(|(_, id)| id.to_string());
-            let from_uuid = full_url.as_deref().and_then(|u| u.strip_prefix("urn:uuid:")).map(String::from);
+            let from_request = request_url
+                .as_deref()
+                .and_then(reference::target_of)
+                .filter(|(t, _)| *t == resource_type)
+                .map(|(_, id)| id.to_string());
+            let from_uuid = full_url
+                .as_deref()
+                .and_then(|u| u.strip_prefix("urn:uuid:"))
+                .map(String::from);
             if let Some(id) = from_request.or(from_uuid) {
                 resource.insert("id".into(), Value::String(id));
             }
@@ -195,7 +265,9 @@ fn rewrite_references(value: &mut Value, renames: &HashMap<String, String>) {
                 }
             }
         }
-        Value::Array(items) => items.iter_mut().for_each(|v| rewrite_references(v, renames)),
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|v| rewrite_references(v, renames)),
         _ => {}
     }
 }
@@ -203,7 +275,9 @@ fn rewrite_references(value: &mut Value, renames: &HashMap<String, String>) {
 /// Checks a resource and fills in what the store needs: `meta.lastUpdated` (set to `now` when
 /// missing) and its compartment patients.
 pub fn prepare(value: Value, now: Instant) -> Result<NewResource, String> {
-    let Value::Object(mut map) = value else { return Err("not a JSON object".into()) };
+    let Value::Object(mut map) = value else {
+        return Err("not a JSON object".into());
+    };
     let resource_type = match map.get("resourceType") {
         Some(Value::String(t)) if is_resource_type(t) => t.clone(),
         Some(Value::String(t)) => return Err(format!("'{t}' is not an R4 resource type")),
@@ -214,10 +288,15 @@ pub fn prepare(value: Value, now: Instant) -> Result<NewResource, String> {
         Some(other) => return Err(format!("{resource_type}: invalid id {other}")),
         None => return Err(format!("{resource_type} has no id")),
     };
-    let meta = map.entry("meta").or_insert_with(|| Value::Object(Map::new()));
-    let Value::Object(meta) = meta else { return Err(format!("{resource_type}/{id}: meta is not an object")) };
+    let meta = map
+        .entry("meta")
+        .or_insert_with(|| Value::Object(Map::new()));
+    let Value::Object(meta) = meta else {
+        return Err(format!("{resource_type}/{id}: meta is not an object"));
+    };
     let last_updated = match meta.get("lastUpdated").and_then(Value::as_str) {
-        Some(text) => parse_instant(text).map_err(|e| format!("{resource_type}/{id}: meta.lastUpdated: {e}"))?,
+        Some(text) => parse_instant(text)
+            .map_err(|e| format!("{resource_type}/{id}: meta.lastUpdated: {e}"))?,
         None => {
             meta.insert("lastUpdated".into(), Value::String(format_instant(now)));
             now
@@ -225,12 +304,21 @@ pub fn prepare(value: Value, now: Instant) -> Result<NewResource, String> {
     };
     let json = Value::Object(map);
     let patients = patients_of(&json);
-    Ok(NewResource { resource_type, id, last_updated, json, patients })
+    Ok(NewResource {
+        resource_type,
+        id,
+        last_updated,
+        json,
+        patients,
+    })
 }
 
 /// A FHIR id: 1 to 64 of `A-Z a-z 0-9 - .`.
 pub fn is_valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len()) && id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.')
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.')
 }
 
 #[cfg(test)]
@@ -241,12 +329,22 @@ mod tests {
 
     #[test]
     fn prepare_sets_last_updated_and_compartments() {
-        let r = prepare(json!({"resourceType":"Observation","id":"o","subject":{"reference":"Patient/p"}}), now_millis()).unwrap();
+        let r = prepare(
+            json!({"resourceType":"Observation","id":"o","subject":{"reference":"Patient/p"}}),
+            now_millis(),
+        )
+        .unwrap();
         assert!(r.json.pointer("/meta/lastUpdated").is_some());
         assert_eq!(r.patients, vec!["p"]);
         assert!(prepare(json!({"resourceType":"Nope","id":"o"}), now_millis()).is_err());
         assert!(prepare(json!({"resourceType":"Patient"}), now_millis()).is_err());
-        assert!(prepare(json!({"resourceType":"Patient","id":"bad id"}), now_millis()).is_err());
+        assert!(
+            prepare(
+                json!({"resourceType":"Patient","id":"bad id"}),
+                now_millis()
+            )
+            .is_err()
+        );
         assert!(prepare(json!([1]), now_millis()).is_err());
     }
 
@@ -260,7 +358,14 @@ mod tests {
         ]});
         let mut loaded = Vec::new();
         let mut problems = Vec::new();
-        read_json(bundle.to_string().as_bytes(), "b.json", now_millis(), &mut |r| loaded.push(r), &mut |i| problems.push(i)).unwrap();
+        read_json(
+            bundle.to_string().as_bytes(),
+            "b.json",
+            now_millis(),
+            &mut |r| loaded.push(r),
+            &mut |i| problems.push(i),
+        )
+        .unwrap();
         assert_eq!(loaded.len(), 3);
         assert_eq!(loaded[1].patients, vec!["aaaa-1"]);
         assert_eq!(loaded[2].id, "c9");

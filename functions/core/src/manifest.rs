@@ -19,8 +19,18 @@ pub fn sort_parts(parts: &mut [PartRecord]) {
 /// The manifest of a completed job; `urls[i]` is the download URL of `parts[i]`.
 pub fn manifest(job: &Job, parts: &[PartRecord], urls: &[String]) -> Value {
     let entry = |(p, url): (&PartRecord, &String)| json!({"type": p.resource_type, "url": url, "count": p.count});
-    let output: Vec<Value> = parts.iter().zip(urls).filter(|(p, _)| !p.is_error).map(entry).collect();
-    let error: Vec<Value> = parts.iter().zip(urls).filter(|(p, _)| p.is_error).map(entry).collect();
+    let output: Vec<Value> = parts
+        .iter()
+        .zip(urls)
+        .filter(|(p, _)| !p.is_error)
+        .map(entry)
+        .collect();
+    let error: Vec<Value> = parts
+        .iter()
+        .zip(urls)
+        .filter(|(p, _)| p.is_error)
+        .map(entry)
+        .collect();
     json!({
         "transactionTime": format_instant(job.transaction_time),
         "request": job.request_url,
@@ -35,5 +45,8 @@ pub fn progress_line(job: &Job, items_done: usize, resources: u64) -> String {
     if job.items_total == 0 {
         return "planning export".to_string();
     }
-    format!("{items_done}/{} work items done, {resources} resources written", job.items_total)
+    format!(
+        "{items_done}/{} work items done, {resources} resources written",
+        job.items_total
+    )
 }

@@ -100,10 +100,19 @@ pub fn check_kickoff_headers(headers: &KickoffHeaders) -> Result<(), ApiError> {
         ));
     }
     let acceptable = accept.split(',').any(|media| {
-        let media = media.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let media = media
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         matches!(
             media.as_str(),
-            "application/fhir+json" | "application/json" | "application/json+fhir" | "application/*" | "*/*"
+            "application/fhir+json"
+                | "application/json"
+                | "application/json+fhir"
+                | "application/*"
+                | "*/*"
         )
     });
     if !acceptable {
@@ -150,7 +159,9 @@ pub fn parse_kickoff(
         match name {
             "_outputFormat" | "_since" | "_until" => {
                 if seen_single.contains(&name) {
-                    return Err(ApiError::invalid(format!("parameter {name} may appear only once")));
+                    return Err(ApiError::invalid(format!(
+                        "parameter {name} may appear only once"
+                    )));
                 }
                 seen_single.push(name);
                 let text = text_value(name, value)?;
@@ -198,7 +209,9 @@ pub fn parse_kickoff(
                     ));
                 };
                 let Some(id) = reference::patient_id(r) else {
-                    return Err(ApiError::invalid(format!("patient reference '{r}' is not a Patient reference")));
+                    return Err(ApiError::invalid(format!(
+                        "patient reference '{r}' is not a Patient reference"
+                    )));
                 };
                 if !patients.iter().any(|p| p == id) {
                     patients.push(id.to_string());
@@ -244,7 +257,9 @@ fn parameters_body(body: &[u8]) -> Result<Vec<(String, RawValue)>, ApiError> {
     let doc: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("the POST body is not valid JSON: {e}")))?;
     if doc.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
-        return Err(ApiError::invalid("the POST body must be a FHIR Parameters resource"));
+        return Err(ApiError::invalid(
+            "the POST body must be a FHIR Parameters resource",
+        ));
     }
     let entries = match doc.get("parameter") {
         None => return Ok(Vec::new()),
@@ -278,15 +293,21 @@ fn parameters_body(body: &[u8]) -> Result<Vec<(String, RawValue)>, ApiError> {
 fn text_value<'a>(name: &str, value: &'a RawValue) -> Result<&'a str, ApiError> {
     match value {
         RawValue::Text(t) if !t.trim().is_empty() => Ok(t.trim()),
-        RawValue::Text(_) => Err(ApiError::invalid(format!("parameter {name} has an empty value"))),
-        _ => Err(ApiError::invalid(format!("parameter {name} must have a string value"))),
+        RawValue::Text(_) => Err(ApiError::invalid(format!(
+            "parameter {name} has an empty value"
+        ))),
+        _ => Err(ApiError::invalid(format!(
+            "parameter {name} must have a string value"
+        ))),
     }
 }
 
 fn instant_param(name: &str, text: &str, now: Instant) -> Result<Instant, ApiError> {
     let t = parse_instant(text).map_err(|e| ApiError::invalid(format!("{name}: {e}")))?;
     if t > now {
-        return Err(ApiError::invalid(format!("{name} ({text}) is in the future")));
+        return Err(ApiError::invalid(format!(
+            "{name} ({text}) is in the future"
+        )));
     }
     Ok(t)
 }
@@ -297,26 +318,54 @@ mod tests {
     use crate::fhir::time::now_millis;
 
     fn headers() -> KickoffHeaders {
-        KickoffHeaders { prefer: vec!["respond-async".into()], accept: Some("application/fhir+json".into()) }
+        KickoffHeaders {
+            prefer: vec!["respond-async".into()],
+            accept: Some("application/fhir+json".into()),
+        }
     }
 
     fn get(level: ExportLevel, q: &[(&str, &str)]) -> Result<ExportParams, ApiError> {
-        let q: Vec<_> = q.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
-        parse_kickoff(&level, KickoffMethod::Get, &q, None, &headers(), now_millis())
+        let q: Vec<_> = q
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        parse_kickoff(
+            &level,
+            KickoffMethod::Get,
+            &q,
+            None,
+            &headers(),
+            now_millis(),
+        )
     }
 
     fn post(level: ExportLevel, body: &str) -> Result<ExportParams, ApiError> {
-        parse_kickoff(&level, KickoffMethod::Post, &[], Some(body.as_bytes()), &headers(), now_millis())
+        parse_kickoff(
+            &level,
+            KickoffMethod::Post,
+            &[],
+            Some(body.as_bytes()),
+            &headers(),
+            now_millis(),
+        )
     }
 
     #[test]
     fn reads_query_parameters() {
         let p = get(
             ExportLevel::System,
-            &[("_type", "Patient,Observation"), ("_type", "Patient, Condition"), ("_since", "2020-01-01T00:00:00Z"), ("_outputFormat", "ndjson")],
+            &[
+                ("_type", "Patient,Observation"),
+                ("_type", "Patient, Condition"),
+                ("_since", "2020-01-01T00:00:00Z"),
+                ("_outputFormat", "ndjson"),
+            ],
         )
         .unwrap();
-        assert_eq!(p.types.unwrap(), vec!["Patient", "Observation", "Condition"]);
+        assert_eq!(
+            p.types.unwrap(),
+            vec!["Patient", "Observation", "Condition"]
+        );
         assert_eq!(p.output_format, "ndjson");
         assert!(p.since.is_some());
     }
@@ -340,11 +389,17 @@ mod tests {
             &[("_since", "yesterday")],
             &[("_since", "2999-01-01T00:00:00Z")],
             &[("_until", "2999-01-01T00:00:00Z")],
-            &[("_since", "2021-01-01T00:00:00Z"), ("_until", "2020-01-01T00:00:00Z")],
+            &[
+                ("_since", "2021-01-01T00:00:00Z"),
+                ("_until", "2020-01-01T00:00:00Z"),
+            ],
             &[("_type", "Foo")],
             &[("_type", "Patient,,Observation")],
             &[("_type", "")],
-            &[("_since", "2020-01-01T00:00:00Z"), ("_since", "2020-01-01T00:00:00Z")],
+            &[
+                ("_since", "2020-01-01T00:00:00Z"),
+                ("_since", "2020-01-01T00:00:00Z"),
+            ],
             &[("_typeFilter", "Observation?code=1")],
             &[("_elements", "id")],
             &[("includeAssociatedData", "LatestProvenanceResources")],
@@ -365,7 +420,15 @@ mod tests {
         let mut h = headers();
         h.prefer = vec!["respond-async, handling=lenient".into()];
         let q = vec![("_typeFilter".to_string(), "Observation?code=1".to_string())];
-        let p = parse_kickoff(&ExportLevel::System, KickoffMethod::Get, &q, None, &h, now_millis()).unwrap();
+        let p = parse_kickoff(
+            &ExportLevel::System,
+            KickoffMethod::Get,
+            &q,
+            None,
+            &h,
+            now_millis(),
+        )
+        .unwrap();
         assert_eq!(p.ignored, vec!["_typeFilter"]);
     }
 

@@ -77,9 +77,18 @@ pub trait ResourceStore: Send + Sync {
     /// Whether Patient `id` exists at `as_of`.
     async fn patient_exists(&self, id: &str, as_of: Instant) -> StoreResult<bool>;
     /// The Patient ids of `Group.member.entity` at `as_of`, or `None` if the Group does not exist.
-    async fn group_members(&self, group_id: &str, as_of: Instant) -> StoreResult<Option<Vec<String>>>;
+    async fn group_members(
+        &self,
+        group_id: &str,
+        as_of: Instant,
+    ) -> StoreResult<Option<Vec<String>>>;
     /// Up to `limit` resources of `scope` after `cursor`.
-    async fn read_page(&self, scope: &ReadScope, cursor: Option<&str>, limit: usize) -> StoreResult<Page>;
+    async fn read_page(
+        &self,
+        scope: &ReadScope,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Page>;
     /// Writes resources, each replacing the earlier version of the same type and id.
     async fn put_resources(&self, resources: Vec<NewResource>) -> StoreResult<()>;
 }

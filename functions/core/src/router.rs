@@ -10,10 +10,14 @@ use crate::error::ApiError;
 use crate::fhir::capability::capability_statement;
 use crate::fhir::outcome::{IssueCode, operation_outcome};
 use crate::fhir::time::{format_instant, now_millis};
-use crate::params::{ExportLevel, KickoffHeaders, KickoffMethod, check_kickoff_headers, parse_kickoff};
+use crate::params::{
+    ExportLevel, KickoffHeaders, KickoffMethod, check_kickoff_headers, parse_kickoff,
+};
 use crate::ports::{ByteStream, Dispatcher};
 use bytes::Bytes;
-use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_TYPE, EXPIRES, HOST, RETRY_AFTER};
+use http::header::{
+    ACCEPT, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_TYPE, EXPIRES, HOST, RETRY_AFTER,
+};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use serde_json::Value;
 use std::sync::Arc;
@@ -56,7 +60,11 @@ enum Route {
 impl Api {
     /// `base_path` is where the FHIR API lives, e.g. `/fhir`.
     pub fn new(exporter: Arc<Exporter>, dispatcher: Arc<dyn Dispatcher>, base_path: &str) -> Self {
-        Api { exporter, dispatcher, base_path: base_path.trim_end_matches('/').to_string() }
+        Api {
+            exporter,
+            dispatcher,
+            base_path: base_path.trim_end_matches('/').to_string(),
+        }
     }
 
     pub fn exporter(&self) -> &Arc<Exporter> {
@@ -74,12 +82,19 @@ impl Api {
     async fn route(&self, request: &Request<Bytes>) -> Result<Response<Body>, ApiError> {
         let path = request.uri().path();
         let Some(rest) = path.strip_prefix(&self.base_path) else {
-            return Err(ApiError::not_found(format!("no FHIR endpoint at {path}; the FHIR base is {}", self.base_path)));
+            return Err(ApiError::not_found(format!(
+                "no FHIR endpoint at {path}; the FHIR base is {}",
+                self.base_path
+            )));
         };
         let segments: Vec<String> = rest
             .split('/')
             .filter(|s| !s.is_empty())
-            .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned())
+            .map(|s| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
             .collect();
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         let route = match segments.as_slice() {
@@ -88,13 +103,17 @@ impl Api {
             ["Patient", "$export"] => Route::Kickoff(ExportLevel::Patient),
             ["Group", id, "$export"] => Route::Kickoff(ExportLevel::Group(id.to_string())),
             ["$export-status", id] => Route::Status(id.to_string()),
-            ["$export-output", job, resource_type, file] => Route::Download(format!("{job}/{resource_type}/{file}")),
+            ["$export-output", job, resource_type, file] => {
+                Route::Download(format!("{job}/{resource_type}/{file}"))
+            }
             _ => return Err(ApiError::not_found(format!("no FHIR endpoint at {path}"))),
         };
         let method = request.method();
         match (route, method) {
             (Route::Metadata, &Method::GET) => Ok(self.metadata(request)),
-            (Route::Kickoff(level), &Method::GET | &Method::POST) => self.kickoff(request, level).await,
+            (Route::Kickoff(level), &Method::GET | &Method::POST) => {
+                self.kickoff(request, level).await
+            }
             (Route::Status(id), &Method::GET) => self.status(request, &id).await,
             (Route::Status(id), &Method::DELETE) => self.cancel(&id).await,
             (Route::Download(key), &Method::GET) => self.download(&key).await,
@@ -107,34 +126,82 @@ impl Api {
     }
 
     fn metadata(&self, request: &Request<Bytes>) -> Response<Body> {
-        let statement = capability_statement(&self.base_url(request), env!("CARGO_PKG_VERSION"), "2026-11-22");
+        let statement = capability_statement(
+            &self.base_url(request),
+            env!("CARGO_PKG_VERSION"),
+            "2026-11-22",
+        );
         json_response(StatusCode::OK, FHIR_JSON, &statement)
     }
 
-    async fn kickoff(&self, request: &Request<Bytes>, level: ExportLevel) -> Result<Response<Body>, ApiError> {
+    async fn kickoff(
+        &self,
+        request: &Request<Bytes>,
+        level: ExportLevel,
+    ) -> Result<Response<Body>, ApiError> {
         let headers = KickoffHeaders {
-            prefer: request.headers().get_all("prefer").iter().filter_map(|v| v.to_str().ok()).map(String::from).collect(),
-            accept: request.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).map(String::from),
+            prefer: request
+                .headers()
+                .get_all("prefer")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(String::from)
+                .collect(),
+            accept: request
+                .headers()
+                .get(ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from),
         };
         check_kickoff_headers(&headers)?;
-        let method = if request.method() == Method::POST { KickoffMethod::Post } else { KickoffMethod::Get };
-        let query: Vec<(String, String)> = form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        let params = parse_kickoff(&level, method, &query, Some(request.body()), &headers, now_millis())?;
-        let job = self.exporter.kickoff(level, params, self.request_url(request)).await?;
+        let method = if request.method() == Method::POST {
+            KickoffMethod::Post
+        } else {
+            KickoffMethod::Get
+        };
+        let query: Vec<(String, String)> =
+            form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+        let params = parse_kickoff(
+            &level,
+            method,
+            &query,
+            Some(request.body()),
+            &headers,
+            now_millis(),
+        )?;
+        let job = self
+            .exporter
+            .kickoff(level, params, self.request_url(request))
+            .await?;
         if let Err(e) = self.dispatcher.start(&job.id).await {
-            self.exporter.fail(&job.id, &format!("could not start the export: {e}")).await.ok();
-            return Err(ApiError::internal(format!("could not start the export: {e}")));
+            self.exporter
+                .fail(&job.id, &format!("could not start the export: {e}"))
+                .await
+                .ok();
+            return Err(ApiError::internal(format!(
+                "could not start the export: {e}"
+            )));
         }
         let status_url = format!("{}/$export-status/{}", self.base_url(request), job.id);
-        let outcome = operation_outcome("information", IssueCode::Informational, &format!("export accepted; poll {status_url}"));
+        let outcome = operation_outcome(
+            "information",
+            IssueCode::Informational,
+            &format!("export accepted; poll {status_url}"),
+        );
         let mut response = json_response(StatusCode::ACCEPTED, FHIR_JSON, &outcome);
-        response.headers_mut().insert(CONTENT_LOCATION, header(&status_url));
+        response
+            .headers_mut()
+            .insert(CONTENT_LOCATION, header(&status_url));
         Ok(response)
     }
 
-    async fn status(&self, request: &Request<Bytes>, job_id: &str) -> Result<Response<Body>, ApiError> {
+    async fn status(
+        &self,
+        request: &Request<Bytes>,
+        job_id: &str,
+    ) -> Result<Response<Body>, ApiError> {
         let view = self.exporter.view(job_id, &self.base_url(request)).await?;
         match view {
             None => Err(unknown_job(job_id)),
@@ -142,13 +209,18 @@ impl Api {
                 let mut response = empty(StatusCode::ACCEPTED);
                 let headers = response.headers_mut();
                 headers.insert("x-progress", header(&progress));
-                headers.insert(RETRY_AFTER, header(&self.exporter.settings.poll_retry_after.to_string()));
+                headers.insert(
+                    RETRY_AFTER,
+                    header(&self.exporter.settings.poll_retry_after.to_string()),
+                );
                 Ok(response)
             }
             Some(JobView::Completed { manifest, expires }) => {
                 let mut response = json_response(StatusCode::OK, "application/json", &manifest);
                 let expires = SystemTime::from(expires);
-                response.headers_mut().insert(EXPIRES, header(&httpdate::fmt_http_date(expires)));
+                response
+                    .headers_mut()
+                    .insert(EXPIRES, header(&httpdate::fmt_http_date(expires)));
                 Ok(response)
             }
             Some(JobView::Failed { diagnostics }) => Err(ApiError::internal(diagnostics)),
@@ -171,21 +243,47 @@ impl Api {
 
     async fn download(&self, key: &str) -> Result<Response<Body>, ApiError> {
         let gone = || ApiError::not_found(format!("no export file {key}"));
-        let part = self.exporter.downloadable_part(key).await?.ok_or_else(gone)?;
-        let stream = self.exporter.ports.output.open(&part.key).await?.ok_or_else(gone)?;
+        let part = self
+            .exporter
+            .downloadable_part(key)
+            .await?
+            .ok_or_else(gone)?;
+        let stream = self
+            .exporter
+            .ports
+            .output
+            .open(&part.key)
+            .await?
+            .ok_or_else(gone)?;
         let mut response = Response::new(Body::Stream(stream));
-        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(FHIR_NDJSON));
-        response.headers_mut().insert(CONTENT_LENGTH, header(&part.bytes.to_string()));
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(FHIR_NDJSON));
+        response
+            .headers_mut()
+            .insert(CONTENT_LENGTH, header(&part.bytes.to_string()));
         Ok(response)
     }
 
     /// The absolute FHIR base URL as the client sees it (scheme and host from the request).
     pub fn base_url(&self, request: &Request<Bytes>) -> String {
         let headers = request.headers();
-        let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(|v| v.split(',').next().unwrap_or("").trim().to_string());
-        let scheme = value("x-forwarded-proto").filter(|s| s == "https" || s == "http").unwrap_or_else(|| "http".into());
+        let value = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.split(',').next().unwrap_or("").trim().to_string())
+        };
+        let scheme = value("x-forwarded-proto")
+            .filter(|s| s == "https" || s == "http")
+            .unwrap_or_else(|| "http".into());
         let host = value("x-forwarded-host")
-            .or_else(|| headers.get(HOST).and_then(|v| v.to_str().ok()).map(String::from))
+            .or_else(|| {
+                headers
+                    .get(HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(String::from)
+            })
             .or_else(|| request.uri().authority().map(|a| a.to_string()))
             .unwrap_or_else(|| "localhost".into());
         format!("{scheme}://{host}{}", self.base_path)
@@ -193,7 +291,11 @@ impl Api {
 
     fn request_url(&self, request: &Request<Bytes>) -> String {
         let base = self.base_url(request);
-        let path = request.uri().path().strip_prefix(&self.base_path).unwrap_or("");
+        let path = request
+            .uri()
+            .path()
+            .strip_prefix(&self.base_path)
+            .unwrap_or("");
         match request.uri().query() {
             Some(q) if !q.is_empty() => format!("{base}{path}?{q}"),
             _ => format!("{base}{path}"),
@@ -202,7 +304,9 @@ impl Api {
 }
 
 fn unknown_job(job_id: &str) -> ApiError {
-    ApiError::not_found(format!("no export {job_id}: it never existed, was cancelled, or has expired"))
+    ApiError::not_found(format!(
+        "no export {job_id}: it never existed, was cancelled, or has expired"
+    ))
 }
 
 fn header(value: &str) -> HeaderValue {
@@ -218,7 +322,9 @@ fn empty(status: StatusCode) -> Response<Body> {
 fn json_response(status: StatusCode, content_type: &'static str, body: &Value) -> Response<Body> {
     let mut response = Response::new(Body::Full(Bytes::from(body.to_string())));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
@@ -226,7 +332,9 @@ fn json_response(status: StatusCode, content_type: &'static str, body: &Value) -
 pub fn error_response(error: &ApiError) -> Response<Body> {
     let mut response = json_response(error.status, FHIR_JSON, &error.outcome());
     if let Some(seconds) = error.retry_after {
-        response.headers_mut().insert(RETRY_AFTER, header(&seconds.to_string()));
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, header(&seconds.to_string()));
     }
     response
 }

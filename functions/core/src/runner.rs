@@ -12,9 +12,9 @@ use tokio::task::JoinSet;
 /// meanwhile just stops. Safe to call again for a job that was interrupted: finished items are
 /// kept and unfinished ones are redone from their start.
 pub async fn run_job(exporter: Arc<Exporter>, job_id: String) {
-    let lease_keeper = tokio::spawn(keep_lease(exporter.clone(), job_id.clone()));
+    let lease_keeper = AbortOnDrop(tokio::spawn(keep_lease(exporter.clone(), job_id.clone())));
     let result = run_items(&exporter, &job_id).await;
-    lease_keeper.abort();
+    drop(lease_keeper);
     let outcome = match result {
         Ok(true) => exporter.finalize(&job_id).await,
         Ok(false) => Ok(()),
@@ -22,7 +22,10 @@ pub async fn run_job(exporter: Arc<Exporter>, job_id: String) {
     };
     if let Err(e) = outcome {
         tracing::error!(job = %job_id, error = %e, "could not close the export");
-        exporter.fail(&job_id, &format!("export failed: {e}")).await.ok();
+        exporter
+            .fail(&job_id, &format!("export failed: {e}"))
+            .await
+            .ok();
     }
 }
 
@@ -39,8 +42,12 @@ async fn run_items(exporter: &Arc<Exporter>, job_id: &str) -> StoreResult<bool> 
             let exporter = exporter.clone();
             running.spawn(async move { exporter.export_item(&item, None, None).await });
         }
-        let Some(joined) = running.join_next().await else { break };
-        match joined.map_err(|e| StoreError::new(format!("worker task ended abnormally: {e}")))?? {
+        let Some(joined) = running.join_next().await else {
+            break;
+        };
+        match joined
+            .map_err(|e| StoreError::new(format!("worker task ended abnormally: {e}")))??
+        {
             ItemOutcome::Done => {}
             ItemOutcome::Stopped | ItemOutcome::Continue(_) => all_done = false,
         }
@@ -60,16 +67,40 @@ async fn keep_lease(exporter: Arc<Exporter>, job_id: String) {
     let mut tick = tokio::time::interval(lease / 4);
     loop {
         tick.tick().await;
-        match exporter.ports.lock.renew(&job_id, lease, now_millis()).await {
+        match exporter
+            .ports
+            .lock
+            .renew(&job_id, lease, now_millis())
+            .await
+        {
             Ok(true) => {}
             Ok(false) => {
-                let still_active = exporter.ports.jobs.get(&job_id).await.ok().flatten().is_some_and(|j| j.status.is_active());
+                let still_active = exporter
+                    .ports
+                    .jobs
+                    .get(&job_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|j| j.status.is_active());
                 if still_active {
-                    exporter.fail(&job_id, "the export lost its lock lease").await.ok();
+                    exporter
+                        .fail(&job_id, "the export lost its lock lease")
+                        .await
+                        .ok();
                 }
                 return;
             }
             Err(e) => tracing::warn!(job = %job_id, error = %e, "could not renew the export lock"),
         }
+    }
+}
+
+/// Stops a background task when the owner goes away, even if the owner is itself aborted.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

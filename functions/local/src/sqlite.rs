@@ -12,8 +12,8 @@ use export_core::fhir::reference;
 use export_core::fhir::time::{Instant, to_micros};
 use export_core::job::{Job, JobStatus};
 use export_core::ports::{
-    ExportLock, JobStore, NewResource, Page, PartRecord, PatientScope, ReadScope, ResourceStore, StoredResource,
-    WorkItem,
+    ExportLock, JobStore, NewResource, Page, PartRecord, PatientScope, ReadScope, ResourceStore,
+    StoredResource, WorkItem,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
@@ -69,7 +69,10 @@ fn db_err(e: impl std::fmt::Display) -> StoreError {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        let store = SqliteStore { path: path.to_path_buf(), pool: Arc::new(Mutex::new(Vec::new())) };
+        let store = SqliteStore {
+            path: path.to_path_buf(),
+            pool: Arc::new(Mutex::new(Vec::new())),
+        };
         let conn = store.connect()?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
         store.pool.lock().expect("pool").push(conn);
@@ -79,13 +82,18 @@ impl SqliteStore {
     fn connect(&self) -> StoreResult<Connection> {
         let conn = Connection::open(&self.path).map_err(db_err)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(db_err)?;
-        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536;")
-            .map_err(db_err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536;",
+        )
+        .map_err(db_err)?;
         Ok(conn)
     }
 
     /// Runs `f` with a pooled connection on the calling thread.
-    pub fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> StoreResult<T>) -> StoreResult<T> {
+    pub fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> StoreResult<T>,
+    ) -> StoreResult<T> {
         let pooled = self.pool.lock().expect("pool").pop();
         let mut conn = match pooled {
             Some(c) => c,
@@ -97,9 +105,14 @@ impl SqliteStore {
     }
 
     /// Runs `f` with a pooled connection on tokio's blocking pool.
-    async fn run<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static) -> StoreResult<T> {
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.with_conn(f)).await.map_err(db_err)?
+        tokio::task::spawn_blocking(move || store.with_conn(f))
+            .await
+            .map_err(db_err)?
     }
 
     /// Writes a batch of resources in one transaction (used by `load`, `--sample` and the port).
@@ -153,11 +166,21 @@ impl SqliteStore {
         })
     }
 
-    fn current_body(conn: &Connection, resource_type: &str, id: &str, as_of: i64) -> StoreResult<Option<String>> {
-        let sql = format!("SELECT body FROM resources WHERE type = :type AND id = :id AND lu <= :as_of AND {CURRENT_AT}");
+    fn current_body(
+        conn: &Connection,
+        resource_type: &str,
+        id: &str,
+        as_of: i64,
+    ) -> StoreResult<Option<String>> {
+        let sql = format!(
+            "SELECT body FROM resources WHERE type = :type AND id = :id AND lu <= :as_of AND {CURRENT_AT}"
+        );
         conn.prepare_cached(&sql)
             .map_err(db_err)?
-            .query_row(rusqlite::named_params! {":type": resource_type, ":id": id, ":as_of": as_of}, |r| r.get(0))
+            .query_row(
+                rusqlite::named_params! {":type": resource_type, ":id": id, ":as_of": as_of},
+                |r| r.get(0),
+            )
             .optional()
             .map_err(db_err)
     }
@@ -165,7 +188,13 @@ impl SqliteStore {
 
 /// Reads a page over one type ordered by `(lu, rid)`, optionally only compartment members of
 /// any existing Patient.
-fn page_by_time(conn: &Connection, scope: &ReadScope, cursor: Option<&str>, limit: usize, any_patient: bool) -> StoreResult<Page> {
+fn page_by_time(
+    conn: &Connection,
+    scope: &ReadScope,
+    cursor: Option<&str>,
+    limit: usize,
+    any_patient: bool,
+) -> StoreResult<Page> {
     let (after_lu, after_rid) = match cursor {
         Some(c) => parse_pair(c)?,
         None => (i64::MIN, i64::MIN),
@@ -198,7 +227,10 @@ fn page_by_time(conn: &Connection, scope: &ReadScope, cursor: Option<&str>, limi
         let rid: i64 = row.get(0).map_err(db_err)?;
         let lu: i64 = row.get(2).map_err(db_err)?;
         let body: String = row.get(3).map_err(db_err)?;
-        page.resources.push(StoredResource { id: row.get(1).map_err(db_err)?, json: Bytes::from(body) });
+        page.resources.push(StoredResource {
+            id: row.get(1).map_err(db_err)?,
+            json: Bytes::from(body),
+        });
         page.cursors.push(format!("{lu}:{rid}"));
     }
     page.more = page.resources.len() == limit;
@@ -207,7 +239,13 @@ fn page_by_time(conn: &Connection, scope: &ReadScope, cursor: Option<&str>, limi
 
 /// Reads a page of the compartments of a listed patient set, patient by patient. A resource in
 /// several listed compartments is returned only under the first of those patients.
-fn page_by_patient(conn: &Connection, scope: &ReadScope, patients: &[String], cursor: Option<&str>, limit: usize) -> StoreResult<Page> {
+fn page_by_patient(
+    conn: &Connection,
+    scope: &ReadScope,
+    patients: &[String],
+    cursor: Option<&str>,
+    limit: usize,
+) -> StoreResult<Page> {
     let (mut index, mut after_rid) = match cursor {
         Some(c) => parse_pair(c)?,
         None => (0, i64::MIN),
@@ -219,7 +257,9 @@ fn page_by_patient(conn: &Connection, scope: &ReadScope, patients: &[String], cu
          ORDER BY m.rid LIMIT :limit"
     );
     let mut stmt = conn.prepare_cached(&sql).map_err(db_err)?;
-    let mut owners = conn.prepare_cached("SELECT patient FROM membership WHERE rid = ?1").map_err(db_err)?;
+    let mut owners = conn
+        .prepare_cached("SELECT patient FROM membership WHERE rid = ?1")
+        .map_err(db_err)?;
     let mut page = Page::default();
     while (index as usize) < patients.len() && page.resources.len() < limit {
         let patient = &patients[index as usize];
@@ -246,7 +286,10 @@ fn page_by_patient(conn: &Connection, scope: &ReadScope, patients: &[String], cu
                 .any(|other| other < *patient && patients.binary_search(&other).is_ok());
             if !owned_earlier {
                 let body: String = row.get(2).map_err(db_err)?;
-                page.resources.push(StoredResource { id: row.get(1).map_err(db_err)?, json: Bytes::from(body) });
+                page.resources.push(StoredResource {
+                    id: row.get(1).map_err(db_err)?,
+                    json: Bytes::from(body),
+                });
                 page.cursors.push(format!("{index}:{rid}"));
             }
         }
@@ -269,7 +312,9 @@ fn parse_pair(cursor: &str) -> StoreResult<(i64, i64)> {
 impl ResourceStore for SqliteStore {
     async fn resource_types(&self) -> StoreResult<Vec<String>> {
         self.run(|conn| {
-            let mut stmt = conn.prepare("SELECT DISTINCT type FROM resources ORDER BY type").map_err(db_err)?;
+            let mut stmt = conn
+                .prepare("SELECT DISTINCT type FROM resources ORDER BY type")
+                .map_err(db_err)?;
             let rows = stmt.query_map([], |r| r.get(0)).map_err(db_err)?;
             rows.collect::<Result<_, _>>().map_err(db_err)
         })
@@ -282,12 +327,21 @@ impl ResourceStore for SqliteStore {
 
     async fn patient_exists(&self, id: &str, as_of: Instant) -> StoreResult<bool> {
         let id = id.to_string();
-        self.run(move |conn| Ok(Self::current_body(conn, "Patient", &id, to_micros(as_of))?.is_some())).await
+        self.run(move |conn| {
+            Ok(Self::current_body(conn, "Patient", &id, to_micros(as_of))?.is_some())
+        })
+        .await
     }
 
-    async fn group_members(&self, group_id: &str, as_of: Instant) -> StoreResult<Option<Vec<String>>> {
+    async fn group_members(
+        &self,
+        group_id: &str,
+        as_of: Instant,
+    ) -> StoreResult<Option<Vec<String>>> {
         let id = group_id.to_string();
-        let body = self.run(move |conn| Self::current_body(conn, "Group", &id, to_micros(as_of))).await?;
+        let body = self
+            .run(move |conn| Self::current_body(conn, "Group", &id, to_micros(as_of)))
+            .await?;
         let Some(body) = body else { return Ok(None) };
         let group: Value = serde_json::from_str(&body)?;
         let members = group
@@ -305,20 +359,29 @@ impl ResourceStore for SqliteStore {
         Ok(Some(members))
     }
 
-    async fn read_page(&self, scope: &ReadScope, cursor: Option<&str>, limit: usize) -> StoreResult<Page> {
+    async fn read_page(
+        &self,
+        scope: &ReadScope,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Page> {
         let scope = scope.clone();
         let cursor = cursor.map(String::from);
         self.run(move |conn| match &scope.patients {
             PatientScope::Everything => page_by_time(conn, &scope, cursor.as_deref(), limit, false),
             PatientScope::AllPatients => page_by_time(conn, &scope, cursor.as_deref(), limit, true),
-            PatientScope::Listed(patients) => page_by_patient(conn, &scope, patients, cursor.as_deref(), limit),
+            PatientScope::Listed(patients) => {
+                page_by_patient(conn, &scope, patients, cursor.as_deref(), limit)
+            }
         })
         .await
     }
 
     async fn put_resources(&self, resources: Vec<NewResource>) -> StoreResult<()> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.put_resources_blocking(resources)).await.map_err(db_err)?
+        tokio::task::spawn_blocking(move || store.put_resources_blocking(resources))
+            .await
+            .map_err(db_err)?
     }
 }
 
@@ -329,11 +392,19 @@ fn job_from(doc: String) -> StoreResult<Job> {
 #[async_trait]
 impl JobStore for SqliteStore {
     async fn create(&self, job: &Job) -> StoreResult<()> {
-        let (id, status, expires, doc) = (job.id.clone(), job.status.as_str(), job.expires_at.map(to_micros), serde_json::to_string(job)?);
+        let (id, status, expires, doc) = (
+            job.id.clone(),
+            job.status.as_str(),
+            job.expires_at.map(to_micros),
+            serde_json::to_string(job)?,
+        );
         self.run(move |conn| {
-            conn.execute("INSERT INTO jobs (id, status, expires, doc) VALUES (?1, ?2, ?3, ?4)", params![id, status, expires, doc])
-                .map_err(db_err)
-                .map(drop)
+            conn.execute(
+                "INSERT INTO jobs (id, status, expires, doc) VALUES (?1, ?2, ?3, ?4)",
+                params![id, status, expires, doc],
+            )
+            .map_err(db_err)
+            .map(drop)
         })
         .await
     }
@@ -341,13 +412,22 @@ impl JobStore for SqliteStore {
     async fn get(&self, id: &str) -> StoreResult<Option<Job>> {
         let id = id.to_string();
         let doc: Option<String> = self
-            .run(move |conn| conn.query_row("SELECT doc FROM jobs WHERE id = ?1", [id], |r| r.get(0)).optional().map_err(db_err))
+            .run(move |conn| {
+                conn.query_row("SELECT doc FROM jobs WHERE id = ?1", [id], |r| r.get(0))
+                    .optional()
+                    .map_err(db_err)
+            })
             .await?;
         doc.map(job_from).transpose()
     }
 
     async fn update(&self, job: &Job, expected: JobStatus) -> StoreResult<bool> {
-        let (id, status, expires, doc) = (job.id.clone(), job.status.as_str(), job.expires_at.map(to_micros), serde_json::to_string(job)?);
+        let (id, status, expires, doc) = (
+            job.id.clone(),
+            job.status.as_str(),
+            job.expires_at.map(to_micros),
+            serde_json::to_string(job)?,
+        );
         self.run(move |conn| {
             let changed = conn
                 .execute(
@@ -361,11 +441,16 @@ impl JobStore for SqliteStore {
     }
 
     async fn active_jobs(&self) -> StoreResult<Vec<Job>> {
-        self.jobs_where("status IN ('accepted', 'in-progress')", i64::MAX).await
+        self.jobs_where("status IN ('accepted', 'in-progress')", i64::MAX)
+            .await
     }
 
     async fn expired_jobs(&self, now: Instant) -> StoreResult<Vec<Job>> {
-        self.jobs_where("status IN ('completed', 'failed') AND expires <= ?1", to_micros(now)).await
+        self.jobs_where(
+            "status IN ('completed', 'failed') AND expires <= ?1",
+            to_micros(now),
+        )
+        .await
     }
 
     async fn put_patient_set(&self, job_id: &str, patients: &[String]) -> StoreResult<()> {
@@ -373,7 +458,9 @@ impl JobStore for SqliteStore {
         self.run(move |conn| {
             let tx = conn.transaction().map_err(db_err)?;
             {
-                let mut insert = tx.prepare("INSERT OR IGNORE INTO job_patients (job, patient) VALUES (?1, ?2)").map_err(db_err)?;
+                let mut insert = tx
+                    .prepare("INSERT OR IGNORE INTO job_patients (job, patient) VALUES (?1, ?2)")
+                    .map_err(db_err)?;
                 for p in &patients {
                     insert.execute(params![job, p]).map_err(db_err)?;
                 }
@@ -386,7 +473,9 @@ impl JobStore for SqliteStore {
     async fn patient_set(&self, job_id: &str) -> StoreResult<Vec<String>> {
         let job = job_id.to_string();
         self.run(move |conn| {
-            let mut stmt = conn.prepare("SELECT patient FROM job_patients WHERE job = ?1 ORDER BY patient").map_err(db_err)?;
+            let mut stmt = conn
+                .prepare("SELECT patient FROM job_patients WHERE job = ?1 ORDER BY patient")
+                .map_err(db_err)?;
             let rows = stmt.query_map([job], |r| r.get(0)).map_err(db_err)?;
             rows.collect::<Result<_, _>>().map_err(db_err)
         })
@@ -394,12 +483,16 @@ impl JobStore for SqliteStore {
     }
 
     async fn put_items(&self, items: &[WorkItem]) -> StoreResult<()> {
-        let docs: Vec<(String, u32, String)> =
-            items.iter().map(|i| Ok((i.job_id.clone(), i.item, serde_json::to_string(i)?))).collect::<StoreResult<_>>()?;
+        let docs: Vec<(String, u32, String)> = items
+            .iter()
+            .map(|i| Ok((i.job_id.clone(), i.item, serde_json::to_string(i)?)))
+            .collect::<StoreResult<_>>()?;
         self.run(move |conn| {
             let tx = conn.transaction().map_err(db_err)?;
             {
-                let mut insert = tx.prepare("INSERT OR IGNORE INTO job_items (job, item, doc) VALUES (?1, ?2, ?3)").map_err(db_err)?;
+                let mut insert = tx
+                    .prepare("INSERT OR IGNORE INTO job_items (job, item, doc) VALUES (?1, ?2, ?3)")
+                    .map_err(db_err)?;
                 for (job, item, doc) in &docs {
                     insert.execute(params![job, item, doc]).map_err(db_err)?;
                 }
@@ -413,7 +506,9 @@ impl JobStore for SqliteStore {
         let job = job_id.to_string();
         let docs: Vec<String> = self
             .run(move |conn| {
-                let mut stmt = conn.prepare("SELECT doc FROM job_items WHERE job = ?1 ORDER BY item").map_err(db_err)?;
+                let mut stmt = conn
+                    .prepare("SELECT doc FROM job_items WHERE job = ?1 ORDER BY item")
+                    .map_err(db_err)?;
                 let rows = stmt.query_map([job], |r| r.get(0)).map_err(db_err)?;
                 rows.collect::<Result<_, _>>().map_err(db_err)
             })
@@ -424,7 +519,12 @@ impl JobStore for SqliteStore {
     async fn complete_item(&self, job_id: &str, item: u32) -> StoreResult<()> {
         let job = job_id.to_string();
         self.run(move |conn| {
-            conn.execute("UPDATE job_items SET done = 1 WHERE job = ?1 AND item = ?2", params![job, item]).map_err(db_err).map(drop)
+            conn.execute(
+                "UPDATE job_items SET done = 1 WHERE job = ?1 AND item = ?2",
+                params![job, item],
+            )
+            .map_err(db_err)
+            .map(drop)
         })
         .await
     }
@@ -432,7 +532,9 @@ impl JobStore for SqliteStore {
     async fn completed_items(&self, job_id: &str) -> StoreResult<Vec<u32>> {
         let job = job_id.to_string();
         self.run(move |conn| {
-            let mut stmt = conn.prepare("SELECT item FROM job_items WHERE job = ?1 AND done = 1").map_err(db_err)?;
+            let mut stmt = conn
+                .prepare("SELECT item FROM job_items WHERE job = ?1 AND done = 1")
+                .map_err(db_err)?;
             let rows = stmt.query_map([job], |r| r.get(0)).map_err(db_err)?;
             rows.collect::<Result<_, _>>().map_err(db_err)
         })
@@ -440,11 +542,19 @@ impl JobStore for SqliteStore {
     }
 
     async fn record_part(&self, part: &PartRecord) -> StoreResult<()> {
-        let (job, key, item, doc) = (part.job_id.clone(), part.key.clone(), part.item, serde_json::to_string(part)?);
+        let (job, key, item, doc) = (
+            part.job_id.clone(),
+            part.key.clone(),
+            part.item,
+            serde_json::to_string(part)?,
+        );
         self.run(move |conn| {
-            conn.execute("INSERT OR REPLACE INTO job_parts (job, key, item, doc) VALUES (?1, ?2, ?3, ?4)", params![job, key, item, doc])
-                .map_err(db_err)
-                .map(drop)
+            conn.execute(
+                "INSERT OR REPLACE INTO job_parts (job, key, item, doc) VALUES (?1, ?2, ?3, ?4)",
+                params![job, key, item, doc],
+            )
+            .map_err(db_err)
+            .map(drop)
         })
         .await
     }
@@ -455,11 +565,19 @@ impl JobStore for SqliteStore {
             .run(move |conn| {
                 let tx = conn.transaction().map_err(db_err)?;
                 let docs = {
-                    let mut stmt = tx.prepare("SELECT doc FROM job_parts WHERE job = ?1 AND item = ?2").map_err(db_err)?;
-                    let rows = stmt.query_map(params![job, item], |r| r.get(0)).map_err(db_err)?;
+                    let mut stmt = tx
+                        .prepare("SELECT doc FROM job_parts WHERE job = ?1 AND item = ?2")
+                        .map_err(db_err)?;
+                    let rows = stmt
+                        .query_map(params![job, item], |r| r.get(0))
+                        .map_err(db_err)?;
                     rows.collect::<Result<Vec<String>, _>>().map_err(db_err)?
                 };
-                tx.execute("DELETE FROM job_parts WHERE job = ?1 AND item = ?2", params![job, item]).map_err(db_err)?;
+                tx.execute(
+                    "DELETE FROM job_parts WHERE job = ?1 AND item = ?2",
+                    params![job, item],
+                )
+                .map_err(db_err)?;
                 tx.commit().map_err(db_err)?;
                 Ok(docs)
             })
@@ -471,7 +589,9 @@ impl JobStore for SqliteStore {
         let job = job_id.to_string();
         let docs: Vec<String> = self
             .run(move |conn| {
-                let mut stmt = conn.prepare("SELECT doc FROM job_parts WHERE job = ?1 ORDER BY key").map_err(db_err)?;
+                let mut stmt = conn
+                    .prepare("SELECT doc FROM job_parts WHERE job = ?1 ORDER BY key")
+                    .map_err(db_err)?;
                 let rows = stmt.query_map([job], |r| r.get(0)).map_err(db_err)?;
                 rows.collect::<Result<_, _>>().map_err(db_err)
             })
@@ -486,7 +606,11 @@ impl SqliteStore {
             .run(move |conn| {
                 let sql = format!("SELECT doc FROM jobs WHERE {condition}");
                 let mut stmt = conn.prepare(&sql).map_err(db_err)?;
-                let params: &[&dyn rusqlite::ToSql] = if condition.contains("?1") { &[&bound] } else { &[] };
+                let params: &[&dyn rusqlite::ToSql] = if condition.contains("?1") {
+                    &[&bound]
+                } else {
+                    &[]
+                };
                 let rows = stmt.query_map(params, |r| r.get(0)).map_err(db_err)?;
                 rows.collect::<Result<_, _>>().map_err(db_err)
             })
@@ -523,7 +647,10 @@ impl ExportLock for SqliteStore {
         let expires = to_micros(now) + lease.as_micros() as i64;
         self.run(move |conn| {
             let changed = conn
-                .execute("UPDATE export_lock SET expires = ?3 WHERE name = ?1 AND owner = ?2", params![LOCK_NAME, owner, expires])
+                .execute(
+                    "UPDATE export_lock SET expires = ?3 WHERE name = ?1 AND owner = ?2",
+                    params![LOCK_NAME, owner, expires],
+                )
                 .map_err(db_err)?;
             Ok(changed == 1)
         })
@@ -533,7 +660,12 @@ impl ExportLock for SqliteStore {
     async fn release(&self, owner: &str) -> StoreResult<()> {
         let owner = owner.to_string();
         self.run(move |conn| {
-            conn.execute("DELETE FROM export_lock WHERE name = ?1 AND owner = ?2", params![LOCK_NAME, owner]).map_err(db_err).map(drop)
+            conn.execute(
+                "DELETE FROM export_lock WHERE name = ?1 AND owner = ?2",
+                params![LOCK_NAME, owner],
+            )
+            .map_err(db_err)
+            .map(drop)
         })
         .await
     }

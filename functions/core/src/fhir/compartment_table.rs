@@ -168,11 +168,17 @@ pub const PATIENT_COMPARTMENT: &[(&str, &[&str])] = &[
     ("ClaimResponse", &["patient"]),
     ("ClinicalImpression", &["subject"]),
     ("Communication", &["subject", "sender", "recipient"]),
-    ("CommunicationRequest", &["subject", "sender", "recipient", "requester"]),
+    (
+        "CommunicationRequest",
+        &["subject", "sender", "recipient", "requester"],
+    ),
     ("Composition", &["subject", "author", "attester.party"]),
     ("Condition", &["subject", "asserter"]),
     ("Consent", &["patient"]),
-    ("Coverage", &["policyHolder", "subscriber", "beneficiary", "payor"]),
+    (
+        "Coverage",
+        &["policyHolder", "subscriber", "beneficiary", "payor"],
+    ),
     ("CoverageEligibilityRequest", &["patient"]),
     ("CoverageEligibilityResponse", &["patient"]),
     ("DetectedIssue", &["patient"]),
@@ -220,4 +226,3 @@ pub const PATIENT_COMPARTMENT: &[(&str, &[&str])] = &[
     ("SupplyRequest", &["deliverTo"]),
     ("VisionPrescription", &["patient"]),
 ];
-

@@ -24,7 +24,9 @@ pub fn target_of(reference: &str) -> Option<(&str, &str)> {
     let resource_type = segments.next()?;
     let valid_id = !id.is_empty()
         && id.len() <= 64
-        && id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.');
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.');
     let valid_type = resource_type.starts_with(|c: char| c.is_ascii_uppercase());
     (valid_id && valid_type).then_some((resource_type, id))
 }
