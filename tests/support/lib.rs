@@ -1,1 +1,439 @@
+//! Test support: run the real `bulk-export` binary and talk to it over HTTP.
 
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// The `bulk-export` binary built next to this test (`cargo build --bins` first).
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(format!("bulk-export{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` before the end-to-end tests (tests/run.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A fresh scratch directory under the target directory.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("e2e-scratch")
+        .join(format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// Runs a `bulk-export` subcommand to completion and returns its stdout and stderr.
+pub fn run_cli(args: &[&str]) -> (String, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .output()
+        .expect("run bulk-export");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "bulk-export {args:?} failed:\n{stdout}\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
+/// Generates `patients` synthetic patients into `dir/data` and loads them into `dir/store.db`.
+pub fn generated_store(dir: &Path, patients: usize) -> PathBuf {
+    let data = dir.join("data");
+    run_cli(&[
+        "generate",
+        "--patients",
+        &patients.to_string(),
+        "--out",
+        data.to_str().unwrap(),
+        "--seed",
+        "3",
+    ]);
+    let db = dir.join("store.db");
+    run_cli(&["load", "--db", db.to_str().unwrap(), data.to_str().unwrap()]);
+    data
+}
+
+/// A running `bulk-export serve`, killed when dropped.
+pub struct Server {
+    pub base: String,
+    pub dir: PathBuf,
+    extra: Vec<String>,
+    child: Child,
+}
+
+impl Server {
+    /// Starts a server over `dir/store.db` and `dir/exports` with extra `serve` arguments.
+    pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (child, base) = spawn(dir, &extra);
+        Server {
+            base,
+            dir: dir.to_path_buf(),
+            extra,
+            child,
+        }
+    }
+
+    /// Kills the process abruptly (SIGKILL) and starts it again on the same data.
+    pub fn crash_and_restart(&mut self) {
+        self.child.kill().expect("kill server");
+        self.child.wait().expect("reap server");
+        let (child, base) = spawn(&self.dir, &self.extra);
+        self.child = child;
+        self.base = base;
+    }
+
+    pub fn exports_dir(&self) -> PathBuf {
+        self.dir.join("exports")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// GET/POST kick-off with the required headers.
+    pub fn kickoff(&self, path: &str) -> Response {
+        request("GET", &self.url(path), &KICKOFF_HEADERS, None)
+    }
+
+    pub fn kickoff_post(&self, path: &str, body: &Value) -> Response {
+        request(
+            "POST",
+            &self.url(path),
+            &KICKOFF_HEADERS,
+            Some(body.to_string()),
+        )
+    }
+
+    /// Kicks off, polls to completion, and returns the manifest.
+    pub fn export(&self, path: &str) -> Value {
+        let kick = self.kickoff(path);
+        assert_eq!(kick.status, 202, "kick-off {path}: {}", kick.body);
+        wait_for_manifest(&kick.header("content-location").expect("Content-Location"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(dir: &Path, extra: &[String]) -> (Child, String) {
+    let mut child = Command::new(binary())
+        .arg("serve")
+        .args(["--addr", "127.0.0.1:0"])
+        .args(["--db", dir.join("store.db").to_str().unwrap()])
+        .args(["--output", dir.join("exports").to_str().unwrap()])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start bulk-export serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let base = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .expect("read stdout");
+        if let Some(rest) = line.strip_prefix("FHIR Bulk Data server listening on ") {
+            break rest.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, base)
+}
+
+pub const KICKOFF_HEADERS: [(&str, &str); 2] = [
+    ("Accept", "application/fhir+json"),
+    ("Prefer", "respond-async"),
+];
+
+/// An HTTP response, whatever its status.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+
+    /// Asserts this is an error answered with an OperationOutcome.
+    pub fn assert_outcome(&self, status: u16) {
+        assert_eq!(self.status, status, "body: {}", self.body);
+        assert_eq!(
+            self.header("content-type").as_deref(),
+            Some("application/fhir+json"),
+            "{}",
+            self.body
+        );
+        let body = self.json();
+        assert_eq!(body["resourceType"], "OperationOutcome", "{}", self.body);
+        assert!(
+            body["issue"][0]["severity"].is_string() && body["issue"][0]["code"].is_string(),
+            "{}",
+            self.body
+        );
+    }
+}
+
+/// Sends one request.
+pub fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> Response {
+    let mut req = ureq::request(method, url).timeout(Duration::from_secs(60));
+    for (name, value) in headers {
+        req = req.set(name, value);
+    }
+    if body.is_some() {
+        req = req.set("Content-Type", "application/fhir+json");
+    }
+    let result = match body {
+        Some(body) => req.send_string(&body),
+        None => req.call(),
+    };
+    let response = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let status = response.status();
+    let headers = response
+        .headers_names()
+        .iter()
+        .map(|n| (n.clone(), response.header(n).unwrap_or("").to_string()))
+        .collect();
+    let body = response.into_string().expect("response body");
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub fn get(url: &str) -> Response {
+    request("GET", url, &[], None)
+}
+
+/// Polls a status URL until it answers 200 and returns the manifest.
+pub fn wait_for_manifest(status_url: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let r = get(status_url);
+        match r.status {
+            200 => {
+                assert_eq!(
+                    r.header("content-type").as_deref(),
+                    Some("application/json")
+                );
+                assert!(
+                    r.header("expires").is_some(),
+                    "a completed status has Expires"
+                );
+                return r.json();
+            }
+            202 => {
+                let progress = r.header("x-progress").expect("X-Progress while running");
+                assert!(progress.len() < 100, "X-Progress too long: {progress}");
+                assert!(
+                    r.header("retry-after").is_some(),
+                    "Retry-After while running"
+                );
+            }
+            other => panic!("status {other} while polling {status_url}: {}", r.body),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "export did not finish in time"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Downloads every output file of a manifest, checks each line is a complete resource of the
+/// file's type and each count matches, and returns the resources by type.
+pub fn download_all(manifest: &Value) -> BTreeMap<String, Vec<Value>> {
+    let mut by_type: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for entry in manifest["output"].as_array().expect("output array") {
+        let url = entry["url"].as_str().expect("url");
+        assert!(
+            url.starts_with("http://"),
+            "manifest urls are absolute: {url}"
+        );
+        let r = get(url);
+        assert_eq!(r.status, 200, "download {url}");
+        assert_eq!(
+            r.header("content-type").as_deref(),
+            Some("application/fhir+ndjson")
+        );
+        let resource_type = entry["type"].as_str().expect("type");
+        let lines: Vec<&str> = r.body.lines().collect();
+        assert!(r.body.ends_with('\n'), "{url}: last line must be complete");
+        assert_eq!(
+            lines.len() as u64,
+            entry["count"].as_u64().expect("count"),
+            "{url}: count"
+        );
+        for line in lines {
+            let resource: Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{url}: bad line ({e}): {line}"));
+            assert_eq!(resource["resourceType"], resource_type, "{url}");
+            assert_eq!(
+                serde_json::to_string(&resource).unwrap(),
+                line,
+                "{url}: lines are minified"
+            );
+            by_type
+                .entry(resource_type.to_string())
+                .or_default()
+                .push(resource);
+        }
+    }
+    by_type
+}
+
+/// `type → sorted ids` of exported resources, asserting no resource appears twice.
+pub fn ids_by_type(resources: &BTreeMap<String, Vec<Value>>) -> BTreeMap<String, Vec<String>> {
+    resources
+        .iter()
+        .map(|(t, list)| {
+            let mut ids: Vec<String> = list
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().to_string())
+                .collect();
+            ids.sort();
+            let before = ids.len();
+            ids.dedup();
+            assert_eq!(before, ids.len(), "{t}: a resource was exported twice");
+            (t.clone(), ids)
+        })
+        .collect()
+}
+
+/// Every resource of an NDJSON directory.
+pub fn read_ndjson_dir(dir: &Path) -> Vec<Value> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<Value>>()
+        })
+        .collect()
+}
+
+/// An independent reading of the R4 Patient CompartmentDefinition (tests/fixtures), used as the
+/// reference the server's compartment logic is compared with.
+pub struct CompartmentReference {
+    paths: BTreeMap<String, Vec<String>>,
+}
+
+impl CompartmentReference {
+    pub fn load() -> Self {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/patient-compartment.json"),
+        )
+        .unwrap();
+        let doc: Value = serde_json::from_str(&text).unwrap();
+        let mut paths = BTreeMap::new();
+        for r in doc["resources"].as_array().unwrap() {
+            let t = r["resourceType"].as_str().unwrap().to_string();
+            let params = r["params"].as_array().unwrap();
+            if params.is_empty() {
+                continue;
+            }
+            let mut list = Vec::new();
+            for p in params {
+                for branch in p["expression"].as_str().unwrap_or("").split(" | ") {
+                    let branch = branch.trim();
+                    let Some(path) = branch.strip_prefix(&format!("{t}.")) else {
+                        continue;
+                    };
+                    list.push(path.split(".where(").next().unwrap().to_string());
+                }
+            }
+            paths.insert(t, list);
+        }
+        CompartmentReference { paths }
+    }
+
+    /// Types with at least one compartment param.
+    pub fn types(&self) -> impl Iterator<Item = (&String, &Vec<String>)> {
+        self.paths.iter()
+    }
+
+    /// Patients whose compartment holds `resource` (by reference, plus a Patient itself).
+    pub fn patients_of(&self, resource: &Value) -> Vec<String> {
+        let t = resource["resourceType"].as_str().unwrap_or("");
+        let mut out = Vec::new();
+        if t == "Patient" {
+            out.push(resource["id"].as_str().unwrap().to_string());
+        }
+        for path in self.paths.get(t).into_iter().flatten() {
+            let mut values = vec![resource.clone()];
+            for step in path.split('.') {
+                values = values
+                    .into_iter()
+                    .flat_map(|v| match v.get(step) {
+                        Some(Value::Array(a)) => a.clone(),
+                        Some(other) => vec![other.clone()],
+                        None => vec![],
+                    })
+                    .collect();
+            }
+            for v in values {
+                if let Some(r) = v["reference"].as_str()
+                    && let Some(id) = r.strip_prefix("Patient/")
+                {
+                    out.push(id.to_string());
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+}

@@ -118,7 +118,7 @@ impl SqliteStore {
     /// Writes a batch of resources in one transaction (used by `load`, `--sample` and the port).
     pub fn put_resources_blocking(&self, resources: Vec<NewResource>) -> StoreResult<()> {
         self.with_conn(|conn| {
-            let tx = conn.transaction().map_err(db_err)?;
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db_err)?;
             {
                 let mut current = tx
                     .prepare_cached("SELECT rid, version FROM resources WHERE type = ?1 AND id = ?2 AND superseded IS NULL")
@@ -456,7 +456,9 @@ impl JobStore for SqliteStore {
     async fn put_patient_set(&self, job_id: &str, patients: &[String]) -> StoreResult<()> {
         let (job, patients) = (job_id.to_string(), patients.to_vec());
         self.run(move |conn| {
-            let tx = conn.transaction().map_err(db_err)?;
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
             {
                 let mut insert = tx
                     .prepare("INSERT OR IGNORE INTO job_patients (job, patient) VALUES (?1, ?2)")
@@ -488,7 +490,9 @@ impl JobStore for SqliteStore {
             .map(|i| Ok((i.job_id.clone(), i.item, serde_json::to_string(i)?)))
             .collect::<StoreResult<_>>()?;
         self.run(move |conn| {
-            let tx = conn.transaction().map_err(db_err)?;
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db_err)?;
             {
                 let mut insert = tx
                     .prepare("INSERT OR IGNORE INTO job_items (job, item, doc) VALUES (?1, ?2, ?3)")
@@ -563,7 +567,9 @@ impl JobStore for SqliteStore {
         let job = job_id.to_string();
         let docs: Vec<String> = self
             .run(move |conn| {
-                let tx = conn.transaction().map_err(db_err)?;
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(db_err)?;
                 let docs = {
                     let mut stmt = tx
                         .prepare("SELECT doc FROM job_parts WHERE job = ?1 AND item = ?2")
