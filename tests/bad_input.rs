@@ -6,6 +6,16 @@ use serde_json::json;
 const ACCEPT: (&str, &str) = ("Accept", "application/fhir+json");
 const ASYNC: (&str, &str) = ("Prefer", "respond-async");
 
+/// (description, method, path, headers, body, expected status)
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    Vec<(&'a str, &'a str)>,
+    Option<String>,
+    u16,
+);
+
 #[test]
 fn bad_requests_get_operation_outcomes() {
     let dir = scratch_dir("bad-input");
@@ -16,8 +26,7 @@ fn bad_requests_get_operation_outcomes() {
         Some(json!({"resourceType": "Parameters", "parameter": list}).to_string())
     };
 
-    // (description, method, path, headers, body, status)
-    let cases: Vec<(&str, &str, &str, Vec<(&str, &str)>, Option<String>, u16)> = vec![
+    let cases: Vec<Case> = vec![
         ("no Prefer", "GET", "/$export", vec![ACCEPT], None, 400),
         (
             "Prefer without respond-async",

@@ -92,7 +92,7 @@ const FAMILY: &[&str] = &[
 
 /// Calls `sink(resource_type, resource)` for every resource of a dataset with `patients` patients.
 pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
-    let mut rng = Rng(seed ^ 0x5EED_0F_F41C);
+    let mut rng = Rng(seed ^ 0x005E_ED0F_F41C);
     let organizations = (patients / 20).max(2);
     let practitioners = (patients / 10).max(3);
     let studies = (patients / 100).max(1);
@@ -198,7 +198,7 @@ pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
                 json!({"resourceType":"Condition","id":format!("cond-{pid}-{k}"),"meta":{"lastUpdated":lu},
                 "clinicalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-clinical","code":"active"}]},
                 "code":{"coding":[{"system":"http://snomed.info/sct","code":code,"display":display}],"text":display},
-                "subject":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k])},"onsetDateTime":lu,"asserter":prac(&mut rng)}),
+                "subject":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k % encounters.len()])},"onsetDateTime":lu,"asserter":prac(&mut rng)}),
             );
         }
         for k in 0..15 {
@@ -207,7 +207,7 @@ pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
                 "Procedure",
                 json!({"resourceType":"Procedure","id":format!("proc-{pid}-{k}"),"meta":{"lastUpdated":lu},"status":"completed",
                 "code":{"coding":[{"system":"http://snomed.info/sct","code":"430193006","display":"Medication reconciliation"}]},
-                "subject":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k])},"performedDateTime":lu,
+                "subject":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k % encounters.len()])},"performedDateTime":lu,
                 "performer":[{"actor":prac(&mut rng)}]}),
             );
         }
@@ -218,7 +218,7 @@ pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
                 "MedicationRequest",
                 json!({"resourceType":"MedicationRequest","id":format!("medrx-{pid}-{k}"),"meta":{"lastUpdated":lu},
                 "status":"active","intent":"order","medicationCodeableConcept":{"coding":[{"system":"http://www.nlm.nih.gov/research/umls/rxnorm","code":code,"display":display}]},
-                "subject":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k])},"authoredOn":lu,"requester":prac(&mut rng),
+                "subject":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k % encounters.len()])},"authoredOn":lu,"requester":prac(&mut rng),
                 "dosageInstruction":[{"text":"1 tablet daily"}]}),
             );
         }
@@ -229,7 +229,7 @@ pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
                 "Immunization",
                 json!({"resourceType":"Immunization","id":format!("imm-{pid}-{k}"),"meta":{"lastUpdated":lu},"status":"completed",
                 "vaccineCode":{"coding":[{"system":"http://hl7.org/fhir/sid/cvx","code":code,"display":display}]},
-                "patient":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k])},"occurrenceDateTime":lu,"primarySource":true}),
+                "patient":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k % encounters.len()])},"occurrenceDateTime":lu,"primarySource":true}),
             );
         }
         for k in 0..2 {
@@ -254,7 +254,7 @@ pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
                 "DiagnosticReport",
                 json!({"resourceType":"DiagnosticReport","id":format!("report-{pid}-{k}"),"meta":{"lastUpdated":lu},"status":"final",
                 "code":{"coding":[{"system":"http://loinc.org","code":"51990-0","display":"Basic metabolic panel"}]},
-                "subject":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k])},"effectiveDateTime":lu,"issued":lu,
+                "subject":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k % encounters.len()])},"effectiveDateTime":lu,"issued":lu,
                 "performer":[prac(&mut rng)],"result":results}),
             );
         }
@@ -276,7 +276,7 @@ pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
                 "patient":patient_ref,"created":lu,"provider":{"reference":org},"priority":{"coding":[{"code":"normal"}]},
                 "insurance":[{"sequence":1,"focal":true,"coverage":{"display":"Self-pay"}}],
                 "item":[{"sequence":1,"productOrService":{"coding":[{"system":"http://snomed.info/sct","code":"185349003"}]},
-                    "encounter":[{"reference":format!("Encounter/{}", encounters[k])}],"net":{"value":amount,"currency":"USD"}}],
+                    "encounter":[{"reference":format!("Encounter/{}", encounters[k % encounters.len()])}],"net":{"value":amount,"currency":"USD"}}],
                 "total":{"value":amount,"currency":"USD"}});
             if k == 0 {
                 claim["payee"] =

@@ -250,13 +250,11 @@ fn page_by_patient(
         Some(c) => parse_pair(c)?,
         None => (0, i64::MIN),
     };
-    let sql = format!(
-        "SELECT r.rid, r.id, r.body FROM membership m JOIN resources r ON r.rid = m.rid \
+    let sql = "SELECT r.rid, r.id, r.body FROM membership m JOIN resources r ON r.rid = m.rid \
          WHERE m.patient = :patient AND m.type = :type AND m.rid > :after_rid \
          AND r.lu > :since AND r.lu <= :until AND (r.superseded IS NULL OR r.superseded > :as_of) \
-         ORDER BY m.rid LIMIT :limit"
-    );
-    let mut stmt = conn.prepare_cached(&sql).map_err(db_err)?;
+         ORDER BY m.rid LIMIT :limit";
+    let mut stmt = conn.prepare_cached(sql).map_err(db_err)?;
     let mut owners = conn
         .prepare_cached("SELECT patient FROM membership WHERE rid = ?1")
         .map_err(db_err)?;
