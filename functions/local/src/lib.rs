@@ -3,6 +3,7 @@
 
 pub mod dispatch;
 pub mod files;
+pub mod runtime;
 pub mod server;
 pub mod sqlite;
 

@@ -84,8 +84,7 @@ struct ServeArgs {
     page_delay_ms: u64,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -93,7 +92,9 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
-        Command::Serve(args) => run_serve(args).await,
+        Command::Serve(args) => bulk_export_local::runtime::build()
+            .map_err(Into::into)
+            .and_then(|runtime| runtime.block_on(run_serve(args))),
         Command::Load { db, paths } => run_load(&db, &paths),
         Command::Generate {
             patients,

@@ -83,7 +83,7 @@ impl SqliteStore {
         let conn = Connection::open(&self.path).map_err(db_err)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(db_err)?;
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-65536;",
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-8192;",
         )
         .map_err(db_err)?;
         Ok(conn)
@@ -199,22 +199,29 @@ fn page_by_time(
         Some(c) => parse_pair(c)?,
         None => (i64::MIN, i64::MIN),
     };
+    // One lower bound on `lu` lets the (type, lu) index start at the cursor instead of
+    // rescanning the type from its beginning for every page.
+    let from_lu = scope
+        .since
+        .map_or(i64::MIN, |t| to_micros(t) + 1)
+        .max(after_lu);
     let compartment = if any_patient {
-        "AND EXISTS (SELECT 1 FROM membership m JOIN resources p ON p.type = 'Patient' AND p.id = m.patient \
+        "AND EXISTS (SELECT 1 FROM membership m CROSS JOIN resources p INDEXED BY resources_by_id ON p.type = 'Patient' AND p.id = m.patient \
          WHERE m.rid = r.rid AND p.lu <= :as_of AND (p.superseded IS NULL OR p.superseded > :as_of))"
     } else {
         ""
     };
     let sql = format!(
-        "SELECT r.rid, r.id, r.lu, r.body FROM resources r WHERE r.type = :type AND r.lu > :since AND r.lu <= :until \
-         AND (r.superseded IS NULL OR r.superseded > :as_of) AND (r.lu, r.rid) > (:after_lu, :after_rid) {compartment} \
+        "SELECT r.rid, r.id, r.lu, r.body FROM resources r WHERE r.type = :type AND r.lu >= :from_lu AND r.lu <= :until \
+         AND (r.lu > :after_lu OR r.rid > :after_rid) \
+         AND (r.superseded IS NULL OR r.superseded > :as_of) {compartment} \
          ORDER BY r.lu, r.rid LIMIT :limit"
     );
     let mut stmt = conn.prepare_cached(&sql).map_err(db_err)?;
     let mut rows = stmt
         .query(rusqlite::named_params! {
             ":type": scope.resource_type,
-            ":since": scope.since.map_or(i64::MIN, to_micros),
+            ":from_lu": from_lu,
             ":until": to_micros(scope.until),
             ":as_of": to_micros(scope.as_of),
             ":after_lu": after_lu,
