@@ -1,5 +1,6 @@
-//! Export benchmark: generates synthetic data into SQLite, then runs system- and Patient-level
-//! exports through the real engine and adapters, printing resources/s, MB/s and peak RSS.
+//! Export benchmark: generates synthetic data into SQLite, then runs system-, Patient- and
+//! Group-level (a 10-patient Group) exports through the real engine and adapters, printing
+//! resources/s, MB/s and peak RSS.
 //!
 //! `cargo bench -p bulk-export` runs 10k, 100k and 1M resources (set `BENCH_SIZES=10000,100000`
 //! to choose). Under `cargo test` it runs one tiny size as a smoke check. Generated stores are kept
@@ -42,7 +43,11 @@ fn main() {
         let patients = size.div_ceil(PER_PATIENT).max(1);
         let db = root.join(format!("store-{patients}.db"));
         let store = ensure_store(&db, patients);
-        for level in [ExportLevel::System, ExportLevel::Patient] {
+        for level in [
+            ExportLevel::System,
+            ExportLevel::Patient,
+            ExportLevel::Group("group-0".into()),
+        ] {
             let out = root.join("out");
             let _ = std::fs::remove_dir_all(&out);
             let stats = runtime.block_on(run_export(store.clone(), &out, level.clone()));
@@ -50,7 +55,8 @@ fn main() {
                 "{:<10} {:>10} {:>9.2} {:>10.0} {:>9.1} {:>8} {:>12.1}",
                 match level {
                     ExportLevel::System => "system",
-                    _ => "patient",
+                    ExportLevel::Patient => "patient",
+                    ExportLevel::Group(_) => "group(10)",
                 },
                 stats.resources,
                 stats.seconds,
