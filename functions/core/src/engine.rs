@@ -151,11 +151,15 @@ impl Exporter {
                 })
             }
         };
-        if let Some(mut set) = patient_set {
-            set.sort_unstable();
-            set.dedup();
-            self.ports.jobs.put_patient_set(job_id, &set).await?;
-        }
+        let listed = match patient_set {
+            Some(mut set) => {
+                set.sort_unstable();
+                set.dedup();
+                self.ports.jobs.put_patient_set(job_id, &set).await?;
+                Some(set.len())
+            }
+            None => None,
+        };
 
         let present = resources.resource_types().await?;
         let mut types: Vec<String> = match &job.params.types {
@@ -173,13 +177,15 @@ impl Exporter {
 
         let mut items = Vec::new();
         for resource_type in types {
-            for partition in 0..resources.partitions(&resource_type).await?.max(1) {
+            let partitions = resources.partitions(&resource_type, listed).await?.max(1);
+            for partition in 0..partitions {
                 let item = items.len() as u32;
                 items.push(WorkItem {
                     job_id: job_id.to_string(),
                     item,
                     resource_type: resource_type.clone(),
                     partition,
+                    partitions,
                 });
             }
         }
@@ -196,9 +202,11 @@ impl Exporter {
 
     /// Exports one work item into NDJSON parts, from its start or from `resume`.
     ///
-    /// Part boundaries depend only on the data and the size limits, so a repeated run writes the
-    /// same parts under the same keys. With a `deadline`, the item stops at the first part boundary
-    /// past it and returns where to continue.
+    /// The data (fixed by the transaction time) and the size limits alone decide where parts
+    /// begin and end, so a repeated or concurrent run writes identical parts under the same keys and
+    /// re-records identical records: nothing is ever cleared, so a duplicate can never remove what
+    /// another run wrote. With a `deadline`, the item stops at the first part boundary past it and
+    /// returns where to continue.
     pub async fn export_item(
         &self,
         item: &WorkItem,
@@ -209,19 +217,18 @@ impl Exporter {
         if !job.status.is_active() {
             return Ok(ItemOutcome::Stopped);
         }
+        // A repeated delivery of a finished item changes nothing.
+        if self
+            .ports
+            .jobs
+            .is_item_complete(&item.job_id, item.item)
+            .await?
+        {
+            return Ok(ItemOutcome::Done);
+        }
         let (mut cursor, mut seq) = match resume {
             Some(r) => (Some(r.cursor), r.next_seq),
-            None => {
-                for stale in self
-                    .ports
-                    .jobs
-                    .clear_item_parts(&item.job_id, item.item)
-                    .await?
-                {
-                    self.ports.output.delete(&stale.key).await?;
-                }
-                (None, 0)
-            }
+            None => (None, 0),
         };
         let scope = self.read_scope(&job, item).await?;
         let skip_group = match &job.level {
@@ -282,6 +289,9 @@ impl Exporter {
             if !page.more {
                 break;
             }
+            if page.next.is_some() {
+                cursor = page.next;
+            }
             if !self.settings.page_delay.is_zero() {
                 tokio::time::sleep(self.settings.page_delay).await;
             }
@@ -330,7 +340,8 @@ impl Exporter {
         self.ports.lock.release(job_id).await
     }
 
-    /// Marks a job failed, deletes its files and frees the lock.
+    /// Marks a job failed, deletes its files and frees the lock. The job is marked and the lock
+    /// freed even when deleting files fails (the bucket's lifecycle rule removes them later).
     pub async fn fail(&self, job_id: &str, diagnostics: &str) -> StoreResult<()> {
         let Some(mut job) = self.ports.jobs.get(job_id).await? else {
             return Ok(());
@@ -346,8 +357,12 @@ impl Exporter {
                 tracing::warn!(job = %job_id, %diagnostics, "export failed");
             }
         }
-        self.ports.output.delete_job(job_id).await?;
-        self.ports.lock.release(job_id).await
+        let deleted = self.ports.output.delete_job(job_id).await;
+        self.ports.lock.release(job_id).await?;
+        if let Err(e) = deleted {
+            tracing::warn!(job = %job_id, error = %e, "could not delete the files of a failed export");
+        }
+        Ok(())
     }
 
     /// Marks a job cancelled (active or finished). Returns `false` if there is no such job to cancel.
@@ -469,13 +484,14 @@ impl Exporter {
             .ok_or_else(|| StoreError::new(format!("job {job_id} does not exist")))
     }
 
+    /// Whether the job is still accepted or running. When it was cancelled meanwhile, the files
+    /// this worker may have finished after the cancel's own cleanup are deleted here.
     async fn still_active(&self, job_id: &str) -> StoreResult<bool> {
-        Ok(self
-            .ports
-            .jobs
-            .get(job_id)
-            .await?
-            .is_some_and(|j| j.status.is_active()))
+        let status = self.ports.jobs.get(job_id).await?.map(|j| j.status);
+        if status == Some(JobStatus::Cancelled) {
+            self.ports.output.delete_job(job_id).await?;
+        }
+        Ok(status.is_some_and(JobStatus::is_active))
     }
 
     async fn read_scope(&self, job: &Job, item: &WorkItem) -> StoreResult<ReadScope> {
@@ -487,6 +503,7 @@ impl Exporter {
         Ok(ReadScope {
             resource_type: item.resource_type.clone(),
             partition: item.partition,
+            partitions: item.partitions,
             since: job.params.since,
             until: job.window_end(),
             as_of: job.transaction_time,

@@ -28,6 +28,8 @@ pub enum PatientScope {
 pub struct ReadScope {
     pub resource_type: String,
     pub partition: u32,
+    /// How many partitions the type (or the patient set) was cut into.
+    pub partitions: u32,
     /// Exclusive lower bound on lastUpdated (`_since`).
     pub since: Option<Instant>,
     /// Inclusive upper bound on lastUpdated: `min(_until, transactionTime)`.
@@ -53,6 +55,8 @@ pub struct Page {
     pub cursors: Vec<String>,
     /// More may follow.
     pub more: bool,
+    /// Where the next page starts (past any rows the store skipped).
+    pub next: Option<String>,
 }
 
 /// A resource to write into the store.
@@ -72,8 +76,13 @@ pub struct NewResource {
 pub trait ResourceStore: Send + Sync {
     /// The resource types that have at least one resource.
     async fn resource_types(&self) -> StoreResult<Vec<String>>;
-    /// How many partitions one type is cut into so several workers can read it in parallel.
-    async fn partitions(&self, resource_type: &str) -> StoreResult<u32>;
+    /// How many partitions one type is cut into so several workers can read it in parallel;
+    /// `listed_patients` is the size of the patient set when the export is limited to one.
+    async fn partitions(
+        &self,
+        resource_type: &str,
+        listed_patients: Option<usize>,
+    ) -> StoreResult<u32>;
     /// Whether Patient `id` exists at `as_of`.
     async fn patient_exists(&self, id: &str, as_of: Instant) -> StoreResult<bool>;
     /// The Patient ids of `Group.member.entity` at `as_of`, or `None` if the Group does not exist.
@@ -116,6 +125,7 @@ pub struct WorkItem {
     pub item: u32,
     pub resource_type: String,
     pub partition: u32,
+    pub partitions: u32,
 }
 
 /// Job state, work items and finished parts.
@@ -138,11 +148,13 @@ pub trait JobStore: Send + Sync {
     /// Marks an item done (idempotent).
     async fn complete_item(&self, job_id: &str, item: u32) -> StoreResult<()>;
     async fn completed_items(&self, job_id: &str) -> StoreResult<Vec<u32>>;
+    /// Whether one item is done.
+    async fn is_item_complete(&self, job_id: &str, item: u32) -> StoreResult<bool> {
+        Ok(self.completed_items(job_id).await?.contains(&item))
+    }
 
     /// Records a finished part; recording the same key again replaces it (idempotent).
     async fn record_part(&self, part: &PartRecord) -> StoreResult<()>;
-    /// Forgets every part of one item (before the item is redone from the start).
-    async fn clear_item_parts(&self, job_id: &str, item: u32) -> StoreResult<Vec<PartRecord>>;
     async fn parts(&self, job_id: &str) -> StoreResult<Vec<PartRecord>>;
 }
 
@@ -178,7 +190,6 @@ pub trait OutputStore: Send + Sync {
     async fn download_url(&self, key: &str, base_url: &str) -> StoreResult<String>;
     /// The file's bytes, when this server serves downloads itself.
     async fn open(&self, key: &str) -> StoreResult<Option<ByteStream>>;
-    async fn delete(&self, key: &str) -> StoreResult<()>;
     /// Deletes every file of a job.
     async fn delete_job(&self, job_id: &str) -> StoreResult<()>;
 }

@@ -95,13 +95,6 @@ impl OutputStore for FileOutput {
         }
     }
 
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        match tokio::fs::remove_file(self.path(key)?).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
-        }
-    }
-
     async fn delete_job(&self, job_id: &str) -> StoreResult<()> {
         match tokio::fs::remove_dir_all(self.path(job_id)?).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),

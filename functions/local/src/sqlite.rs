@@ -241,6 +241,7 @@ fn page_by_time(
         page.cursors.push(format!("{lu}:{rid}"));
     }
     page.more = page.resources.len() == limit;
+    page.next = page.cursors.last().cloned();
     Ok(page)
 }
 
@@ -304,6 +305,7 @@ fn page_by_patient(
         }
     }
     page.more = (index as usize) < patients.len();
+    page.next = Some(format!("{index}:{after_rid}"));
     Ok(page)
 }
 
@@ -326,7 +328,11 @@ impl ResourceStore for SqliteStore {
         .await
     }
 
-    async fn partitions(&self, _resource_type: &str) -> StoreResult<u32> {
+    async fn partitions(
+        &self,
+        _resource_type: &str,
+        _listed_patients: Option<usize>,
+    ) -> StoreResult<u32> {
         Ok(1)
     }
 
@@ -566,34 +572,6 @@ impl JobStore for SqliteStore {
             .map(drop)
         })
         .await
-    }
-
-    async fn clear_item_parts(&self, job_id: &str, item: u32) -> StoreResult<Vec<PartRecord>> {
-        let job = job_id.to_string();
-        let docs: Vec<String> = self
-            .run(move |conn| {
-                let tx = conn
-                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                    .map_err(db_err)?;
-                let docs = {
-                    let mut stmt = tx
-                        .prepare("SELECT doc FROM job_parts WHERE job = ?1 AND item = ?2")
-                        .map_err(db_err)?;
-                    let rows = stmt
-                        .query_map(params![job, item], |r| r.get(0))
-                        .map_err(db_err)?;
-                    rows.collect::<Result<Vec<String>, _>>().map_err(db_err)?
-                };
-                tx.execute(
-                    "DELETE FROM job_parts WHERE job = ?1 AND item = ?2",
-                    params![job, item],
-                )
-                .map_err(db_err)?;
-                tx.commit().map_err(db_err)?;
-                Ok(docs)
-            })
-            .await?;
-        docs.iter().map(|d| Ok(serde_json::from_str(d)?)).collect()
     }
 
     async fn parts(&self, job_id: &str) -> StoreResult<Vec<PartRecord>> {

@@ -88,9 +88,7 @@ async fn recording_a_part_twice_keeps_one_record() {
     };
     store.record_part(&part).await.unwrap();
     store.record_part(&part).await.unwrap();
-    assert_eq!(store.parts("j").await.unwrap(), vec![part.clone()]);
-    assert_eq!(store.clear_item_parts("j", 0).await.unwrap(), vec![part]);
-    assert!(store.parts("j").await.unwrap().is_empty());
+    assert_eq!(store.parts("j").await.unwrap(), vec![part]);
 }
 
 /// An output store whose writes always fail (a full disk, a lost bucket).
@@ -106,9 +104,6 @@ impl OutputStore for BrokenOutput {
     }
     async fn open(&self, key: &str) -> StoreResult<Option<ByteStream>> {
         self.0.open(key).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.0.delete(key).await
     }
     async fn delete_job(&self, job_id: &str) -> StoreResult<()> {
         self.0.delete_job(job_id).await

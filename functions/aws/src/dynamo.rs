@@ -1,0 +1,270 @@
+//! A thin helper over one DynamoDB table with string keys `pk` and `sk`: paged queries, and
+//! batched reads and writes that retry what DynamoDB leaves unprocessed.
+
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, PutRequest, WriteRequest};
+use export_core::error::{StoreError, StoreResult};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// One DynamoDB item.
+pub type Item = HashMap<String, AttributeValue>;
+
+/// Attempts for a batch whose items keep coming back unprocessed (throttling).
+const BATCH_ATTEMPTS: u32 = 8;
+
+pub fn attr_s(value: &str) -> AttributeValue {
+    AttributeValue::S(value.to_string())
+}
+
+pub fn attr_n(value: i64) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+pub fn get_s(item: &Item, name: &str) -> Option<String> {
+    item.get(name).and_then(|v| v.as_s().ok()).cloned()
+}
+
+pub fn get_n(item: &Item, name: &str) -> Option<i64> {
+    item.get(name)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|n| n.parse().ok())
+}
+
+pub fn dynamo_err(e: impl std::fmt::Debug) -> StoreError {
+    StoreError::new(format!("dynamodb: {e:?}"))
+}
+
+/// A table with `pk` (hash) and `sk` (range) string keys.
+#[derive(Clone)]
+pub struct DynamoTable {
+    pub client: Client,
+    pub name: String,
+}
+
+impl DynamoTable {
+    pub fn new(client: Client, name: impl Into<String>) -> Self {
+        DynamoTable {
+            client,
+            name: name.into(),
+        }
+    }
+
+    fn key(pk: &str, sk: &str) -> Item {
+        HashMap::from([
+            ("pk".to_string(), attr_s(pk)),
+            ("sk".to_string(), attr_s(sk)),
+        ])
+    }
+
+    pub async fn get(&self, pk: &str, sk: &str) -> StoreResult<Option<Item>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.name)
+            .set_key(Some(Self::key(pk, sk)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(dynamo_err)?;
+        Ok(out.item)
+    }
+
+    /// Sets one numeric attribute of an existing item.
+    pub async fn set_number(&self, pk: &str, sk: &str, name: &str, value: i64) -> StoreResult<()> {
+        self.client
+            .update_item()
+            .table_name(&self.name)
+            .set_key(Some(Self::key(pk, sk)))
+            .update_expression("SET #a = :v")
+            .expression_attribute_names("#a", name)
+            .expression_attribute_values(":v", attr_n(value))
+            .condition_expression("attribute_exists(pk)")
+            .send()
+            .await
+            .map_err(dynamo_err)?;
+        Ok(())
+    }
+
+    /// Every item of a partition, optionally only those whose `sk` starts with `prefix`, in key
+    /// order; `projection` limits the attributes read.
+    pub async fn query_all(
+        &self,
+        pk: &str,
+        prefix: Option<&str>,
+        projection: Option<&str>,
+    ) -> StoreResult<Vec<Item>> {
+        let mut items = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let mut query = self
+                .client
+                .query()
+                .table_name(&self.name)
+                .consistent_read(true)
+                .expression_attribute_values(":pk", attr_s(pk))
+                .set_exclusive_start_key(start.take());
+            query = match prefix {
+                Some(p) => query
+                    .key_condition_expression("pk = :pk AND begins_with(sk, :p)")
+                    .expression_attribute_values(":p", attr_s(p)),
+                None => query.key_condition_expression("pk = :pk"),
+            };
+            if let Some(projection) = projection {
+                query = query.projection_expression(projection);
+            }
+            let out = query.send().await.map_err(dynamo_err)?;
+            items.extend(out.items.unwrap_or_default());
+            match out.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => return Ok(items),
+            }
+        }
+    }
+
+    /// Up to `limit` items of a partition with `from <= sk <= to`, after `after_sk`; also returns
+    /// the `sk` to continue from when more may follow.
+    pub async fn query_page(
+        &self,
+        pk: &str,
+        (from, to): (&str, &str),
+        after_sk: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<(Vec<Item>, Option<String>)> {
+        let out = self
+            .client
+            .query()
+            .table_name(&self.name)
+            .key_condition_expression("pk = :pk AND sk BETWEEN :from AND :to")
+            .expression_attribute_values(":pk", attr_s(pk))
+            .expression_attribute_values(":from", attr_s(from))
+            .expression_attribute_values(":to", attr_s(to))
+            .set_exclusive_start_key(after_sk.map(|sk| Self::key(pk, sk)))
+            .limit(limit.clamp(1, 10_000) as i32)
+            .send()
+            .await
+            .map_err(dynamo_err)?;
+        let last = out.last_evaluated_key.as_ref().and_then(|k| get_s(k, "sk"));
+        Ok((out.items.unwrap_or_default(), last))
+    }
+
+    /// Up to `limit` items of a partition whose `sk` starts with `prefix`, after `after_sk`.
+    pub async fn query_prefix_page(
+        &self,
+        pk: &str,
+        prefix: &str,
+        after_sk: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<(Vec<Item>, Option<String>)> {
+        let out = self
+            .client
+            .query()
+            .table_name(&self.name)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :p)")
+            .expression_attribute_values(":pk", attr_s(pk))
+            .expression_attribute_values(":p", attr_s(prefix))
+            .set_exclusive_start_key(after_sk.map(|sk| Self::key(pk, sk)))
+            .limit(limit.clamp(1, 10_000) as i32)
+            .send()
+            .await
+            .map_err(dynamo_err)?;
+        let last = out.last_evaluated_key.as_ref().and_then(|k| get_s(k, "sk"));
+        Ok((out.items.unwrap_or_default(), last))
+    }
+
+    /// Reads items by key, 100 per request, retrying unprocessed keys. Missing items are skipped.
+    pub async fn batch_get(&self, keys: &[(String, String)]) -> StoreResult<Vec<Item>> {
+        let mut found = Vec::new();
+        for chunk in keys.chunks(100) {
+            let mut unique: Vec<&(String, String)> = chunk.iter().collect();
+            unique.sort();
+            unique.dedup();
+            let mut pending: Vec<Item> = unique.iter().map(|(pk, sk)| Self::key(pk, sk)).collect();
+            for attempt in 0..BATCH_ATTEMPTS {
+                let request = KeysAndAttributes::builder()
+                    .set_keys(Some(pending))
+                    .consistent_read(true)
+                    .build()
+                    .map_err(dynamo_err)?;
+                let out = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.name, request)
+                    .send()
+                    .await
+                    .map_err(dynamo_err)?;
+                found.extend(
+                    out.responses
+                        .unwrap_or_default()
+                        .remove(&self.name)
+                        .unwrap_or_default(),
+                );
+                pending = out
+                    .unprocessed_keys
+                    .unwrap_or_default()
+                    .remove(&self.name)
+                    .map(|k| k.keys)
+                    .unwrap_or_default();
+                if pending.is_empty() {
+                    break;
+                }
+                backoff(attempt).await;
+            }
+            if !pending.is_empty() {
+                return Err(StoreError::new(
+                    "dynamodb: batch read kept returning unprocessed keys",
+                ));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Writes items, 25 per request, retrying unprocessed items with exponential backoff.
+    pub async fn batch_put(&self, items: Vec<Item>) -> StoreResult<()> {
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let mut pending: Vec<WriteRequest> = items
+                .by_ref()
+                .take(25)
+                .map(|item| {
+                    WriteRequest::builder()
+                        .put_request(
+                            PutRequest::builder()
+                                .set_item(Some(item))
+                                .build()
+                                .expect("item set"),
+                        )
+                        .build()
+                })
+                .collect();
+            for attempt in 0..BATCH_ATTEMPTS {
+                let out = self
+                    .client
+                    .batch_write_item()
+                    .request_items(&self.name, pending)
+                    .send()
+                    .await
+                    .map_err(dynamo_err)?;
+                pending = out
+                    .unprocessed_items
+                    .unwrap_or_default()
+                    .remove(&self.name)
+                    .unwrap_or_default();
+                if pending.is_empty() {
+                    break;
+                }
+                backoff(attempt).await;
+            }
+            if !pending.is_empty() {
+                return Err(StoreError::new(
+                    "dynamodb: batch write kept returning unprocessed items",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn backoff(attempt: u32) {
+    tokio::time::sleep(Duration::from_millis(50u64 << attempt.min(6))).await;
+}

@@ -1,0 +1,17 @@
+//! The AWS deployment of the FHIR Bulk Data export service: DynamoDB resource and job stores
+//! (with the export lock), S3 output, Step Functions dispatch, and the Lambda handlers.
+
+pub mod config;
+pub mod dispatch;
+pub mod dynamo;
+pub mod handlers;
+pub mod jobs;
+pub mod output;
+pub mod resources;
+pub mod service;
+
+pub use config::AwsSettings;
+pub use service::AwsService;
+
+/// Re-exported for the function binaries.
+pub use {aws_lambda_events, lambda_http, lambda_runtime};

@@ -1,0 +1,250 @@
+//! NDJSON parts in S3, written by streaming multipart upload and downloaded through presigned
+//! URLs minted at each status poll.
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::presigning::PresigningConfig;
+use aws_sdk_s3::primitives::ByteStream as S3Bytes;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
+use bytes::{Bytes, BytesMut};
+use export_core::error::{StoreError, StoreResult};
+use export_core::ports::{ByteStream, OutputStore, PartWriter};
+use std::time::Duration;
+
+/// Bytes buffered before one multipart part is uploaded (S3's minimum is 5 MiB).
+pub const UPLOAD_PART_BYTES: usize = 8 * 1024 * 1024;
+
+fn s3_err(e: impl std::fmt::Debug) -> StoreError {
+    StoreError::new(format!("s3: {e:?}"))
+}
+
+/// The export bucket.
+#[derive(Clone)]
+pub struct S3Output {
+    client: Client,
+    bucket: String,
+    url_expiry: Duration,
+}
+
+impl S3Output {
+    /// `url_expiry` is how long a presigned download URL stays valid (at most 300 s).
+    pub fn new(client: Client, bucket: impl Into<String>, url_expiry: Duration) -> Self {
+        S3Output {
+            client,
+            bucket: bucket.into(),
+            url_expiry: url_expiry.min(Duration::from_secs(300)),
+        }
+    }
+
+    /// Every object key under `prefix`.
+    async fn keys_under(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut token = None;
+        loop {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(s3_err)?;
+            keys.extend(
+                out.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(String::from)),
+            );
+            match out.next_continuation_token {
+                Some(next) if out.is_truncated == Some(true) => token = Some(next),
+                _ => return Ok(keys),
+            }
+        }
+    }
+}
+
+/// One part being uploaded; nothing is visible under the key until `finish`.
+struct S3Part {
+    client: Client,
+    bucket: String,
+    key: String,
+    buffer: BytesMut,
+    upload_id: Option<String>,
+    completed: Vec<CompletedPart>,
+}
+
+impl S3Part {
+    async fn upload(&mut self, chunk: Bytes) -> StoreResult<()> {
+        let upload_id = match &self.upload_id {
+            Some(id) => id.clone(),
+            None => {
+                let out = self
+                    .client
+                    .create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&self.key)
+                    .content_type("application/fhir+ndjson")
+                    .send()
+                    .await
+                    .map_err(s3_err)?;
+                let id = out.upload_id.ok_or_else(|| s3_err("no upload id"))?;
+                self.upload_id = Some(id.clone());
+                id
+            }
+        };
+        let number = self.completed.len() as i32 + 1;
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(&upload_id)
+            .part_number(number)
+            .body(S3Bytes::from(chunk))
+            .send()
+            .await
+            .map_err(s3_err)?;
+        self.completed.push(
+            CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(out.e_tag)
+                .build(),
+        );
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl PartWriter for S3Part {
+    async fn write(&mut self, data: Bytes) -> StoreResult<()> {
+        self.buffer.extend_from_slice(&data);
+        while self.buffer.len() >= UPLOAD_PART_BYTES {
+            let chunk = self.buffer.split_to(UPLOAD_PART_BYTES).freeze();
+            self.upload(chunk).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> StoreResult<()> {
+        let rest = self.buffer.split().freeze();
+        if self.upload_id.is_none() {
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .content_type("application/fhir+ndjson")
+                .body(S3Bytes::from(rest))
+                .send()
+                .await
+                .map_err(s3_err)?;
+            return Ok(());
+        }
+        if !rest.is_empty() {
+            self.upload(rest).await?;
+        }
+        let parts = CompletedMultipartUpload::builder()
+            .set_parts(Some(std::mem::take(&mut self.completed)))
+            .build();
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(self.upload_id.as_deref().unwrap_or_default())
+            .multipart_upload(parts)
+            .send()
+            .await
+            .map_err(s3_err)?;
+        Ok(())
+    }
+
+    async fn abort(self: Box<Self>) -> StoreResult<()> {
+        if let Some(upload_id) = &self.upload_id {
+            self.client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .upload_id(upload_id)
+                .send()
+                .await
+                .map_err(s3_err)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl OutputStore for S3Output {
+    async fn create_part(&self, key: &str) -> StoreResult<Box<dyn PartWriter>> {
+        Ok(Box::new(S3Part {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            buffer: BytesMut::new(),
+            upload_id: None,
+            completed: Vec::new(),
+        }))
+    }
+
+    async fn download_url(&self, key: &str, _base_url: &str) -> StoreResult<String> {
+        let config = PresigningConfig::expires_in(self.url_expiry).map_err(s3_err)?;
+        let request = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(config)
+            .await
+            .map_err(s3_err)?;
+        Ok(request.uri().to_string())
+    }
+
+    /// Downloads go straight to S3 through presigned URLs.
+    async fn open(&self, _key: &str) -> StoreResult<Option<ByteStream>> {
+        Ok(None)
+    }
+
+    /// Deletes a job's objects and aborts its unfinished multipart uploads.
+    async fn delete_job(&self, job_id: &str) -> StoreResult<()> {
+        let prefix = format!("{job_id}/");
+        let uploads = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .send()
+            .await
+            .map_err(s3_err)?;
+        for upload in uploads.uploads() {
+            if let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) {
+                self.client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .send()
+                    .await
+                    .map_err(s3_err)?;
+            }
+        }
+        let keys = self.keys_under(&prefix).await?;
+        for chunk in keys.chunks(1000) {
+            let objects = chunk
+                .iter()
+                .map(|k| ObjectIdentifier::builder().key(k).build().map_err(s3_err))
+                .collect::<StoreResult<Vec<_>>>()?;
+            let delete = Delete::builder()
+                .set_objects(Some(objects))
+                .quiet(true)
+                .build()
+                .map_err(s3_err)?;
+            self.client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(s3_err)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,468 @@
+//! The FHIR data in DynamoDB, laid out for export.
+//!
+//! One table, `pk`/`sk` strings:
+//!
+//! | item | pk | sk | holds |
+//! |---|---|---|---|
+//! | version | `r#<type>#<shard>` | `<lastUpdated µs, 20 digits>#<id>#<version>` | body, `lu`, `sup`, `pats` |
+//! | compartment entry | `p#<patient>` | `<type>#<id>#<version>` | body, `lu`, `sup`, `pats` |
+//! | history | `h#<type>#<id>` | `v<version>` | `lu`, `sup`, `shard`, `vsk` |
+//! | current pointer | `h#<type>#<id>` | `current` | `v`, `lu`, `shard`, `vsk`, `pats` |
+//! | type registry | `types` | `<type>` | |
+//!
+//! Each type's versions are spread over `shards` partitions, so workers read one type in
+//! parallel, and sorted by lastUpdated, so `_since`/`_until` read only their window. A version's
+//! `sup` is the lastUpdated of the version that replaced it: an export reads the version current
+//! at its transaction time. The compartment entries are written at load time, so a Patient or Group
+//! export reads its members' entries and never scans the store.
+
+use crate::dynamo::{DynamoTable, attr_n, attr_s, get_n, get_s};
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::AttributeValue;
+use bytes::Bytes;
+use export_core::error::{StoreError, StoreResult};
+use export_core::fhir::reference;
+use export_core::fhir::time::{Instant, to_micros};
+use export_core::ports::{
+    NewResource, Page, PatientScope, ReadScope, ResourceStore, StoredResource,
+};
+use serde_json::Value;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+/// Patients per work item when an export is limited to a patient set.
+const PATIENTS_PER_PARTITION: usize = 50;
+/// Known Patient creation times kept in memory before the cache is cleared.
+const PATIENT_CACHE_LIMIT: usize = 100_000;
+
+/// The resource table.
+pub struct DynamoResourceStore {
+    table: DynamoTable,
+    shards: u32,
+    /// Patient id → lastUpdated (µs) of its first version, for "does this patient exist".
+    patient_created: Mutex<HashMap<String, i64>>,
+}
+
+/// A sortable, fixed-width form of a lastUpdated in microseconds.
+fn lu_key(micros: i64) -> String {
+    format!("{:020}", micros.max(0))
+}
+
+/// The shard of a resource id (FNV-1a, stable across processes and versions).
+pub fn shard_of(id: &str, shards: u32) -> u32 {
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % shards.max(1) as u64) as u32
+}
+
+fn version_pk(resource_type: &str, shard: u32) -> String {
+    format!("r#{resource_type}#{shard:03}")
+}
+
+fn history_pk(resource_type: &str, id: &str) -> String {
+    format!("h#{resource_type}#{id}")
+}
+
+impl DynamoResourceStore {
+    pub fn new(table: DynamoTable, shards: u32) -> Self {
+        DynamoResourceStore {
+            table,
+            shards: shards.max(1),
+            patient_created: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The history item of `type/id` current at `as_of`.
+    async fn version_at(
+        &self,
+        resource_type: &str,
+        id: &str,
+        as_of: i64,
+    ) -> StoreResult<Option<HashMap<String, AttributeValue>>> {
+        let items = self
+            .table
+            .query_all(&history_pk(resource_type, id), Some("v"), None)
+            .await?;
+        Ok(items.into_iter().rev().find(|item| {
+            let lu = get_n(item, "lu").unwrap_or(i64::MAX);
+            lu <= as_of && get_n(item, "sup").is_none_or(|sup| sup > as_of)
+        }))
+    }
+
+    /// Creation times (µs) of the given patients that exist, from the cache or one batch read.
+    async fn patients_created(&self, ids: &BTreeSet<String>) -> StoreResult<HashMap<String, i64>> {
+        let mut known = HashMap::new();
+        let mut missing = Vec::new();
+        {
+            let cache = self.patient_created.lock().expect("cache");
+            for id in ids {
+                match cache.get(id) {
+                    Some(created) => {
+                        known.insert(id.clone(), *created);
+                    }
+                    None => missing.push(id.clone()),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(known);
+        }
+        let keys: Vec<(String, String)> = missing
+            .iter()
+            .map(|id| (history_pk("Patient", id), format!("v{:010}", 1)))
+            .collect();
+        let found = self.table.batch_get(&keys).await?;
+        let mut cache = self.patient_created.lock().expect("cache");
+        if cache.len() > PATIENT_CACHE_LIMIT {
+            cache.clear();
+        }
+        for item in found {
+            let (Some(pk), Some(lu)) = (get_s(&item, "pk"), get_n(&item, "lu")) else {
+                continue;
+            };
+            let id = pk.trim_start_matches("h#Patient#").to_string();
+            cache.insert(id.clone(), lu);
+            known.insert(id, lu);
+        }
+        Ok(known)
+    }
+
+    async fn page_by_time(
+        &self,
+        scope: &ReadScope,
+        cursor: Option<&str>,
+        limit: usize,
+        any_patient: bool,
+    ) -> StoreResult<Page> {
+        let pk = version_pk(&scope.resource_type, scope.partition);
+        let from = lu_key(scope.since.map_or(0, |t| to_micros(t) + 1));
+        let to = format!("{}#~", lu_key(to_micros(scope.until)));
+        let as_of = to_micros(scope.as_of);
+        let (items, last) = self
+            .table
+            .query_page(&pk, (&from, &to), cursor, limit)
+            .await?;
+        let mut page = Page {
+            more: last.is_some(),
+            next: last.clone(),
+            ..Page::default()
+        };
+        let mut candidates = Vec::new();
+        for item in items {
+            if get_n(&item, "sup").is_some_and(|sup| sup <= as_of) {
+                continue;
+            }
+            candidates.push(item);
+        }
+        let existing = if any_patient {
+            let wanted: BTreeSet<String> = candidates.iter().flat_map(patients_attr).collect();
+            Some(self.patients_created(&wanted).await?)
+        } else {
+            None
+        };
+        for item in candidates {
+            if let Some(existing) = &existing {
+                let in_compartment = patients_attr(&item)
+                    .iter()
+                    .any(|p| existing.get(p).is_some_and(|created| *created <= as_of));
+                if !in_compartment {
+                    continue;
+                }
+            }
+            page.cursors.push(get_s(&item, "sk").unwrap_or_default());
+            page.resources.push(stored(&item)?);
+        }
+        if !page.more {
+            page.next = None;
+        }
+        Ok(page)
+    }
+
+    /// Reads the compartment entries of this partition's slice of a listed patient set. A
+    /// resource in several listed compartments is read only under the first of those patients.
+    async fn page_by_patient(
+        &self,
+        scope: &ReadScope,
+        patients: &[String],
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Page> {
+        let chunk = patients
+            .len()
+            .div_ceil(scope.partitions.max(1) as usize)
+            .max(1);
+        let start = (scope.partition as usize * chunk).min(patients.len());
+        let end = (start + chunk).min(patients.len());
+        let (mut index, mut after) = match cursor {
+            Some(c) => {
+                let (i, sk) = c
+                    .split_once('|')
+                    .ok_or_else(|| StoreError::new(format!("bad cursor '{c}'")))?;
+                (
+                    i.parse::<usize>()
+                        .map_err(|_| StoreError::new(format!("bad cursor '{c}'")))?,
+                    (!sk.is_empty()).then(|| sk.to_string()),
+                )
+            }
+            None => (start, None),
+        };
+        let (since, until, as_of) = (
+            scope.since.map_or(i64::MIN, to_micros),
+            to_micros(scope.until),
+            to_micros(scope.as_of),
+        );
+        let prefix = format!("{}#", scope.resource_type);
+        let mut page = Page::default();
+        while index < end && page.resources.len() < limit {
+            let patient = &patients[index];
+            let (items, last) = self
+                .table
+                .query_prefix_page(
+                    &format!("p#{patient}"),
+                    &prefix,
+                    after.as_deref(),
+                    limit - page.resources.len(),
+                )
+                .await?;
+            for item in items {
+                let sk = get_s(&item, "sk").unwrap_or_default();
+                let lu = get_n(&item, "lu").unwrap_or(i64::MAX);
+                let visible =
+                    lu > since && lu <= until && get_n(&item, "sup").is_none_or(|sup| sup > as_of);
+                let owned_earlier = patients_attr(&item)
+                    .iter()
+                    .any(|other| other < patient && patients.binary_search(other).is_ok());
+                if visible && !owned_earlier {
+                    page.resources.push(stored(&item)?);
+                    page.cursors.push(format!("{index}|{sk}"));
+                }
+                after = Some(sk);
+            }
+            if last.is_none() {
+                index += 1;
+                after = None;
+            }
+        }
+        page.more = index < end;
+        page.next = Some(format!("{index}|{}", after.unwrap_or_default()));
+        Ok(page)
+    }
+}
+
+fn patients_attr(item: &HashMap<String, AttributeValue>) -> Vec<String> {
+    match item.get("pats") {
+        Some(AttributeValue::L(list)) => {
+            list.iter().filter_map(|v| v.as_s().ok().cloned()).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn stored(item: &HashMap<String, AttributeValue>) -> StoreResult<StoredResource> {
+    let body = get_s(item, "body").ok_or_else(|| StoreError::new("resource item without body"))?;
+    Ok(StoredResource {
+        id: get_s(item, "id").unwrap_or_default(),
+        json: Bytes::from(body),
+    })
+}
+
+fn patients_value(patients: &[String]) -> AttributeValue {
+    AttributeValue::L(patients.iter().map(|p| attr_s(p)).collect())
+}
+
+#[async_trait]
+impl ResourceStore for DynamoResourceStore {
+    async fn resource_types(&self) -> StoreResult<Vec<String>> {
+        let items = self.table.query_all("types", None, None).await?;
+        Ok(items.iter().filter_map(|i| get_s(i, "sk")).collect())
+    }
+
+    async fn partitions(
+        &self,
+        _resource_type: &str,
+        listed_patients: Option<usize>,
+    ) -> StoreResult<u32> {
+        Ok(match listed_patients {
+            Some(n) => n.div_ceil(PATIENTS_PER_PARTITION).clamp(1, 256) as u32,
+            None => self.shards,
+        })
+    }
+
+    async fn patient_exists(&self, id: &str, as_of: Instant) -> StoreResult<bool> {
+        Ok(self
+            .version_at("Patient", id, to_micros(as_of))
+            .await?
+            .is_some())
+    }
+
+    async fn group_members(
+        &self,
+        group_id: &str,
+        as_of: Instant,
+    ) -> StoreResult<Option<Vec<String>>> {
+        let Some(history) = self.version_at("Group", group_id, to_micros(as_of)).await? else {
+            return Ok(None);
+        };
+        let (shard, vsk) = (
+            get_n(&history, "shard").unwrap_or(0) as u32,
+            get_s(&history, "vsk").unwrap_or_default(),
+        );
+        let item = self
+            .table
+            .get(&version_pk("Group", shard), &vsk)
+            .await?
+            .ok_or_else(|| StoreError::new(format!("Group/{group_id}: version item missing")))?;
+        let group: Value = serde_json::from_str(&get_s(&item, "body").unwrap_or_default())?;
+        let members = group["member"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|m| m.pointer("/entity/reference").and_then(Value::as_str))
+                    .filter_map(reference::patient_id)
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Some(members))
+    }
+
+    async fn read_page(
+        &self,
+        scope: &ReadScope,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Page> {
+        match &scope.patients {
+            PatientScope::Everything => self.page_by_time(scope, cursor, limit, false).await,
+            PatientScope::AllPatients => self.page_by_time(scope, cursor, limit, true).await,
+            PatientScope::Listed(patients) => {
+                self.page_by_patient(scope, patients, cursor, limit).await
+            }
+        }
+    }
+
+    /// Writes a batch: new items with batched writes (unprocessed items retried), then marks the
+    /// versions they replace as superseded.
+    async fn put_resources(&self, resources: Vec<NewResource>) -> StoreResult<()> {
+        let mut seen = std::collections::HashSet::new();
+        let mut batches: Vec<Vec<NewResource>> = vec![Vec::new()];
+        for r in resources {
+            // The same type/id twice in one batch: its second version goes in a later batch.
+            if !seen.insert((r.resource_type.clone(), r.id.clone())) {
+                seen.clear();
+                seen.insert((r.resource_type.clone(), r.id.clone()));
+                batches.push(Vec::new());
+            }
+            batches.last_mut().expect("batch").push(r);
+        }
+        for batch in batches {
+            self.put_batch(batch).await?;
+        }
+        Ok(())
+    }
+}
+
+impl DynamoResourceStore {
+    async fn put_batch(&self, resources: Vec<NewResource>) -> StoreResult<()> {
+        let keys: Vec<(String, String)> = resources
+            .iter()
+            .map(|r| (history_pk(&r.resource_type, &r.id), "current".to_string()))
+            .collect();
+        let current: HashMap<String, HashMap<String, AttributeValue>> = self
+            .table
+            .batch_get(&keys)
+            .await?
+            .into_iter()
+            .filter_map(|item| get_s(&item, "pk").map(|pk| (pk, item)))
+            .collect();
+        let mut puts = Vec::new();
+        let mut supersede = Vec::new();
+        let mut types = BTreeSet::new();
+        for mut r in resources {
+            let hpk = history_pk(&r.resource_type, &r.id);
+            let previous = current.get(&hpk);
+            let version = previous.and_then(|p| get_n(p, "v")).unwrap_or(0) + 1;
+            if let Some(meta) = r.json.get_mut("meta").and_then(Value::as_object_mut) {
+                meta.insert("versionId".into(), Value::String(version.to_string()));
+            }
+            let body = serde_json::to_string(&r.json)?;
+            let lu = to_micros(r.last_updated);
+            let shard = shard_of(&r.id, self.shards);
+            let vsk = format!("{}#{}#{version:010}", lu_key(lu), r.id);
+            let pats = patients_value(&r.patients);
+            let mut version_item = HashMap::from([
+                (
+                    "pk".to_string(),
+                    attr_s(&version_pk(&r.resource_type, shard)),
+                ),
+                ("sk".to_string(), attr_s(&vsk)),
+                ("id".to_string(), attr_s(&r.id)),
+                ("lu".to_string(), attr_n(lu)),
+                ("body".to_string(), attr_s(&body)),
+            ]);
+            if !r.patients.is_empty() {
+                version_item.insert("pats".into(), pats.clone());
+            }
+            puts.push(version_item);
+            for patient in &r.patients {
+                puts.push(HashMap::from([
+                    ("pk".to_string(), attr_s(&format!("p#{patient}"))),
+                    (
+                        "sk".to_string(),
+                        attr_s(&format!("{}#{}#{version:010}", r.resource_type, r.id)),
+                    ),
+                    ("id".to_string(), attr_s(&r.id)),
+                    ("lu".to_string(), attr_n(lu)),
+                    ("body".to_string(), attr_s(&body)),
+                    ("pats".to_string(), pats.clone()),
+                ]));
+            }
+            let history = |sk: String| {
+                HashMap::from([
+                    ("pk".to_string(), attr_s(&hpk)),
+                    ("sk".to_string(), attr_s(&sk)),
+                    ("v".to_string(), attr_n(version)),
+                    ("lu".to_string(), attr_n(lu)),
+                    ("shard".to_string(), attr_n(shard as i64)),
+                    ("vsk".to_string(), attr_s(&vsk)),
+                    ("pats".to_string(), pats.clone()),
+                ])
+            };
+            puts.push(history(format!("v{version:010}")));
+            puts.push(history("current".to_string()));
+            types.insert(r.resource_type.clone());
+            if let Some(previous) = previous {
+                supersede.push((r.resource_type.clone(), r.id.clone(), previous.clone(), lu));
+            }
+        }
+        for t in types {
+            puts.push(HashMap::from([
+                ("pk".to_string(), attr_s("types")),
+                ("sk".to_string(), attr_s(&t)),
+            ]));
+        }
+        self.table.batch_put(puts).await?;
+        for (resource_type, id, previous, lu) in supersede {
+            let version = get_n(&previous, "v").unwrap_or(1);
+            let shard = get_n(&previous, "shard").unwrap_or(0) as u32;
+            let mut keys = vec![
+                (history_pk(&resource_type, &id), format!("v{version:010}")),
+                (
+                    version_pk(&resource_type, shard),
+                    get_s(&previous, "vsk").unwrap_or_default(),
+                ),
+            ];
+            for patient in patients_attr(&previous) {
+                keys.push((
+                    format!("p#{patient}"),
+                    format!("{resource_type}#{id}#{version:010}"),
+                ));
+            }
+            for (pk, sk) in keys {
+                self.table.set_number(&pk, &sk, "sup", lu).await?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,522 @@
+//! A harness that runs the AWS deployment against moto's server: real tables, bucket, queues and
+//! the real state machine (infra/statemachine.asl.json), with this process playing Lambda: HTTP API
+//! events go to the API handler, and SQS pollers feed the worker and coordinator handlers.
+
+#![allow(dead_code)]
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_dynamodb::config::Credentials;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+};
+use export_aws::aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use export_aws::{AwsService, AwsSettings, handlers};
+use export_core::Settings;
+use export_core::fhir::time::now_millis;
+use export_core::ports::{NewResource, ResourceStore};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// moto's endpoint, from `MOTO_ENDPOINT` (tests/run.sh starts moto and sets it).
+pub fn endpoint() -> String {
+    std::env::var("MOTO_ENDPOINT").expect(
+        "MOTO_ENDPOINT is not set: run the AWS tests through tests/run.sh, which starts moto",
+    )
+}
+
+pub async fn sdk_config() -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(endpoint())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "moto"))
+        .load()
+        .await
+}
+
+/// Lets moto's Step Functions execute definitions (needed once per moto start; harmless again).
+pub fn enable_state_machine_execution() {
+    let body = serde_json::json!({"stepfunctions": {"execute_state_machine": true}});
+    ureq::post(&format!("{}/moto-api/config", endpoint()))
+        .send_json(body)
+        .expect("configure moto");
+}
+
+/// What the harness does with work messages.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Each message once, as SQS normally does.
+    Once,
+    /// Every work message handed to the worker twice (a duplicate delivery).
+    Twice,
+}
+
+/// One isolated deployment in moto (names carry a unique prefix).
+pub struct Deployment {
+    pub sdk: SdkConfig,
+    pub service: Arc<AwsService>,
+    pub settings: AwsSettings,
+    pub coordinator_queue: String,
+    pub state_machine_arn: String,
+    running: Arc<AtomicBool>,
+    pub work_handled: Arc<AtomicUsize>,
+    pollers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+impl Deployment {
+    /// Creates the resources; `tune` adjusts settings before the service is built.
+    pub async fn create(tune: impl FnOnce(&mut AwsSettings)) -> Deployment {
+        enable_state_machine_execution();
+        let sdk = sdk_config().await;
+        let prefix = format!(
+            "t{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let ddb = aws_sdk_dynamodb::Client::new(&sdk);
+        for table in ["resources", "jobs"] {
+            ddb.create_table()
+                .table_name(format!("{prefix}-{table}"))
+                .billing_mode(BillingMode::PayPerRequest)
+                .attribute_definitions(
+                    AttributeDefinition::builder()
+                        .attribute_name("pk")
+                        .attribute_type(ScalarAttributeType::S)
+                        .build()
+                        .unwrap(),
+                )
+                .attribute_definitions(
+                    AttributeDefinition::builder()
+                        .attribute_name("sk")
+                        .attribute_type(ScalarAttributeType::S)
+                        .build()
+                        .unwrap(),
+                )
+                .key_schema(
+                    KeySchemaElement::builder()
+                        .attribute_name("pk")
+                        .key_type(KeyType::Hash)
+                        .build()
+                        .unwrap(),
+                )
+                .key_schema(
+                    KeySchemaElement::builder()
+                        .attribute_name("sk")
+                        .key_type(KeyType::Range)
+                        .build()
+                        .unwrap(),
+                )
+                .send()
+                .await
+                .expect("create table");
+        }
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&sdk)
+                .force_path_style(true)
+                .build(),
+        );
+        s3.create_bucket()
+            .bucket(format!("{prefix}-exports"))
+            .send()
+            .await
+            .expect("create bucket");
+        let sqs = aws_sdk_sqs::Client::new(&sdk);
+        let queue = |name: String| {
+            let sqs = sqs.clone();
+            async move {
+                sqs.create_queue()
+                    .queue_name(name)
+                    .send()
+                    .await
+                    .expect("create queue")
+                    .queue_url
+                    .unwrap()
+            }
+        };
+        let work_queue = queue(format!("{prefix}-work")).await;
+        let coordinator_queue = queue(format!("{prefix}-coordinator")).await;
+        let definition = std::fs::read_to_string(repo_root().join("infra/statemachine.asl.json"))
+            .unwrap()
+            .replace("${CoordinatorQueueUrl}", &coordinator_queue)
+            .replace("${WorkQueueUrl}", &work_queue)
+            .replace("${MapConcurrency}", "8")
+            .replace("${HeartbeatSeconds}", "120");
+        let sfn = aws_sdk_sfn::Client::new(&sdk);
+        let state_machine_arn = sfn
+            .create_state_machine()
+            .name(format!("{prefix}-export"))
+            .definition(definition)
+            .role_arn("arn:aws:iam::123456789012:role/export-state-machine")
+            .send()
+            .await
+            .expect("create state machine")
+            .state_machine_arn;
+        let mut settings = AwsSettings {
+            resources_table: format!("{prefix}-resources"),
+            jobs_table: format!("{prefix}-jobs"),
+            bucket: format!("{prefix}-exports"),
+            state_machine_arn: state_machine_arn.clone(),
+            work_queue_url: work_queue,
+            shards: 2,
+            url_expiry: Duration::from_secs(300),
+            worker_reserve: Duration::from_secs(60),
+            heartbeat_every: Duration::from_secs(1),
+            export: Settings {
+                page_size: 200,
+                ..Settings::default()
+            },
+        };
+        tune(&mut settings);
+        let service = Arc::new(AwsService::new(&sdk, settings.clone()));
+        Deployment {
+            sdk,
+            service,
+            settings,
+            coordinator_queue,
+            state_machine_arn,
+            running: Arc::new(AtomicBool::new(true)),
+            work_handled: Arc::new(AtomicUsize::new(0)),
+            pollers: Vec::new(),
+        }
+    }
+
+    /// Loads resources through the DynamoDB resource store.
+    pub async fn load(&self, resources: Vec<NewResource>) {
+        for chunk in resources.chunks(500) {
+            self.service
+                .resources
+                .put_resources(chunk.to_vec())
+                .await
+                .expect("load resources");
+        }
+    }
+
+    /// Starts the SQS pollers that play the worker and coordinator Lambdas. `worker_service` lets a
+    /// test give the worker a differently configured (e.g. broken) service.
+    pub fn start_lambdas(&mut self, delivery: Delivery, worker_service: Option<Arc<AwsService>>) {
+        let sqs = aws_sdk_sqs::Client::new(&self.sdk);
+        let worker = worker_service.unwrap_or_else(|| self.service.clone());
+        let handled = self.work_handled.clone();
+        self.pollers.push(tokio::spawn(poll(
+            sqs.clone(),
+            self.settings.work_queue_url.clone(),
+            self.running.clone(),
+            move |event| {
+                let (worker, handled) = (worker.clone(), handled.clone());
+                async move {
+                    let deadline = Instant::now() + Duration::from_secs(900);
+                    // Duplicate an item's first message and first continuation (duplicating every hop
+                    // of a continuation chain would grow the number of chains exponentially).
+                    let body: Value =
+                        serde_json::from_str(event.records[0].body.as_deref().unwrap_or("{}"))
+                            .unwrap_or_default();
+                    let early =
+                        body["resume"].is_null() || body["resume"]["next_seq"].as_u64() <= Some(1);
+                    if delivery == Delivery::Twice && early {
+                        let first = handlers::worker(&worker, event.clone(), deadline).await;
+                        assert!(first.batch_item_failures.is_empty());
+                    }
+                    handled.fetch_add(1, Ordering::Relaxed);
+                    handlers::worker(&worker, event, deadline).await
+                }
+            },
+        )));
+        let coordinator = self.service.clone();
+        self.pollers.push(tokio::spawn(poll(
+            sqs,
+            self.coordinator_queue.clone(),
+            self.running.clone(),
+            move |event| {
+                let coordinator = coordinator.clone();
+                async move { handlers::coordinator(&coordinator, event).await }
+            },
+        )));
+    }
+
+    /// Sends an HTTP API (payload v2) event, built from a file in `events/`, to the API handler.
+    pub async fn call(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: Option<&Value>,
+    ) -> ApiResponse {
+        let mut event: Value = serde_json::from_str(
+            &std::fs::read_to_string(repo_root().join("events/api-kickoff-system.json")).unwrap(),
+        )
+        .unwrap();
+        let (path, query) = path_and_query
+            .split_once('?')
+            .unwrap_or((path_and_query, ""));
+        event["rawPath"] = path.into();
+        event["rawQueryString"] = query.into();
+        event["requestContext"]["http"]["method"] = method.into();
+        event["requestContext"]["http"]["path"] = path.into();
+        if let Some(body) = body {
+            event["body"] = body.to_string().into();
+            event["headers"]["content-type"] = "application/fhir+json".into();
+        }
+        let request = export_aws::lambda_http::request::from_str(&event.to_string())
+            .expect("valid HTTP API event");
+        let response = handlers::api(&self.service, request).await;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let body = String::from_utf8_lossy(response.body().as_ref()).into_owned();
+        ApiResponse {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn kickoff(&self, path: &str) -> ApiResponse {
+        self.call("GET", path, None).await
+    }
+
+    /// Polls the status until 200 and returns the manifest.
+    pub async fn wait_for_manifest(&self, status_path: &str) -> Value {
+        let started = Instant::now();
+        loop {
+            let r = self.call("GET", status_path, None).await;
+            match r.status {
+                200 => return serde_json::from_str(&r.body).unwrap(),
+                202 => {
+                    assert!(r.header("x-progress").is_some() && r.header("retry-after").is_some())
+                }
+                other => panic!("status {other} while polling {status_path}: {}", r.body),
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(180),
+                "export did not finish"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Polls the status until it is an error and returns it.
+    pub async fn wait_for_failure(&self, status_path: &str) -> ApiResponse {
+        let started = Instant::now();
+        loop {
+            let r = self.call("GET", status_path, None).await;
+            if r.status >= 400 {
+                return r;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(180),
+                "export did not fail: {}",
+                r.body
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The status of the job's Step Functions execution.
+    pub async fn execution_status(&self, job_id: &str) -> String {
+        let arn = format!(
+            "{}:{job_id}",
+            self.state_machine_arn
+                .replacen(":stateMachine:", ":execution:", 1)
+        );
+        let sfn = aws_sdk_sfn::Client::new(&self.sdk);
+        let out = sfn
+            .describe_execution()
+            .execution_arn(arn)
+            .send()
+            .await
+            .expect("describe execution");
+        out.status.as_str().to_string()
+    }
+
+    pub async fn wait_for_execution(&self, job_id: &str) -> String {
+        for _ in 0..600 {
+            let status = self.execution_status(job_id).await;
+            if status != "RUNNING" {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("execution {job_id} still running");
+    }
+
+    /// Keys of the objects under a job's prefix.
+    pub async fn objects(&self, job_id: &str) -> Vec<String> {
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&self.sdk)
+                .force_path_style(true)
+                .build(),
+        );
+        let out = s3
+            .list_objects_v2()
+            .bucket(&self.settings.bucket)
+            .prefix(format!("{job_id}/"))
+            .send()
+            .await
+            .unwrap();
+        out.contents()
+            .iter()
+            .filter_map(|o| o.key().map(String::from))
+            .collect()
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        self.running.store(false, Ordering::Relaxed);
+        for poller in &self.pollers {
+            poller.abort();
+        }
+    }
+}
+
+/// Receives messages and hands each to `handler` as a one-record SQS event, like an event source
+/// mapping with batch size 1; a message reported in `batchItemFailures` stays for a retry.
+async fn poll<F, Fut>(sqs: aws_sdk_sqs::Client, queue: String, running: Arc<AtomicBool>, handler: F)
+where
+    F: Fn(SqsEvent) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = export_aws::aws_lambda_events::event::sqs::SqsBatchResponse>
+        + Send
+        + 'static,
+{
+    let handler = Arc::new(handler);
+    while running.load(Ordering::Relaxed) {
+        let Ok(out) = sqs
+            .receive_message()
+            .queue_url(&queue)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .send()
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut invocations = Vec::new();
+        for message in out.messages.unwrap_or_default() {
+            let mut record = SqsMessage::default();
+            record.message_id = message.message_id.clone();
+            record.receipt_handle = message.receipt_handle.clone();
+            record.body = message.body.clone();
+            record.event_source = Some("aws:sqs".into());
+            let mut event = SqsEvent::default();
+            event.records = vec![record];
+            let (handler, sqs, queue) = (handler.clone(), sqs.clone(), queue.clone());
+            invocations.push(tokio::spawn(async move {
+                let response = handler(event).await;
+                if response.batch_item_failures.is_empty() {
+                    sqs.delete_message()
+                        .queue_url(&queue)
+                        .receipt_handle(message.receipt_handle.unwrap_or_default())
+                        .send()
+                        .await
+                        .ok();
+                }
+            }));
+        }
+        for invocation in invocations {
+            invocation.await.ok();
+        }
+    }
+}
+
+/// An API response.
+#[derive(Debug)]
+pub struct ApiResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl ApiResponse {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// The path of `Content-Location`, for calling the API handler again.
+    pub fn status_path(&self) -> String {
+        let location = self.header("content-location").expect("Content-Location");
+        assert!(
+            location.starts_with(
+                "https://abc123.execute-api.us-east-1.amazonaws.com/fhir/$export-status/"
+            ),
+            "{location}"
+        );
+        location[location.find("/fhir/").unwrap()..].to_string()
+    }
+
+    pub fn assert_outcome(&self, status: u16) {
+        assert_eq!(self.status, status, "{}", self.body);
+        assert_eq!(
+            self.header("content-type").as_deref(),
+            Some("application/fhir+json")
+        );
+        assert_eq!(self.json()["resourceType"], "OperationOutcome");
+    }
+}
+
+/// Generated resources, prepared for loading.
+pub fn generated(patients: usize) -> Vec<NewResource> {
+    let now = now_millis();
+    let mut out = Vec::new();
+    export_core::generate::generate(patients, 5, &mut |_, r| {
+        out.push(export_core::load::prepare(r, now).unwrap())
+    });
+    out
+}
+
+/// Downloads every output file of a manifest through its presigned URL; returns type → lines
+/// (sorted), checking counts and that every line is complete JSON of its type.
+pub fn download(manifest: &Value) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for entry in manifest["output"].as_array().expect("output") {
+        let url = entry["url"].as_str().unwrap();
+        assert!(
+            url.contains("X-Amz-Signature=") && url.contains("X-Amz-Expires=300"),
+            "presigned URL: {url}"
+        );
+        let body = ureq::get(url)
+            .call()
+            .expect("download")
+            .into_string()
+            .unwrap();
+        assert!(body.ends_with('\n'));
+        let lines: Vec<String> = body.lines().map(String::from).collect();
+        assert_eq!(
+            lines.len() as u64,
+            entry["count"].as_u64().unwrap(),
+            "{url}"
+        );
+        for line in &lines {
+            let v: Value = serde_json::from_str(line).expect("complete JSON line");
+            assert_eq!(v["resourceType"], entry["type"]);
+        }
+        out.entry(entry["type"].as_str().unwrap().to_string())
+            .or_default()
+            .extend(lines);
+    }
+    for lines in out.values_mut() {
+        lines.sort();
+        let before = lines.len();
+        lines.dedup();
+        assert_eq!(before, lines.len(), "a line was exported twice");
+    }
+    out
+}

@@ -1,0 +1,20 @@
+//! The worker Lambda: SQS work messages → NDJSON parts in S3, one work item at a time.
+
+use export_aws::aws_lambda_events::event::sqs::SqsEvent;
+use export_aws::lambda_runtime::{self, Error, LambdaEvent, service_fn};
+use export_aws::{AwsService, handlers};
+use std::sync::Arc;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    lambda_runtime::tracing::init_default_subscriber();
+    let service = Arc::new(AwsService::from_env().await?);
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| {
+        let service = service.clone();
+        async move {
+            let deadline = handlers::deadline_from_epoch_ms(event.context.deadline);
+            Ok::<_, Error>(handlers::worker(&service, event.payload, deadline).await)
+        }
+    }))
+    .await
+}

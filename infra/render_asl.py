@@ -1,0 +1,15 @@
+#!/usr/bin/env python3
+"""Renders infra/statemachine.asl.json with DefinitionSubstitutions values, as SAM does.
+
+Usage: render_asl.py KEY=VALUE... < statemachine.asl.json > rendered.json
+Used by the test script (asl-validator) with the same placeholder names as template.yaml.
+"""
+import json
+import sys
+
+text = sys.stdin.read()
+for pair in sys.argv[1:]:
+    key, value = pair.split("=", 1)
+    text = text.replace("${" + key + "}", value)
+json.loads(text)  # the rendered definition must be valid JSON
+sys.stdout.write(text)
