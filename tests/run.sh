@@ -1,14 +1,55 @@
 #!/usr/bin/env bash
-# Runs every test of the project: formatting, lints, unit tests and the end-to-end suite
-# (which drives the real `bulk-export` binary over HTTP). Needs only Rust.
+# Runs every test of the project:
+#   formatting and clippy; the SAM template (`sam validate --lint`, cfn-lint 1.53.3) and the state
+#   machine (asl-validator); unit tests; end-to-end tests of the local server over HTTP; and the AWS
+#   deployment against moto's server (started here on 127.0.0.1 and stopped at the end).
+# Needs Rust, Python 3 with pip, and Node with npm; it installs the rest into .tools/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
+TOOLS=$ROOT/.tools
+
+echo "== tools (.tools/)"
+if ! cmp -s tests/requirements.txt "$TOOLS/venv/requirements.txt" 2>/dev/null; then
+  rm -rf "$TOOLS/venv"
+  python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check -r tests/requirements.txt
+  cp tests/requirements.txt "$TOOLS/venv/requirements.txt"
+fi
+ASL_VALIDATOR=$TOOLS/node/node_modules/.bin/asl-validator
+if [ ! -x "$ASL_VALIDATOR" ]; then
+  npm install --silent --prefix "$TOOLS/node" --no-audit --no-fund asl-validator@4.0.0
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== state machine (asl-validator)"
+python3 infra/render_asl.py \
+  CoordinatorQueueUrl=https://sqs.us-east-1.amazonaws.com/123456789012/coordinator \
+  WorkQueueUrl=https://sqs.us-east-1.amazonaws.com/123456789012/work \
+  MapConcurrency=16 HeartbeatSeconds=300 \
+  < infra/statemachine.asl.json > "$TOOLS/statemachine.rendered.json"
+"$ASL_VALIDATOR" --json-path "$TOOLS/statemachine.rendered.json"
+
+echo "== SAM template (sam validate --lint)"
+AWS_DEFAULT_REGION=us-east-1 SAM_CLI_TELEMETRY=0 "$TOOLS/venv/bin/sam" validate --lint --template template.yaml
+
+echo "== moto server"
+MOTO_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export MOTO_PORT
+MOTO_PORT=$MOTO_PORT "$TOOLS/venv/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" > "$TOOLS/moto.log" 2>&1 &
+MOTO_PID=$!
+trap 'kill $MOTO_PID 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do
+  if python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$MOTO_PORT/moto-api/')" 2>/dev/null; then break; fi
+  sleep 0.2
+done
+export MOTO_ENDPOINT=http://127.0.0.1:$MOTO_PORT
+echo "moto on $MOTO_ENDPOINT"
 
 echo "== build the binaries the end-to-end tests drive"
 cargo build --workspace --bins
