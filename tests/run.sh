@@ -26,6 +26,7 @@ cargo fmt --all -- --check
 
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy -p bulk-export --features aws --all-targets -- -D warnings
 
 echo "== state machine (asl-validator)"
 python3 infra/render_asl.py \

@@ -6,6 +6,7 @@ pub mod dispatch;
 pub mod dynamo;
 pub mod handlers;
 pub mod jobs;
+pub mod load;
 pub mod output;
 pub mod resources;
 pub mod service;

@@ -64,6 +64,12 @@ impl AwsService {
         }
     }
 
+    /// The resource store alone (for loading data), from the environment's SDK configuration.
+    pub async fn resource_store(table: &str, shards: u32) -> DynamoResourceStore {
+        let client = aws_sdk_dynamodb::Client::new(&sdk_config().await);
+        DynamoResourceStore::new(DynamoTable::new(client, table), shards)
+    }
+
     /// From the Lambda environment.
     pub async fn from_env() -> Result<Self, String> {
         let settings = AwsSettings::from_env()?;

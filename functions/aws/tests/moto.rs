@@ -269,3 +269,44 @@ async fn bad_requests_and_unknown_ids_are_operation_outcomes() {
         .await
         .assert_outcome(404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn load_imports_files_into_dynamodb_and_reports_bad_lines() {
+    let mut aws = Deployment::create(|_| {}).await;
+    let dir = std::env::temp_dir().join(format!("aws-load-{}", export_core::ids::new_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lines = [
+        json!({"resourceType": "Patient", "id": "p1"}).to_string(),
+        "{broken".to_string(),
+        json!({"resourceType": "Observation", "id": "o1", "subject": {"reference": "Patient/p1"}})
+            .to_string(),
+    ];
+    std::fs::write(dir.join("data.ndjson"), lines.join("\n")).unwrap();
+    std::fs::write(
+        dir.join("bundle.json"),
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:c1", "resource": {"resourceType": "Condition", "subject": {"reference": "Patient/p1"}}, "request": {"method": "POST", "url": "Condition"}}
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let report = export_aws::load::load_files(&aws.service.resources, vec![dir.clone()])
+        .await
+        .unwrap();
+    assert_eq!(report.counts.values().sum::<u64>(), 3);
+    assert_eq!(report.issues.len(), 1);
+    assert!(
+        report.issues[0].location.ends_with("data.ndjson:2"),
+        "{:?}",
+        report.issues
+    );
+
+    aws.start_lambdas(Delivery::Once, None);
+    let kick = aws.kickoff("/fhir/Patient/$export").await;
+    let exported = download(&aws.wait_for_manifest(&kick.status_path()).await);
+    assert_eq!(
+        exported.keys().collect::<Vec<_>>(),
+        vec!["Condition", "Observation", "Patient"]
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

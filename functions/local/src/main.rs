@@ -34,6 +34,14 @@ enum Command {
     Load {
         #[arg(long, default_value = "bulk-export.db")]
         db: PathBuf,
+        /// Load into this DynamoDB resource table (the AWS deployment) instead of SQLite.
+        /// Needs a build with `--features aws`; uses the usual AWS environment (region, credentials,
+        /// AWS_ENDPOINT_URL).
+        #[arg(long)]
+        dynamodb_table: Option<String>,
+        /// Partitions per type in the DynamoDB table (the stack's `Shards` parameter).
+        #[arg(long, default_value_t = 16)]
+        shards: u32,
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
@@ -95,7 +103,18 @@ fn main() -> ExitCode {
         Command::Serve(args) => bulk_export_local::runtime::build()
             .map_err(Into::into)
             .and_then(|runtime| runtime.block_on(run_serve(args))),
-        Command::Load { db, paths } => run_load(&db, &paths),
+        Command::Load {
+            db,
+            dynamodb_table: None,
+            paths,
+            ..
+        } => run_load(&db, &paths),
+        Command::Load {
+            dynamodb_table: Some(table),
+            shards,
+            paths,
+            ..
+        } => run_load_dynamodb(&table, shards, paths),
         Command::Generate {
             patients,
             out,
@@ -227,6 +246,32 @@ fn run_load(db: &Path, paths: &[PathBuf]) -> CliResult {
         println!("{:<28} {problems:>10}", "skipped (see above)");
     }
     Ok(())
+}
+
+#[cfg(feature = "aws")]
+fn run_load_dynamodb(table: &str, shards: u32, paths: Vec<PathBuf>) -> CliResult {
+    let runtime = bulk_export_local::runtime::build()?;
+    let report = runtime.block_on(async {
+        let store = export_aws::AwsService::resource_store(table, shards).await;
+        export_aws::load::load_files(&store, paths).await
+    })?;
+    for issue in &report.issues {
+        eprintln!("skipped {issue}");
+    }
+    for (resource_type, count) in &report.counts {
+        println!("{resource_type:<28} {count:>10}");
+    }
+    println!(
+        "{:<28} {:>10}  (into DynamoDB table {table})",
+        "loaded",
+        report.counts.values().sum::<u64>()
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "aws"))]
+fn run_load_dynamodb(_table: &str, _shards: u32, _paths: Vec<PathBuf>) -> CliResult {
+    Err("this bulk-export was built without DynamoDB support: rebuild with `--features aws`".into())
 }
 
 fn run_generate(patients: usize, out: &Path, seed: u64) -> CliResult {
