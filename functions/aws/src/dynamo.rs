@@ -35,6 +35,14 @@ pub fn dynamo_err(e: impl std::fmt::Debug) -> StoreError {
     StoreError::new(format!("dynamodb: {e:?}"))
 }
 
+/// Which sort keys of a partition a query reads.
+pub enum SortKeys<'a> {
+    /// `from <= sk <= to`.
+    Between(&'a str, &'a str),
+    /// `sk` starts with this.
+    Prefix(&'a str),
+}
+
 /// A table with `pk` (hash) and `sk` (range) string keys.
 #[derive(Clone)]
 pub struct DynamoTable {
@@ -122,52 +130,32 @@ impl DynamoTable {
         }
     }
 
-    /// Up to `limit` items of a partition with `from <= sk <= to`, after `after_sk`; also returns
+    /// Up to `limit` items of a partition whose `sk` is in `range`, after `after_sk`; also returns
     /// the `sk` to continue from when more may follow.
     pub async fn query_page(
         &self,
         pk: &str,
-        (from, to): (&str, &str),
+        range: SortKeys<'_>,
         after_sk: Option<&str>,
         limit: usize,
     ) -> StoreResult<(Vec<Item>, Option<String>)> {
-        let out = self
+        let query = self
             .client
             .query()
             .table_name(&self.name)
-            .key_condition_expression("pk = :pk AND sk BETWEEN :from AND :to")
             .expression_attribute_values(":pk", attr_s(pk))
-            .expression_attribute_values(":from", attr_s(from))
-            .expression_attribute_values(":to", attr_s(to))
             .set_exclusive_start_key(after_sk.map(|sk| Self::key(pk, sk)))
-            .limit(limit.clamp(1, 10_000) as i32)
-            .send()
-            .await
-            .map_err(dynamo_err)?;
-        let last = out.last_evaluated_key.as_ref().and_then(|k| get_s(k, "sk"));
-        Ok((out.items.unwrap_or_default(), last))
-    }
-
-    /// Up to `limit` items of a partition whose `sk` starts with `prefix`, after `after_sk`.
-    pub async fn query_prefix_page(
-        &self,
-        pk: &str,
-        prefix: &str,
-        after_sk: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<(Vec<Item>, Option<String>)> {
-        let out = self
-            .client
-            .query()
-            .table_name(&self.name)
-            .key_condition_expression("pk = :pk AND begins_with(sk, :p)")
-            .expression_attribute_values(":pk", attr_s(pk))
-            .expression_attribute_values(":p", attr_s(prefix))
-            .set_exclusive_start_key(after_sk.map(|sk| Self::key(pk, sk)))
-            .limit(limit.clamp(1, 10_000) as i32)
-            .send()
-            .await
-            .map_err(dynamo_err)?;
+            .limit(limit.clamp(1, 10_000) as i32);
+        let query = match range {
+            SortKeys::Between(from, to) => query
+                .key_condition_expression("pk = :pk AND sk BETWEEN :from AND :to")
+                .expression_attribute_values(":from", attr_s(from))
+                .expression_attribute_values(":to", attr_s(to)),
+            SortKeys::Prefix(prefix) => query
+                .key_condition_expression("pk = :pk AND begins_with(sk, :p)")
+                .expression_attribute_values(":p", attr_s(prefix)),
+        };
+        let out = query.send().await.map_err(dynamo_err)?;
         let last = out.last_evaluated_key.as_ref().and_then(|k| get_s(k, "sk"));
         Ok((out.items.unwrap_or_default(), last))
     }

@@ -16,7 +16,7 @@
 //! at its transaction time. The compartment entries are written at load time, so a Patient or Group
 //! export reads its members' entries and never scans the store.
 
-use crate::dynamo::{DynamoTable, attr_n, attr_s, get_n, get_s};
+use crate::dynamo::{DynamoTable, SortKeys, attr_n, attr_s, get_n, get_s};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
 use bytes::Bytes;
@@ -141,7 +141,7 @@ impl DynamoResourceStore {
         let as_of = to_micros(scope.as_of);
         let (items, last) = self
             .table
-            .query_page(&pk, (&from, &to), cursor, limit)
+            .query_page(&pk, SortKeys::Between(&from, &to), cursor, limit)
             .await?;
         let mut page = Page {
             more: last.is_some(),
@@ -218,9 +218,9 @@ impl DynamoResourceStore {
             let patient = &patients[index];
             let (items, last) = self
                 .table
-                .query_prefix_page(
+                .query_page(
                     &format!("p#{patient}"),
-                    &prefix,
+                    SortKeys::Prefix(&prefix),
                     after.as_deref(),
                     limit - page.resources.len(),
                 )

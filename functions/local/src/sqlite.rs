@@ -484,14 +484,10 @@ impl JobStore for SqliteStore {
     }
 
     async fn patient_set(&self, job_id: &str) -> StoreResult<Vec<String>> {
-        let job = job_id.to_string();
-        self.run(move |conn| {
-            let mut stmt = conn
-                .prepare("SELECT patient FROM job_patients WHERE job = ?1 ORDER BY patient")
-                .map_err(db_err)?;
-            let rows = stmt.query_map([job], |r| r.get(0)).map_err(db_err)?;
-            rows.collect::<Result<_, _>>().map_err(db_err)
-        })
+        self.column(
+            "SELECT patient FROM job_patients WHERE job = ?1 ORDER BY patient",
+            job_id,
+        )
         .await
     }
 
@@ -518,15 +514,11 @@ impl JobStore for SqliteStore {
     }
 
     async fn items(&self, job_id: &str) -> StoreResult<Vec<WorkItem>> {
-        let job = job_id.to_string();
-        let docs: Vec<String> = self
-            .run(move |conn| {
-                let mut stmt = conn
-                    .prepare("SELECT doc FROM job_items WHERE job = ?1 ORDER BY item")
-                    .map_err(db_err)?;
-                let rows = stmt.query_map([job], |r| r.get(0)).map_err(db_err)?;
-                rows.collect::<Result<_, _>>().map_err(db_err)
-            })
+        let docs = self
+            .column(
+                "SELECT doc FROM job_items WHERE job = ?1 ORDER BY item",
+                job_id,
+            )
             .await?;
         docs.iter().map(|d| Ok(serde_json::from_str(d)?)).collect()
     }
@@ -545,15 +537,13 @@ impl JobStore for SqliteStore {
     }
 
     async fn completed_items(&self, job_id: &str) -> StoreResult<Vec<u32>> {
-        let job = job_id.to_string();
-        self.run(move |conn| {
-            let mut stmt = conn
-                .prepare("SELECT item FROM job_items WHERE job = ?1 AND done = 1")
-                .map_err(db_err)?;
-            let rows = stmt.query_map([job], |r| r.get(0)).map_err(db_err)?;
-            rows.collect::<Result<_, _>>().map_err(db_err)
-        })
-        .await
+        let items = self
+            .column(
+                "SELECT CAST(item AS TEXT) FROM job_items WHERE job = ?1 AND done = 1",
+                job_id,
+            )
+            .await?;
+        Ok(items.iter().filter_map(|i| i.parse().ok()).collect())
     }
 
     async fn record_part(&self, part: &PartRecord) -> StoreResult<()> {
@@ -575,21 +565,28 @@ impl JobStore for SqliteStore {
     }
 
     async fn parts(&self, job_id: &str) -> StoreResult<Vec<PartRecord>> {
-        let job = job_id.to_string();
-        let docs: Vec<String> = self
-            .run(move |conn| {
-                let mut stmt = conn
-                    .prepare("SELECT doc FROM job_parts WHERE job = ?1 ORDER BY key")
-                    .map_err(db_err)?;
-                let rows = stmt.query_map([job], |r| r.get(0)).map_err(db_err)?;
-                rows.collect::<Result<_, _>>().map_err(db_err)
-            })
+        let docs = self
+            .column(
+                "SELECT doc FROM job_parts WHERE job = ?1 ORDER BY key",
+                job_id,
+            )
             .await?;
         docs.iter().map(|d| Ok(serde_json::from_str(d)?)).collect()
     }
 }
 
 impl SqliteStore {
+    /// The first column, as text, of the rows `sql` selects for one `?1` value.
+    async fn column(&self, sql: &'static str, value: &str) -> StoreResult<Vec<String>> {
+        let value = value.to_string();
+        self.run(move |conn| {
+            let mut stmt = conn.prepare_cached(sql).map_err(db_err)?;
+            let rows = stmt.query_map([value], |r| r.get(0)).map_err(db_err)?;
+            rows.collect::<Result<_, _>>().map_err(db_err)
+        })
+        .await
+    }
+
     async fn jobs_where(&self, condition: &'static str, bound: i64) -> StoreResult<Vec<Job>> {
         let docs: Vec<String> = self
             .run(move |conn| {
