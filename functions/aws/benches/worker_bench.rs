@@ -15,7 +15,7 @@ use export_aws::{AwsService, AwsSettings};
 use export_core::Settings;
 use export_core::fhir::time::now_millis;
 use export_core::params::{ExportLevel, ExportParams};
-use export_core::ports::{JobStore, ResourceStore};
+use export_core::ports::ResourceStore;
 use std::time::{Duration, Instant};
 
 fn main() {
