@@ -1,12 +1,15 @@
-//! Worker benchmark against moto: loads generated resources into a DynamoDB resource table, then
-//! exports every work item of a system-level job the way the worker Lambda does (DynamoDB pages →
-//! NDJSON → S3 multipart), printing resources/s, MB/s and the worker's peak RSS.
+//! Worker benchmark against moto: loads generated resources into a DynamoDB resource table, then a
+//! fresh child process exports every work item of a system-level job the way the worker Lambda does
+//! (DynamoDB pages → NDJSON → S3 multipart) and prints wall-clock resources/s and MB/s, the
+//! worker's own CPU time per 1,000 resources, and its peak RSS.
 //!
-//! `MOTO_ENDPOINT=http://127.0.0.1:PORT cargo bench -p export-aws` (tests/run.sh starts moto for
-//! `cargo test`, where this runs once on a small store as a smoke check). `BENCH_RESOURCES` sets
-//! the size (default 20000).
+//! moto answers each DynamoDB Query by walking the whole table in Python (seconds per page), so the
+//! wall-clock figures measure moto; the CPU and memory figures measure the worker.
+//!
+//! `MOTO_ENDPOINT=http://127.0.0.1:PORT cargo bench -p export-aws` (`BENCH_RESOURCES`, default
+//! 5000). Under `cargo test` (tests/run.sh starts moto) it runs once on a small store.
 
-use aws_config::{BehaviorVersion, Region};
+use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_dynamodb::config::Credentials;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
@@ -19,63 +22,79 @@ use export_core::ports::ResourceStore;
 use std::time::{Duration, Instant};
 
 fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if let Ok(spec) = std::env::var("WORKER_BENCH_JOB") {
+        // Child: only the export, so its memory and CPU figures are the worker's alone.
+        runtime.block_on(export_job(&spec));
+        return;
+    }
     let Ok(endpoint) = std::env::var("MOTO_ENDPOINT") else {
         println!("worker_bench: MOTO_ENDPOINT is not set; nothing measured");
         return;
     };
     let benchmarking = std::env::args().any(|a| a == "--bench");
-    let resources: usize = std::env::var("BENCH_RESOURCES")
+    let default = if benchmarking { 5_000 } else { 600 };
+    let resources = std::env::var("BENCH_RESOURCES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if benchmarking { 20_000 } else { 600 });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+        .unwrap_or(default);
     runtime.block_on(run(&endpoint, resources));
 }
 
-async fn run(endpoint: &str, resources: usize) {
-    let sdk = aws_config::defaults(BehaviorVersion::latest())
+async fn sdk(endpoint: &str) -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
         .endpoint_url(endpoint)
         .region(Region::new("us-east-1"))
         .credentials_provider(Credentials::new("test", "test", None, None, "moto"))
         .load()
-        .await;
+        .await
+}
+
+fn settings(prefix: &str) -> AwsSettings {
+    AwsSettings {
+        resources_table: format!("{prefix}-resources"),
+        jobs_table: format!("{prefix}-jobs"),
+        bucket: format!("{prefix}-exports"),
+        state_machine_arn: String::new(),
+        work_queue_url: String::new(),
+        shards: 4,
+        url_expiry: Duration::from_secs(300),
+        worker_reserve: Duration::from_secs(60),
+        heartbeat_every: Duration::from_secs(60),
+        export: Settings::default(),
+    }
+}
+
+/// Creates the tables and bucket, loads the data, plans a job, and runs the export in a child.
+async fn run(endpoint: &str, resources: usize) {
+    let sdk = sdk(endpoint).await;
     let prefix = format!("bench{}", std::process::id());
     let ddb = aws_sdk_dynamodb::Client::new(&sdk);
     for table in ["resources", "jobs"] {
+        let attribute = |name: &str| {
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .unwrap()
+        };
+        let key = |name: &str, kind| {
+            KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(kind)
+                .build()
+                .unwrap()
+        };
         ddb.create_table()
             .table_name(format!("{prefix}-{table}"))
             .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name("pk")
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
-                    .unwrap(),
-            )
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name("sk")
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
-                    .unwrap(),
-            )
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name("pk")
-                    .key_type(KeyType::Hash)
-                    .build()
-                    .unwrap(),
-            )
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name("sk")
-                    .key_type(KeyType::Range)
-                    .build()
-                    .unwrap(),
-            )
+            .attribute_definitions(attribute("pk"))
+            .attribute_definitions(attribute("sk"))
+            .key_schema(key("pk", KeyType::Hash))
+            .key_schema(key("sk", KeyType::Range))
             .send()
             .await
             .expect("create table");
@@ -90,51 +109,57 @@ async fn run(endpoint: &str, resources: usize) {
         .send()
         .await
         .expect("bucket");
-    let settings = AwsSettings {
-        resources_table: format!("{prefix}-resources"),
-        jobs_table: format!("{prefix}-jobs"),
-        bucket: format!("{prefix}-exports"),
-        state_machine_arn: String::new(),
-        work_queue_url: String::new(),
-        shards: 4,
-        url_expiry: Duration::from_secs(300),
-        worker_reserve: Duration::from_secs(60),
-        heartbeat_every: Duration::from_secs(60),
-        export: Settings::default(),
-    };
-    let service = AwsService::new(&sdk, settings);
+    let service = AwsService::new(&sdk, settings(&prefix));
 
     let started = Instant::now();
     let now = now_millis();
-    let mut batch = Vec::new();
     let patients = resources.div_ceil(294).max(1);
     let mut all = Vec::new();
     export_core::generate::generate(patients, 9, &mut |_, r| {
         all.push(export_core::load::prepare(r, now).unwrap())
     });
-    for r in all {
-        batch.push(r);
-        if batch.len() == 1000 {
-            service
-                .resources
-                .put_resources(std::mem::take(&mut batch))
-                .await
-                .expect("load");
-        }
+    for batch in all.chunks(1000) {
+        service
+            .resources
+            .put_resources(batch.to_vec())
+            .await
+            .expect("load");
     }
-    service.resources.put_resources(batch).await.expect("load");
     eprintln!(
         "(loaded {patients} patients into moto in {:.1}s)",
         started.elapsed().as_secs_f64()
     );
 
-    let exporter = &service.exporter;
-    let job = exporter
+    let job = service
+        .exporter
         .kickoff(ExportLevel::System, ExportParams::default(), "bench".into())
         .await
         .expect("kick-off");
-    let items = exporter.plan(&job.id).await.expect("plan");
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    service.exporter.plan(&job.id).await.expect("plan");
+    let child = std::process::Command::new(std::env::current_exe().expect("bench executable"))
+        .env(
+            "WORKER_BENCH_JOB",
+            format!("{prefix} {} {endpoint}", job.id),
+        )
+        .output()
+        .expect("run the export child");
+    print!("{}", String::from_utf8_lossy(&child.stdout));
+    eprint!("{}", String::from_utf8_lossy(&child.stderr));
+    assert!(child.status.success(), "export child failed");
+}
+
+/// Exports every item of a planned job (`"<prefix> <job id> <endpoint>"`) and prints the figures.
+async fn export_job(spec: &str) {
+    let mut words = spec.split(' ');
+    let (prefix, job_id, endpoint) = (
+        words.next().unwrap(),
+        words.next().unwrap(),
+        words.next().unwrap(),
+    );
+    let service = AwsService::new(&sdk(endpoint).await, settings(prefix));
+    let exporter = &service.exporter;
+    let items = exporter.ports.jobs.items(job_id).await.expect("items");
+    let cpu_before = cpu_seconds();
     let started = Instant::now();
     for item in &items {
         exporter
@@ -143,6 +168,7 @@ async fn run(endpoint: &str, resources: usize) {
             .expect("export item");
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_before;
     let peak_kb: u64 = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -151,18 +177,37 @@ async fn run(endpoint: &str, resources: usize) {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0);
-    let parts = exporter.ports.jobs.parts(&job.id).await.expect("parts");
+    let parts = exporter.ports.jobs.parts(job_id).await.expect("parts");
     let count: u64 = parts.iter().map(|p| p.count).sum();
     let bytes: u64 = parts.iter().map(|p| p.bytes).sum();
     println!(
-        "{:>10} {:>6} {:>9} {:>10} {:>8} {:>12}",
-        "resources", "items", "seconds", "res/s", "MB/s", "peak RSS MB"
+        "{:>10} {:>6} {:>9} {:>8} {:>8} {:>14} {:>12}",
+        "resources", "items", "seconds", "res/s", "MB/s", "CPU ms/1k", "peak RSS MB"
     );
     println!(
-        "{count:>10} {:>6} {seconds:>9.2} {:>10.0} {:>8.2} {:>12.1}",
+        "{count:>10} {:>6} {seconds:>9.1} {:>8.0} {:>8.2} {:>14.1} {:>12.1}",
         items.len(),
         count as f64 / seconds,
         bytes as f64 / 1e6 / seconds,
+        cpu * 1000.0 / (count.max(1) as f64 / 1000.0),
         peak_kb as f64 / 1024.0
     );
+}
+
+/// User + system CPU time of this process, from /proc (Linux), in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (field(11) + field(12)) / 100.0
 }

@@ -9,7 +9,7 @@ use crate::engine::{Exporter, JobView};
 use crate::error::ApiError;
 use crate::fhir::capability::capability_statement;
 use crate::fhir::outcome::{IssueCode, operation_outcome};
-use crate::fhir::time::{format_instant, now_millis};
+use crate::fhir::time::now_millis;
 use crate::params::{
     ExportLevel, KickoffHeaders, KickoffMethod, check_kickoff_headers, parse_kickoff,
 };
@@ -30,16 +30,6 @@ const FHIR_NDJSON: &str = "application/fhir+ndjson";
 pub enum Body {
     Full(Bytes),
     Stream(ByteStream),
-}
-
-impl Body {
-    /// The body's bytes if it is held in memory (tests and Lambda use this).
-    pub fn as_bytes(&self) -> Option<&Bytes> {
-        match self {
-            Body::Full(b) => Some(b),
-            Body::Stream(_) => None,
-        }
-    }
 }
 
 /// The FHIR Bulk Data API.
@@ -65,10 +55,6 @@ impl Api {
             dispatcher,
             base_path: base_path.trim_end_matches('/').to_string(),
         }
-    }
-
-    pub fn exporter(&self) -> &Arc<Exporter> {
-        &self.exporter
     }
 
     /// Answers one request. Every error is an OperationOutcome.
@@ -337,9 +323,4 @@ pub fn error_response(error: &ApiError) -> Response<Body> {
             .insert(RETRY_AFTER, header(&seconds.to_string()));
     }
     response
-}
-
-/// Formats the transaction time the way the manifest does (for tests and logs).
-pub fn instant_text(t: crate::fhir::time::Instant) -> String {
-    format_instant(t)
 }
