@@ -314,16 +314,7 @@ impl ResourceStore for DynamoResourceStore {
             .await?
             .ok_or_else(|| StoreError::new(format!("Group/{group_id}: version item missing")))?;
         let group: Value = serde_json::from_str(&get_s(&item, "body").unwrap_or_default())?;
-        let members = group["member"]
-            .as_array()
-            .map(|m| {
-                m.iter()
-                    .filter_map(|m| m.pointer("/entity/reference").and_then(Value::as_str))
-                    .filter_map(reference::patient_id)
-                    .map(String::from)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let members = reference::group_patient_members(&group);
         Ok(Some(members))
     }
 

@@ -355,18 +355,7 @@ impl ResourceStore for SqliteStore {
             .await?;
         let Some(body) = body else { return Ok(None) };
         let group: Value = serde_json::from_str(&body)?;
-        let members = group
-            .get("member")
-            .and_then(Value::as_array)
-            .map(|members| {
-                members
-                    .iter()
-                    .filter_map(|m| m.pointer("/entity/reference").and_then(Value::as_str))
-                    .filter_map(reference::patient_id)
-                    .map(String::from)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let members = reference::group_patient_members(&group);
         Ok(Some(members))
     }
 

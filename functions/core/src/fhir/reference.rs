@@ -9,6 +9,24 @@ pub fn patient_id(reference: &str) -> Option<&str> {
     target_of(reference).and_then(|(t, id)| (t == "Patient").then_some(id))
 }
 
+/// The Patient ids of a Group's members (`Group.member.entity` references to a Patient).
+pub fn group_patient_members(group: &serde_json::Value) -> Vec<String> {
+    group["member"]
+        .as_array()
+        .map(|members| {
+            members
+                .iter()
+                .filter_map(|m| {
+                    m.pointer("/entity/reference")
+                        .and_then(serde_json::Value::as_str)
+                })
+                .filter_map(patient_id)
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The `(type, id)` a literal reference points at.
 pub fn target_of(reference: &str) -> Option<(&str, &str)> {
     if reference.starts_with('#') || reference.starts_with("urn:") {
