@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod fhir;
 pub mod generate;
+pub mod gzip;
 pub mod ids;
 pub mod job;
 pub mod load;

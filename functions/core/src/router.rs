@@ -10,13 +10,15 @@ use crate::error::ApiError;
 use crate::fhir::capability::capability_statement;
 use crate::fhir::outcome::{IssueCode, operation_outcome};
 use crate::fhir::time::now_millis;
+use crate::gzip::{accepts_gzip, gzip_stream};
 use crate::params::{
     ExportLevel, KickoffHeaders, KickoffMethod, check_kickoff_headers, parse_kickoff,
 };
 use crate::ports::{ByteStream, Dispatcher};
 use bytes::Bytes;
 use http::header::{
-    ACCEPT, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_TYPE, EXPIRES, HOST, RETRY_AFTER,
+    ACCEPT, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_TYPE,
+    EXPIRES, HOST, RETRY_AFTER, VARY,
 };
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use serde_json::Value;
@@ -102,7 +104,7 @@ impl Api {
             }
             (Route::Status(id), &Method::GET) => self.status(request, &id).await,
             (Route::Status(id), &Method::DELETE) => self.cancel(&id).await,
-            (Route::Download(key), &Method::GET) => self.download(&key).await,
+            (Route::Download(key), &Method::GET) => self.download(request, &key).await,
             _ => Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 IssueCode::NotSupported,
@@ -227,7 +229,12 @@ impl Api {
         Ok(json_response(StatusCode::ACCEPTED, FHIR_JSON, &outcome))
     }
 
-    async fn download(&self, key: &str) -> Result<Response<Body>, ApiError> {
+    /// Streams an export file; with `Accept-Encoding: gzip` it is gzipped on the fly.
+    async fn download(
+        &self,
+        request: &Request<Bytes>,
+        key: &str,
+    ) -> Result<Response<Body>, ApiError> {
         let gone = || ApiError::not_found(format!("no export file {key}"));
         let part = self
             .exporter
@@ -241,13 +248,24 @@ impl Api {
             .open(&part.key)
             .await?
             .ok_or_else(gone)?;
-        let mut response = Response::new(Body::Stream(stream));
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static(FHIR_NDJSON));
-        response
-            .headers_mut()
-            .insert(CONTENT_LENGTH, header(&part.bytes.to_string()));
+        let gzip = request
+            .headers()
+            .get(ACCEPT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(accepts_gzip);
+        let mut response = Response::new(Body::Stream(if gzip {
+            gzip_stream(stream)
+        } else {
+            stream
+        }));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(FHIR_NDJSON));
+        headers.insert(VARY, HeaderValue::from_static("accept-encoding"));
+        if gzip {
+            headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        } else {
+            headers.insert(CONTENT_LENGTH, header(&part.bytes.to_string()));
+        }
         Ok(response)
     }
 
