@@ -229,15 +229,29 @@ fn downloads_are_gzipped_when_the_client_accepts_it() {
     let url = manifest["output"][0]["url"].as_str().unwrap();
     let plain = get(url);
     assert_eq!(plain.header("content-encoding"), None);
-    assert_eq!(plain.header("content-length").unwrap(), plain.body.len().to_string());
+    assert_eq!(
+        plain.header("content-length").unwrap(),
+        plain.body.len().to_string()
+    );
 
-    let response = ureq::get(url).set("Accept-Encoding", "gzip, deflate").call().unwrap();
+    let response = ureq::get(url)
+        .set("Accept-Encoding", "gzip, deflate")
+        .call()
+        .unwrap();
     assert_eq!(response.header("content-encoding"), Some("gzip"));
-    assert_eq!(response.header("content-type"), Some("application/fhir+ndjson"));
+    assert_eq!(
+        response.header("content-type"),
+        Some("application/fhir+ndjson")
+    );
     let mut compressed = Vec::new();
     response.into_reader().read_to_end(&mut compressed).unwrap();
-    assert!(compressed.len() < plain.body.len() / 3, "gzip shrinks NDJSON");
+    assert!(
+        compressed.len() < plain.body.len() / 3,
+        "gzip shrinks NDJSON"
+    );
     let mut text = String::new();
-    flate2::read::GzDecoder::new(&compressed[..]).read_to_string(&mut text).unwrap();
+    flate2::read::GzDecoder::new(&compressed[..])
+        .read_to_string(&mut text)
+        .unwrap();
     assert_eq!(text, plain.body);
 }
