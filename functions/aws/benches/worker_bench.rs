@@ -11,9 +11,7 @@
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_dynamodb::config::Credentials;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-};
+use export_aws::dynamo::DynamoTable;
 use export_aws::{AwsService, AwsSettings};
 use export_core::Settings;
 use export_core::fhir::time::now_millis;
@@ -74,28 +72,7 @@ async fn run(endpoint: &str, resources: usize) {
     let prefix = format!("bench{}", std::process::id());
     let ddb = aws_sdk_dynamodb::Client::new(&sdk);
     for table in ["resources", "jobs"] {
-        let attribute = |name: &str| {
-            AttributeDefinition::builder()
-                .attribute_name(name)
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .unwrap()
-        };
-        let key = |name: &str, kind| {
-            KeySchemaElement::builder()
-                .attribute_name(name)
-                .key_type(kind)
-                .build()
-                .unwrap()
-        };
-        ddb.create_table()
-            .table_name(format!("{prefix}-{table}"))
-            .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(attribute("pk"))
-            .attribute_definitions(attribute("sk"))
-            .key_schema(key("pk", KeyType::Hash))
-            .key_schema(key("sk", KeyType::Range))
-            .send()
+        DynamoTable::create(&ddb, &format!("{prefix}-{table}"))
             .await
             .expect("create table");
     }

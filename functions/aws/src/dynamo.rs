@@ -25,6 +25,21 @@ pub fn get_s(item: &Item, name: &str) -> Option<String> {
     item.get(name).and_then(|v| v.as_s().ok()).cloned()
 }
 
+/// A list of strings, as DynamoDB's `L` of `S` values.
+pub fn attr_string_list(values: &[String]) -> AttributeValue {
+    AttributeValue::L(values.iter().map(|v| attr_s(v)).collect())
+}
+
+/// The strings of an `L` attribute (empty when absent).
+pub fn get_string_list(item: &Item, name: &str) -> Vec<String> {
+    match item.get(name) {
+        Some(AttributeValue::L(list)) => {
+            list.iter().filter_map(|v| v.as_s().ok().cloned()).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
 pub fn get_n(item: &Item, name: &str) -> Option<i64> {
     item.get(name)
         .and_then(|v| v.as_n().ok())
@@ -51,6 +66,38 @@ pub struct DynamoTable {
 }
 
 impl DynamoTable {
+    /// Creates an on-demand table with string keys `pk` and `sk` (tests, benchmarks, local setups;
+    /// the deployed tables come from template.yaml).
+    pub async fn create(client: &Client, name: &str) -> StoreResult<()> {
+        use aws_sdk_dynamodb::types::{
+            AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+        };
+        let attribute = |n: &str| {
+            AttributeDefinition::builder()
+                .attribute_name(n)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+        };
+        let key = |n: &str, kind| {
+            KeySchemaElement::builder()
+                .attribute_name(n)
+                .key_type(kind)
+                .build()
+        };
+        client
+            .create_table()
+            .table_name(name)
+            .billing_mode(BillingMode::PayPerRequest)
+            .attribute_definitions(attribute("pk").map_err(dynamo_err)?)
+            .attribute_definitions(attribute("sk").map_err(dynamo_err)?)
+            .key_schema(key("pk", KeyType::Hash).map_err(dynamo_err)?)
+            .key_schema(key("sk", KeyType::Range).map_err(dynamo_err)?)
+            .send()
+            .await
+            .map_err(dynamo_err)?;
+        Ok(())
+    }
+
     pub fn new(client: Client, name: impl Into<String>) -> Self {
         DynamoTable {
             client,

@@ -265,12 +265,7 @@ async fn task_success(service: &AwsService, token: &str, output: Value) -> Handl
         .output(output.to_string())
         .send()
         .await;
-    match sent {
-        Ok(_) => Ok(()),
-        // A duplicate delivery answering an already answered (or timed-out) task: nothing to do.
-        Err(e) if is_stale_token(&e) => Ok(()),
-        Err(e) => Err(format!("stepfunctions: {e:?}")),
-    }
+    settled(sent)
 }
 
 async fn task_failure(
@@ -288,6 +283,14 @@ async fn task_failure(
         .cause(cause)
         .send()
         .await;
+    settled(sent)
+}
+
+/// The outcome of answering a task token. A duplicate delivery answering an already answered (or
+/// timed-out) task has nothing left to do.
+fn settled<T, E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(
+    sent: Result<T, SdkError<E, R>>,
+) -> HandlerResult {
     match sent {
         Ok(_) => Ok(()),
         Err(e) if is_stale_token(&e) => Ok(()),

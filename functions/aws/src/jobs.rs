@@ -10,7 +10,9 @@
 //!
 //! Every change of state is a conditional write; nothing is read and then written.
 
-use crate::dynamo::{DynamoTable, attr_n, attr_s, dynamo_err, get_n, get_s};
+use crate::dynamo::{
+    DynamoTable, attr_n, attr_s, attr_string_list, dynamo_err, get_n, get_s, get_string_list,
+};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
@@ -157,10 +159,7 @@ impl JobStore for DynamoJobStore {
                 HashMap::from([
                     ("pk".to_string(), attr_s(&job_pk(job_id))),
                     ("sk".to_string(), attr_s(&format!("patients#{n:05}"))),
-                    (
-                        "ids".to_string(),
-                        AttributeValue::L(chunk.iter().map(|p| attr_s(p)).collect()),
-                    ),
+                    ("ids".to_string(), attr_string_list(chunk)),
                 ])
             })
             .collect();
@@ -174,12 +173,7 @@ impl JobStore for DynamoJobStore {
             .await?;
         let mut ids: Vec<String> = items
             .iter()
-            .flat_map(|item| match item.get("ids") {
-                Some(AttributeValue::L(list)) => {
-                    list.iter().filter_map(|v| v.as_s().ok().cloned()).collect()
-                }
-                _ => Vec::new(),
-            })
+            .flat_map(|item| get_string_list(item, "ids"))
             .collect();
         ids.sort();
         Ok(ids)

@@ -16,7 +16,9 @@
 //! at its transaction time. The compartment entries are written at load time, so a Patient or Group
 //! export reads its members' entries and never scans the store.
 
-use crate::dynamo::{DynamoTable, SortKeys, attr_n, attr_s, get_n, get_s};
+use crate::dynamo::{
+    DynamoTable, SortKeys, attr_n, attr_s, attr_string_list, get_n, get_s, get_string_list,
+};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
 use bytes::Bytes;
@@ -251,12 +253,7 @@ impl DynamoResourceStore {
 }
 
 fn patients_attr(item: &HashMap<String, AttributeValue>) -> Vec<String> {
-    match item.get("pats") {
-        Some(AttributeValue::L(list)) => {
-            list.iter().filter_map(|v| v.as_s().ok().cloned()).collect()
-        }
-        _ => Vec::new(),
-    }
+    get_string_list(item, "pats")
 }
 
 fn stored(item: &HashMap<String, AttributeValue>) -> StoreResult<StoredResource> {
@@ -265,10 +262,6 @@ fn stored(item: &HashMap<String, AttributeValue>) -> StoreResult<StoredResource>
         id: get_s(item, "id").unwrap_or_default(),
         json: Bytes::from(body),
     })
-}
-
-fn patients_value(patients: &[String]) -> AttributeValue {
-    AttributeValue::L(patients.iter().map(|p| attr_s(p)).collect())
 }
 
 #[async_trait]
@@ -381,7 +374,7 @@ impl DynamoResourceStore {
             let lu = to_micros(r.last_updated);
             let shard = shard_of(&r.id, self.shards);
             let vsk = format!("{}#{}#{version:010}", lu_key(lu), r.id);
-            let pats = patients_value(&r.patients);
+            let pats = attr_string_list(&r.patients);
             let mut version_item = HashMap::from([
                 (
                     "pk".to_string(),

@@ -6,10 +6,8 @@
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_dynamodb::config::Credentials;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-};
 use export_aws::aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use export_aws::dynamo::DynamoTable;
 use export_aws::{AwsService, AwsSettings, handlers};
 use export_core::Settings;
 use export_core::fhir::time::now_millis;
@@ -84,38 +82,7 @@ impl Deployment {
         );
         let ddb = aws_sdk_dynamodb::Client::new(&sdk);
         for table in ["resources", "jobs"] {
-            ddb.create_table()
-                .table_name(format!("{prefix}-{table}"))
-                .billing_mode(BillingMode::PayPerRequest)
-                .attribute_definitions(
-                    AttributeDefinition::builder()
-                        .attribute_name("pk")
-                        .attribute_type(ScalarAttributeType::S)
-                        .build()
-                        .unwrap(),
-                )
-                .attribute_definitions(
-                    AttributeDefinition::builder()
-                        .attribute_name("sk")
-                        .attribute_type(ScalarAttributeType::S)
-                        .build()
-                        .unwrap(),
-                )
-                .key_schema(
-                    KeySchemaElement::builder()
-                        .attribute_name("pk")
-                        .key_type(KeyType::Hash)
-                        .build()
-                        .unwrap(),
-                )
-                .key_schema(
-                    KeySchemaElement::builder()
-                        .attribute_name("sk")
-                        .key_type(KeyType::Range)
-                        .build()
-                        .unwrap(),
-                )
-                .send()
+            DynamoTable::create(&ddb, &format!("{prefix}-{table}"))
                 .await
                 .expect("create table");
         }
