@@ -16,6 +16,7 @@ use crate::ports::{
     ResourceStore, WorkItem,
 };
 use crate::settings::Settings;
+use crate::shaping::Shaping;
 use bytes::{Bytes, BytesMut};
 use http::StatusCode;
 use serde_json::Value;
@@ -235,6 +236,7 @@ impl Exporter {
             ExportLevel::Group(id) if item.resource_type == "Group" => Some(id.clone()),
             _ => None,
         };
+        let shaping = Shaping::new(&job.params);
         let mut part: Option<OpenPart> = None;
         let mut last_job_check = std::time::Instant::now();
 
@@ -249,7 +251,11 @@ impl Exporter {
                     cursor = Some(position);
                     continue;
                 }
-                let line_len = resource.json.len() as u64 + 1;
+                let Some(line) = shaping.shape(&item.resource_type, resource.json)? else {
+                    cursor = Some(position);
+                    continue;
+                };
+                let line_len = line.len() as u64 + 1;
                 if let Some(open) = &part
                     && (open.bytes + line_len > self.settings.max_file_bytes
                         || open.count + 1 > self.settings.max_file_resources)
@@ -283,7 +289,7 @@ impl Exporter {
                         })
                     }
                 };
-                open.push(&resource.json).await?;
+                open.push(&line).await?;
                 cursor = Some(position);
             }
             if !page.more {
@@ -539,18 +545,23 @@ impl Exporter {
 
     /// Lenient handling: one OperationOutcome line per ignored parameter, in the manifest's `error`.
     async fn write_error_file(&self, job: &Job) -> StoreResult<()> {
-        if job.params.ignored.is_empty() {
+        let messages: Vec<String> = job
+            .params
+            .ignored
+            .iter()
+            .map(|name| {
+                format!(
+                    "parameter {name} is not supported and was ignored (Prefer: handling=lenient)"
+                )
+            })
+            .chain(job.params.warnings.iter().cloned())
+            .collect();
+        if messages.is_empty() {
             return Ok(());
         }
         let mut body = Vec::new();
-        for name in &job.params.ignored {
-            let outcome = operation_outcome(
-                "warning",
-                IssueCode::NotSupported,
-                &format!(
-                    "parameter {name} is not supported and was ignored (Prefer: handling=lenient)"
-                ),
-            );
+        for message in &messages {
+            let outcome = operation_outcome("warning", IssueCode::NotSupported, message);
             serde_json::to_writer(&mut body, &outcome)?;
             body.push(b'\n');
         }
@@ -565,7 +576,7 @@ impl Exporter {
             resource_type: "OperationOutcome".into(),
             item: u32::MAX,
             seq: 0,
-            count: job.params.ignored.len() as u64,
+            count: messages.len() as u64,
             bytes,
             is_error: true,
         };

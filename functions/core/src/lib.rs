@@ -5,6 +5,7 @@
 //! dispatch are ports ([`ports`]) implemented by the local adapters (SQLite, files) and the AWS
 //! adapters (DynamoDB, S3, Step Functions).
 
+pub mod elements;
 pub mod engine;
 pub mod error;
 pub mod fhir;
@@ -19,6 +20,8 @@ pub mod ports;
 pub mod router;
 pub mod runner;
 pub mod settings;
+pub mod shaping;
+pub mod type_filter;
 
 pub use engine::{Exporter, Ports};
 pub use error::{ApiError, StoreError, StoreResult};

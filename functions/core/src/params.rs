@@ -2,9 +2,11 @@
 //! validated against the Bulk Data IG. Everything unsupported is rejected, or, under
 //! `Prefer: handling=lenient`, ignored and reported in the manifest's error files.
 
+use crate::elements::ElementSelection;
 use crate::error::ApiError;
 use crate::fhir::time::{Instant, format_instant, parse_instant};
 use crate::fhir::{is_resource_type, reference};
+use crate::type_filter::TypeFilters;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -13,8 +15,6 @@ pub const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/nd
 
 /// Parameters of the IG that this server does not implement (yet).
 const UNSUPPORTED: &[&str] = &[
-    "_elements",
-    "_typeFilter",
     "includeAssociatedData",
     "organizeOutputBy",
     "allowPartialManifests",
@@ -50,6 +50,27 @@ pub struct ExportParams {
     pub lenient: bool,
     /// Parameters ignored under lenient handling, reported as OperationOutcome lines.
     pub ignored: Vec<String>,
+    /// `_typeFilter` queries as sent (compiled again where they are applied).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub type_filters: Vec<String>,
+    /// `_elements` values as sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub elements: Vec<String>,
+    /// Other problems handled leniently (criteria left out), reported like `ignored`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+impl ExportParams {
+    /// The compiled `_typeFilter` (validated at kick-off).
+    pub fn compiled_type_filters(&self) -> TypeFilters {
+        TypeFilters::parse(&self.type_filters, true).unwrap_or_default()
+    }
+
+    /// The compiled `_elements` (validated at kick-off).
+    pub fn element_selection(&self) -> ElementSelection {
+        ElementSelection::parse(&self.elements).unwrap_or_default()
+    }
 }
 
 /// One raw parameter value before validation.
@@ -192,6 +213,10 @@ pub fn parse_kickoff(
                     }
                 }
             }
+            "_typeFilter" => params
+                .type_filters
+                .push(text_value(name, value)?.to_string()),
+            "_elements" => params.elements.push(text_value(name, value)?.to_string()),
             "patient" => {
                 if method == KickoffMethod::Get {
                     return Err(ApiError::invalid(
@@ -240,6 +265,10 @@ pub fn parse_kickoff(
         )));
     }
     params.ignored.dedup();
+    let filters =
+        TypeFilters::parse(&params.type_filters, lenient).map_err(|e| ApiError::invalid(e.0))?;
+    params.warnings = filters.warnings;
+    ElementSelection::parse(&params.elements).map_err(ApiError::invalid)?;
     if saw_type {
         params.types = Some(types);
     }
@@ -400,8 +429,10 @@ mod tests {
                 ("_since", "2020-01-01T00:00:00Z"),
                 ("_since", "2020-01-01T00:00:00Z"),
             ],
-            &[("_typeFilter", "Observation?code=1")],
-            &[("_elements", "id")],
+            &[("_typeFilter", "Observation?foo=1")],
+            &[("_typeFilter", "Observation")],
+            &[("_typeFilter", "")],
+            &[("_elements", "Patient.name.given")],
             &[("includeAssociatedData", "LatestProvenanceResources")],
             &[("foo", "bar")],
             &[("patient", "Patient/1")],
@@ -419,7 +450,10 @@ mod tests {
     fn lenient_ignores_unsupported() {
         let mut h = headers();
         h.prefer = vec!["respond-async, handling=lenient".into()];
-        let q = vec![("_typeFilter".to_string(), "Observation?code=1".to_string())];
+        let q = vec![
+            ("includeAssociatedData".to_string(), "x".to_string()),
+            ("_typeFilter".to_string(), "Observation?foo=1".to_string()),
+        ];
         let p = parse_kickoff(
             &ExportLevel::System,
             KickoffMethod::Get,
@@ -429,7 +463,8 @@ mod tests {
             now_millis(),
         )
         .unwrap();
-        assert_eq!(p.ignored, vec!["_typeFilter"]);
+        assert_eq!(p.ignored, vec!["includeAssociatedData"]);
+        assert_eq!(p.warnings.len(), 1);
     }
 
     #[test]

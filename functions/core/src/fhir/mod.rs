@@ -4,11 +4,21 @@
 pub mod capability;
 pub mod compartment;
 mod compartment_table;
+pub mod fhirpath;
+mod mandatory_table;
 pub mod outcome;
 pub mod reference;
+pub mod search_table;
 pub mod time;
 
 pub use compartment_table::RESOURCE_TYPES;
+
+/// The top-level elements `resource_type` requires (min >= 1); `name[x]` is a choice element.
+pub fn mandatory_elements(resource_type: &str) -> &'static [&'static str] {
+    mandatory_table::MANDATORY_ELEMENTS
+        .binary_search_by(|(t, _)| (*t).cmp(resource_type))
+        .map_or(&[], |i| mandatory_table::MANDATORY_ELEMENTS[i].1)
+}
 
 /// Whether `name` is an R4 resource type (case-sensitive, as FHIR is).
 pub fn is_resource_type(name: &str) -> bool {

@@ -1,0 +1,171 @@
+//! `_elements`: export only some top-level elements. Plain names (`id,status`) apply to every type,
+//! `Type.element` to one type; a type named by neither is exported whole. `resourceType`, `id`,
+//! `meta` and the type's mandatory elements are always kept, and trimmed resources carry the
+//! `SUBSETTED` tag so nobody mistakes them for complete ones.
+
+use crate::fhir::is_resource_type;
+use crate::fhir::mandatory_elements;
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+
+/// The `SUBSETTED` code of the v3 ObservationValue code system.
+pub const SUBSETTED_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
+
+/// Elements every trimmed resource keeps.
+const ALWAYS_KEPT: &[&str] = &["resourceType", "id", "meta"];
+
+/// The parsed `_elements` of an export.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ElementSelection {
+    every_type: Vec<String>,
+    by_type: BTreeMap<String, Vec<String>>,
+}
+
+impl ElementSelection {
+    /// Parses `_elements` values (each comma-separated). Only top-level elements are allowed.
+    pub fn parse(values: &[String]) -> Result<ElementSelection, String> {
+        let mut selection = ElementSelection::default();
+        for item in values.iter().flat_map(|v| v.split(',')).map(str::trim) {
+            let (resource_type, element) = match item.split_once('.') {
+                Some((t, e)) => (Some(t), e),
+                None => (None, item),
+            };
+            if !is_element_name(element) {
+                return Err(format!(
+                    "_elements '{item}' is not a top-level element (use element or Type.element)"
+                ));
+            }
+            match resource_type {
+                Some(t) if !is_resource_type(t) => {
+                    return Err(format!(
+                        "_elements '{item}': {t} is not an R4 resource type"
+                    ));
+                }
+                Some(t) => selection
+                    .by_type
+                    .entry(t.to_string())
+                    .or_default()
+                    .push(element.to_string()),
+                None => selection.every_type.push(element.to_string()),
+            }
+        }
+        Ok(selection)
+    }
+
+    /// Whether resources of `resource_type` are trimmed.
+    pub fn trims(&self, resource_type: &str) -> bool {
+        !self.every_type.is_empty() || self.by_type.contains_key(resource_type)
+    }
+
+    /// Removes unselected, non-mandatory elements and tags the resource `SUBSETTED`.
+    pub fn apply(&self, resource_type: &str, resource: &mut Value) {
+        if !self.trims(resource_type) {
+            return;
+        }
+        let Value::Object(map) = resource else {
+            return;
+        };
+        let wanted: Vec<&str> = self
+            .every_type
+            .iter()
+            .chain(self.by_type.get(resource_type).into_iter().flatten())
+            .map(String::as_str)
+            .chain(ALWAYS_KEPT.iter().copied())
+            .chain(mandatory_elements(resource_type).iter().copied())
+            .collect();
+        map.retain(|key, _| {
+            let name = key.strip_prefix('_').unwrap_or(key);
+            wanted.iter().any(|w| selects(w, name))
+        });
+        tag_subsetted(map);
+    }
+}
+
+/// Whether the selected element `wanted` (`value`, `value[x]`) covers the JSON property `name`.
+fn selects(wanted: &str, name: &str) -> bool {
+    let base = wanted.strip_suffix("[x]").unwrap_or(wanted);
+    name == base
+        || (name.len() > base.len()
+            && name.starts_with(base)
+            && name[base.len()..].starts_with(|c: char| c.is_ascii_uppercase()))
+}
+
+fn tag_subsetted(map: &mut Map<String, Value>) {
+    let meta = map.entry("meta").or_insert_with(|| json!({}));
+    let Value::Object(meta) = meta else {
+        return;
+    };
+    let tags = meta.entry("tag").or_insert_with(|| json!([]));
+    if let Value::Array(tags) = tags {
+        let present = tags.iter().any(|t| {
+            t.get("code").and_then(Value::as_str) == Some("SUBSETTED")
+                && t.get("system").and_then(Value::as_str) == Some(SUBSETTED_SYSTEM)
+        });
+        if !present {
+            tags.push(json!({"system": SUBSETTED_SYSTEM, "code": "SUBSETTED"}));
+        }
+    }
+}
+
+fn is_element_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn select(v: &str) -> ElementSelection {
+        ElementSelection::parse(&[v.to_string()]).unwrap()
+    }
+
+    #[test]
+    fn keeps_selected_and_mandatory_elements() {
+        let mut obs = json!({"resourceType": "Observation", "id": "1", "meta": {"versionId": "1"},
+            "status": "final", "code": {"text": "x"}, "subject": {"reference": "Patient/1"},
+            "valueQuantity": {"value": 1}, "_status": {"extension": []}, "note": [{"text": "n"}]});
+        select("Observation.value,subject").apply("Observation", &mut obs);
+        let keys: Vec<&String> = obs.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            vec![
+                "resourceType",
+                "id",
+                "meta",
+                "status",
+                "code",
+                "subject",
+                "valueQuantity",
+                "_status"
+            ]
+        );
+        assert_eq!(obs["meta"]["tag"][0]["code"], "SUBSETTED");
+        assert_eq!(obs["meta"]["versionId"], "1");
+    }
+
+    #[test]
+    fn other_types_are_left_whole() {
+        let s = select("Patient.name");
+        assert!(s.trims("Patient") && !s.trims("Observation"));
+        let mut obs = json!({"resourceType": "Observation", "note": []});
+        let before = obs.clone();
+        s.apply("Observation", &mut obs);
+        assert_eq!(obs, before);
+        let mut med =
+            json!({"resourceType": "MedicationRequest", "medicationReference": {}, "note": []});
+        select("id").apply("MedicationRequest", &mut med);
+        assert!(med.get("medicationReference").is_some() && med.get("note").is_none());
+    }
+
+    #[test]
+    fn rejects_nested_or_unknown() {
+        for bad in ["Patient.name.given", "Foo.id", "", "na-me", "Patient."] {
+            assert!(
+                ElementSelection::parse(&[bad.to_string()]).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}

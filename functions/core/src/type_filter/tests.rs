@@ -1,0 +1,233 @@
+use super::values::date_range;
+use super::*;
+use serde_json::json;
+
+fn filter(q: &str) -> TypeFilters {
+    TypeFilters::parse(&[q.to_string()], false).unwrap_or_else(|e| panic!("{q}: {e:?}"))
+}
+
+fn passes(q: &str, resource: &Value) -> bool {
+    let t = resource["resourceType"].as_str().unwrap();
+    filter(q).matches(t, resource)
+}
+
+fn observation() -> Value {
+    json!({"resourceType": "Observation", "id": "o1", "status": "final",
+        "meta": {"lastUpdated": "2021-03-04T05:06:07.890Z", "tag": [{"system": "urn:t", "code": "x"}]},
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}], "text": "Heart rate"},
+        "subject": {"reference": "Patient/p1"},
+        "effectiveDateTime": "2020-06-15T10:30:00+02:00",
+        "valueQuantity": {"value": 72.5, "unit": "beats/min", "system": "http://unitsofmeasure.org", "code": "/min"}})
+}
+
+#[test]
+fn tokens() {
+    let o = observation();
+    assert!(passes("Observation?code=8867-4", &o));
+    assert!(passes("Observation?code=http://loinc.org|8867-4", &o));
+    assert!(!passes(
+        "Observation?code=http://snomed.info/sct|8867-4",
+        &o
+    ));
+    assert!(passes("Observation?code=http://loinc.org|", &o));
+    assert!(!passes("Observation?code=|8867-4", &o));
+    assert!(passes("Observation?code=1234,8867-4", &o));
+    assert!(passes("Observation?status=final", &o));
+    assert!(!passes("Observation?status=final&code=1", &o));
+    assert!(passes("Observation?status:not=preliminary", &o));
+    assert!(!passes("Observation?status:not=final", &o));
+    assert!(passes("Observation?category=vital-signs", &o));
+    assert!(passes("Observation?_id=o1", &o));
+    assert!(passes("Observation?_tag=urn:t|x", &o));
+    assert!(passes(
+        "Observation?code=http%3A%2F%2Floinc.org%7C8867-4",
+        &o
+    ));
+}
+
+#[test]
+fn missing() {
+    let o = observation();
+    assert!(passes("Observation?specimen:missing=true", &o));
+    assert!(!passes("Observation?subject:missing=true", &o));
+    assert!(passes("Observation?subject:missing=false", &o));
+}
+
+#[test]
+fn references() {
+    let o = observation();
+    assert!(passes("Observation?subject=Patient/p1", &o));
+    assert!(passes("Observation?subject=p1", &o));
+    assert!(passes("Observation?patient=Patient/p1", &o));
+    assert!(passes("Observation?subject:Patient=p1", &o));
+    assert!(!passes("Observation?subject:Group=p1", &o));
+    assert!(!passes("Observation?subject=Patient/p2", &o));
+    assert!(passes(
+        "Observation?subject=http://example.org/fhir/Patient/p1",
+        &o
+    ));
+}
+
+#[test]
+fn dates() {
+    let o = observation(); // 2020-06-15T08:30:00Z
+    for (q, expected) in [
+        ("date=2020", true),
+        ("date=2020-06", true),
+        ("date=2020-06-15", true),
+        ("date=2020-06-16", false),
+        ("date=ne2020-06-16", true),
+        ("date=gt2020-06-14", true),
+        ("date=gt2020-06-15", false),
+        ("date=ge2020-06-15", true),
+        ("date=lt2020-06-16", true),
+        ("date=lt2020-06-15T08:30:00Z", false),
+        ("date=le2020-06-15T08:30:00Z", true),
+        ("date=2020-06-15T10:30:00%2B02:00", true),
+        ("date=2020-06-15T10:30:00+02:00", true),
+        ("date=sa2019", true),
+        ("date=eb2019", false),
+        ("date=eb2021", true),
+        ("date=ap2020-06-14", true),
+        ("_lastUpdated=gt2021-03-04T05:06:06Z", true),
+        ("_lastUpdated=gt2021-03-04T05:06:07Z", false), // same second: not above it
+        ("_lastUpdated=lt2021-03-04T05:06:07Z", false),
+    ] {
+        assert_eq!(passes(&format!("Observation?{q}"), &o), expected, "{q}");
+    }
+    // A Period is a range: eq needs it inside the search range.
+    let e = json!({"resourceType": "Encounter", "period": {"start": "2020-01-01T10:00:00Z", "end": "2020-01-03T10:00:00Z"}});
+    assert!(passes("Encounter?date=2020-01", &e));
+    assert!(!passes("Encounter?date=2020-01-02", &e));
+    assert!(passes("Encounter?date=gt2020-01-02", &e));
+    assert!(passes("Encounter?date=lt2020-01-02", &e));
+    let open = json!({"resourceType": "Encounter", "period": {"start": "2020-01-01"}});
+    assert!(passes("Encounter?date=gt2030", &open));
+}
+
+#[test]
+fn date_ranges_follow_precision() {
+    let (low, high) = date_range("2020").unwrap();
+    assert_eq!(high - low, 366 * 86_400_000);
+    let (low, high) = date_range("2020-02").unwrap();
+    assert_eq!(high - low, 29 * 86_400_000);
+    let (low, high) = date_range("2020-02-01T00:00:00.5Z").unwrap();
+    assert_eq!(high - low, 100);
+    assert_eq!(low, date_range("2020-02-01T01:00:00.5+01:00").unwrap().0);
+    assert!(date_range("2020-13").is_none());
+    assert!(date_range("20200101").is_none());
+}
+
+#[test]
+fn strings() {
+    let p = json!({"resourceType": "Patient", "name": [{"family": "Müller", "given": ["Anna", "Lena"]}],
+        "address": [{"city": "Bern", "line": ["Hauptstrasse 1"]}], "gender": "female", "birthDate": "1980-05-02",
+        "deceasedDateTime": "2020-01-01"});
+    assert!(passes("Patient?name=mul", &p));
+    assert!(passes("Patient?name=LENA", &p));
+    assert!(!passes("Patient?name=ena", &p));
+    assert!(passes("Patient?name:contains=ena", &p));
+    assert!(passes("Patient?family:exact=Müller", &p));
+    assert!(!passes("Patient?family:exact=muller", &p));
+    assert!(passes("Patient?address-city=be", &p));
+    assert!(passes("Patient?address=haupt", &p));
+    assert!(passes("Patient?gender=female&birthdate=1980", &p));
+    assert!(passes("Patient?deceased=true", &p));
+    assert!(!passes("Patient?deceased=false", &p));
+}
+
+#[test]
+fn numbers_and_quantities() {
+    let o = observation();
+    for (q, expected) in [
+        ("value-quantity=72.5", true),
+        ("value-quantity=72", false),
+        ("value-quantity=73", true), // 73 means [72.5, 73.5)
+        ("value-quantity=gt70", true),
+        ("value-quantity=lt70", false),
+        ("value-quantity=ge72.5|http://unitsofmeasure.org|/min", true),
+        ("value-quantity=72.5|http://other|/min", false),
+        ("value-quantity=72.5||beats/min", true),
+        ("value-quantity=ap70", true),
+        ("value-quantity=ap60", false),
+        ("value-quantity=ne72.5", false),
+    ] {
+        assert_eq!(passes(&format!("Observation?{q}"), &o), expected, "{q}");
+    }
+    let r = json!({"resourceType": "RiskAssessment", "prediction": [{"probabilityDecimal": 0.25}]});
+    assert!(passes("RiskAssessment?probability=gt0.2", &r));
+    assert!(passes("RiskAssessment?probability=0.25", &r));
+    assert!(!passes("RiskAssessment?probability=lt0.2", &r));
+}
+
+#[test]
+fn uris() {
+    let v = json!({"resourceType": "ValueSet", "url": "http://example.org/vs/a"});
+    assert!(passes("ValueSet?url=http://example.org/vs/a", &v));
+    assert!(!passes("ValueSet?url=http://example.org/vs", &v));
+    assert!(passes("ValueSet?url:below=http://example.org/vs", &v));
+}
+
+#[test]
+fn queries_or_and_unfiltered_types() {
+    let f = TypeFilters::parse(
+        &[
+            "Observation?status=preliminary".into(),
+            "Observation?code=8867-4".into(),
+        ],
+        false,
+    )
+    .unwrap();
+    assert!(f.matches("Observation", &observation()));
+    assert!(f.matches("Condition", &json!({})));
+    assert!(f.filters("Observation") && !f.filters("Condition"));
+    // The legacy comma-separated form keeps commas inside values.
+    let f = filter("Observation?code=1,8867-4,Condition?code=x");
+    assert_eq!(
+        f.types().collect::<Vec<_>>(),
+        vec!["Condition", "Observation"]
+    );
+    assert!(f.matches("Observation", &observation()));
+}
+
+#[test]
+fn rejects_what_it_cannot_evaluate() {
+    for q in [
+        "Observation?foo=1",
+        "Observation?subject.name=x",
+        "Observation?_include=Observation:subject",
+        "Observation?_sort=date",
+        "Observation?code:text=x",
+        "Observation?code=",
+        "Observation?date=yesterday",
+        "Observation?value-quantity=abc",
+        "Observation?subject:missing=maybe",
+        "Foo?x=1",
+        "code=1",
+        "Observation?component-code-value-quantity=x$1",
+    ] {
+        assert!(TypeFilters::parse(&[q.to_string()], false).is_err(), "{q}");
+    }
+    let lenient =
+        TypeFilters::parse(&["Observation?foo=1&status=final".to_string()], true).unwrap();
+    assert_eq!(lenient.warnings.len(), 1);
+    assert!(lenient.matches("Observation", &observation()));
+    assert!(TypeFilters::parse(&["Foo?x=1".to_string()], true).is_err());
+}
+
+#[test]
+fn lists_search_params() {
+    let params = search_params_of("Observation");
+    assert!(
+        params
+            .iter()
+            .any(|(c, k)| *c == "code" && *k == ParamKind::Token)
+    );
+    assert!(params.iter().any(|(c, _)| *c == "_lastUpdated"));
+    assert!(
+        !params
+            .iter()
+            .any(|(c, _)| *c == "component-code-value-quantity")
+    );
+}

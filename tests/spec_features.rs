@@ -1,0 +1,197 @@
+//! The optional rows of the Bulk Data IG, end to end over HTTP against the local server:
+//! `_typeFilter`, `_elements`, and how they fail. Expected results are computed here from the
+//! generated data with plain Rust predicates, independently of the server's search code.
+
+use e2e_tests::*;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+const PATIENTS: usize = 30;
+
+fn setup(name: &str) -> (Server, Vec<Value>) {
+    let dir = scratch_dir(name);
+    let data = generated_store(&dir, PATIENTS);
+    (Server::start(&dir, &[]), read_ndjson_dir(&data))
+}
+
+fn ids(resources: &[Value], keep: impl Fn(&Value) -> bool) -> Vec<String> {
+    let mut out: Vec<String> = resources
+        .iter()
+        .filter(|r| keep(r))
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+fn of_type(data: &[Value], t: &str) -> Vec<Value> {
+    data.iter()
+        .filter(|r| r["resourceType"] == t)
+        .cloned()
+        .collect()
+}
+
+fn exported_ids(manifest: &Value) -> BTreeMap<String, Vec<String>> {
+    ids_by_type(&download_all(manifest))
+}
+
+/// `%`-encodes a `_typeFilter` value for a query string.
+fn encode(query: &str) -> String {
+    query
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn effective(r: &Value) -> &str {
+    r["effectiveDateTime"].as_str().unwrap()
+}
+
+#[test]
+fn type_filter_or_of_and_queries_over_get_and_post() {
+    let (server, data) = setup("typefilter");
+    let observations = of_type(&data, "Observation");
+    // A date that splits the observations roughly in half.
+    let mut dates: Vec<&str> = observations.iter().map(effective).collect();
+    dates.sort();
+    let cut = &dates[dates.len() / 2][..10];
+
+    let heart = |r: &Value| r["code"]["coding"][0]["code"] == "8867-4";
+    let after_cut = |r: &Value| &effective(r)[..10] >= cut;
+    let low_value = |r: &Value| r["valueQuantity"]["value"].as_f64().unwrap() < 10.0;
+    let first = format!("Observation?code=http://loinc.org|8867-4&date=ge{cut}");
+    let second = "Observation?value-quantity=lt10".to_string();
+    let path = format!(
+        "/$export?_type=Observation,Condition&_typeFilter={}&_typeFilter={}",
+        encode(&first),
+        encode(&second)
+    );
+    let got = exported_ids(&server.export(&path));
+    let want_obs = ids(&observations, |r| {
+        (heart(r) && after_cut(r)) || low_value(r)
+    });
+    assert!(!want_obs.is_empty() && want_obs.len() < observations.len());
+    assert_eq!(got["Observation"], want_obs);
+    // A type without a filter is exported whole.
+    assert_eq!(
+        got["Condition"],
+        ids(&of_type(&data, "Condition"), |_| true)
+    );
+    assert_eq!(got.len(), 2);
+
+    // POST, Patient level: a string prefix, a token, and a date prefix.
+    let body = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "_type", "valueString": "Patient,Observation"},
+        {"name": "_typeFilter", "valueString": "Patient?gender=female&birthdate=lt1975"},
+        {"name": "_typeFilter", "valueString": "Observation?code:not=8867-4&subject:missing=false"}]});
+    let kick = server.kickoff_post("/Patient/$export", &body);
+    assert_eq!(kick.status, 202, "{}", kick.body);
+    let got = exported_ids(&wait_for_manifest(
+        &kick.header("content-location").unwrap(),
+    ));
+    let patients = of_type(&data, "Patient");
+    assert_eq!(
+        got["Patient"],
+        ids(&patients, |r| r["gender"] == "female"
+            && r["birthDate"].as_str().unwrap() < "1975")
+    );
+    assert_eq!(got["Observation"], ids(&observations, |r| !heart(r)));
+}
+
+#[test]
+fn elements_keep_selected_and_mandatory_elements_and_tag_subsetted() {
+    let (server, data) = setup("elements");
+    let manifest =
+        server.export("/$export?_type=Observation,Patient,Condition&_elements=Observation.value,Patient.gender,Patient.name");
+    let files = download_all(&manifest);
+    for obs in &files["Observation"] {
+        let keys: Vec<&str> = obs
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        // status and code are mandatory in R4.
+        assert_eq!(
+            keys,
+            [
+                "resourceType",
+                "id",
+                "meta",
+                "status",
+                "code",
+                "valueQuantity"
+            ]
+        );
+        let tags = obs["meta"]["tag"].as_array().unwrap();
+        assert!(tags.iter().any(|t| t["code"] == "SUBSETTED"
+            && t["system"] == "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"));
+    }
+    for patient in &files["Patient"] {
+        let keys: Vec<&str> = patient
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys, ["resourceType", "id", "meta", "name", "gender"]);
+    }
+    // Condition was not named: whole, untagged, byte-for-byte the stored resource.
+    let stored = of_type(&data, "Condition");
+    for condition in &files["Condition"] {
+        assert!(condition["meta"].get("tag").is_none());
+        let original = stored.iter().find(|c| c["id"] == condition["id"]).unwrap();
+        assert_eq!(condition["code"], original["code"]);
+        assert_eq!(condition["subject"], original["subject"]);
+    }
+    assert_eq!(
+        files["Observation"].len(),
+        of_type(&data, "Observation").len()
+    );
+}
+
+#[test]
+fn unusable_filters_are_rejected_or_reported_when_lenient() {
+    let (server, data) = setup("filter-errors");
+    for bad in [
+        "_typeFilter=Observation%3Ffoo%3D1",
+        "_typeFilter=Observation%3Fsubject.name%3Dx",
+        "_typeFilter=Observation%3F_include%3DObservation%3Asubject",
+        "_typeFilter=Observation%3Fdate%3Dyesterday",
+        "_typeFilter=Observation%3Fcode%3Atext%3Dx",
+        "_typeFilter=Observation",
+        "_typeFilter=Nope%3Fx%3D1",
+        "_elements=Patient.name.family",
+        "_elements=Nope.id",
+    ] {
+        let r = server.kickoff(&format!("/$export?{bad}"));
+        r.assert_outcome(400);
+    }
+
+    let lenient = [
+        ("Accept", "application/fhir+json"),
+        ("Prefer", "respond-async, handling=lenient"),
+    ];
+    let url = server.url(&format!(
+        "/$export?_type=Observation&_typeFilter={}",
+        encode("Observation?foo=1&code=8867-4")
+    ));
+    let kick = request("GET", &url, &lenient, None);
+    assert_eq!(kick.status, 202, "{}", kick.body);
+    let manifest = wait_for_manifest(&kick.header("content-location").unwrap());
+    let errors = manifest["error"].as_array().unwrap();
+    assert_eq!(errors.len(), 1);
+    let outcome = get(errors[0]["url"].as_str().unwrap()).body;
+    assert!(outcome.contains("foo"), "{outcome}");
+    let got = exported_ids(&manifest);
+    assert_eq!(
+        got["Observation"],
+        ids(
+            &of_type(&data, "Observation"),
+            |r| r["code"]["coding"][0]["code"] == "8867-4"
+        )
+    );
+}
