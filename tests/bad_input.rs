@@ -366,6 +366,7 @@ fn metadata_declares_bulk_export() {
         .as_array()
         .unwrap()
         .iter()
+        .filter(|r| r.get("operation").is_some())
         .map(|r| {
             (
                 r["type"].as_str().unwrap(),
@@ -373,6 +374,42 @@ fn metadata_declares_bulk_export() {
             )
         })
         .collect();
+    assert_eq!(resource_ops.len(), 2);
+    let documentation = rest["operation"][0]["documentation"].as_str().unwrap();
+    for param in [
+        "_since",
+        "_until",
+        "_type",
+        "_typeFilter",
+        "_elements",
+        "patient",
+    ] {
+        assert!(documentation.contains(param), "{documentation}");
+    }
+    // Every R4 type lists the search parameters _typeFilter can use.
+    let resources = rest["resource"].as_array().unwrap();
+    assert_eq!(resources.len(), 145);
+    let observation = resources
+        .iter()
+        .find(|r| r["type"] == "Observation")
+        .unwrap();
+    let params: Vec<(&str, &str)> = observation["searchParam"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["type"].as_str().unwrap()))
+        .collect();
+    for wanted in [
+        ("code", "token"),
+        ("date", "date"),
+        ("subject", "reference"),
+        ("value-quantity", "quantity"),
+        ("value-string", "string"),
+        ("_lastUpdated", "date"),
+    ] {
+        assert!(params.contains(&wanted), "{wanted:?} in {params:?}");
+    }
+    assert!(!params.iter().any(|(_, t)| *t == "composite"));
     assert!(resource_ops.contains(&(
         "Patient",
         "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"

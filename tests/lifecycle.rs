@@ -61,8 +61,12 @@ fn simultaneous_kickoffs_get_exactly_one_202() {
             let (server, barrier) = (server.clone(), barrier.clone());
             std::thread::spawn(move || {
                 barrier.wait();
+                // Eight different clients: only one of them gets the lock.
                 let path = ["/$export", "/Patient/$export", "/Group/group-0/$export"][i % 3];
-                server.kickoff(path)
+                let token = format!("Bearer client-{i}");
+                let mut headers = KICKOFF_HEADERS.to_vec();
+                headers.push(("Authorization", &token));
+                request("GET", &server.url(path), &headers, None)
             })
         })
         .collect();
@@ -87,7 +91,7 @@ fn cancel_stops_the_export_deletes_files_and_frees_the_lock() {
     assert_eq!(kick.status, 202);
     let location = kick.header("content-location").unwrap();
     wait_for_progress(&server, &location);
-    assert_eq!(server.kickoff("/$export").status, 429);
+    assert_eq!(server.kickoff("/$export?_type=Patient").status, 429);
 
     let cancel = request("DELETE", &location, &[], None);
     assert_eq!(cancel.status, 202, "{}", cancel.body);
@@ -219,4 +223,35 @@ fn writes_during_an_export_do_not_leak_into_it() {
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0]["status"], "amended");
     assert_eq!(seen[0]["meta"]["versionId"], "2");
+}
+
+#[test]
+fn the_same_client_repeating_a_kickoff_is_sent_to_its_running_export() {
+    let dir = scratch_dir("repeat");
+    generated_store(&dir, 20);
+    let server = Server::start(&dir, &SLOW);
+    let as_client = |client: &str, path: &str| {
+        let token = format!("Bearer {client}");
+        let mut headers = KICKOFF_HEADERS.to_vec();
+        headers.push(("Authorization", &token));
+        request("GET", &server.url(path), &headers, None)
+    };
+    let first = as_client("alice", "/$export?_type=Patient,Observation");
+    assert_eq!(first.status, 202, "{}", first.body);
+    let location = first.header("content-location").unwrap();
+    let again = as_client("alice", "/$export?_type=Patient,Observation");
+    assert_eq!(again.status, 202, "{}", again.body);
+    assert_eq!(again.header("content-location").unwrap(), location);
+    // A different request, or the same request from another client, is still refused.
+    as_client("alice", "/$export?_type=Patient").assert_outcome(429);
+    as_client("bob", "/$export?_type=Patient,Observation").assert_outcome(429);
+    server
+        .kickoff("/$export?_type=Patient,Observation")
+        .assert_outcome(429);
+    let manifest = wait_for_manifest(&location);
+    assert!(!manifest["output"].as_array().unwrap().is_empty());
+    // Once it has finished, the same kick-off starts a new export.
+    let after = as_client("alice", "/$export?_type=Patient,Observation");
+    assert_eq!(after.status, 202);
+    assert_ne!(after.header("content-location").unwrap(), location);
 }

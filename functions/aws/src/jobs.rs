@@ -309,6 +309,28 @@ impl ExportLock for DynamoJobStore {
         }
     }
 
+    async fn holder(&self, now: Instant) -> StoreResult<Option<String>> {
+        let item = self
+            .table
+            .client
+            .get_item()
+            .table_name(&self.table.name)
+            .key("pk", attr_s(LOCK_PK))
+            .key("sk", attr_s("lock"))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(dynamo_err)?
+            .item;
+        let Some(item) = item else {
+            return Ok(None);
+        };
+        let expires = get_n(&item, "expires").unwrap_or(0);
+        Ok((expires > to_micros(now))
+            .then(|| get_s(&item, "owner"))
+            .flatten())
+    }
+
     async fn release(&self, owner: &str) -> StoreResult<()> {
         let result = self
             .table

@@ -122,6 +122,10 @@ async fn a_second_kickoff_gets_429_until_the_first_finishes() {
     let second = aws.kickoff("/fhir/Patient/$export").await;
     second.assert_outcome(429);
     assert!(second.header("retry-after").is_some());
+    // The same (anonymous) client repeating its kick-off is sent to the running export.
+    let repeat = aws.kickoff("/fhir/$export").await;
+    assert_eq!(repeat.status, 202);
+    assert_eq!(repeat.status_path(), first.status_path());
 
     aws.start_lambdas(Delivery::Once, None);
     aws.wait_for_manifest(&first.status_path()).await;

@@ -7,7 +7,7 @@ use crate::error::{ApiError, StoreError, StoreResult};
 use crate::fhir::compartment::in_patient_compartment;
 use crate::fhir::outcome::{IssueCode, operation_outcome};
 use crate::fhir::time::{Instant, now_millis};
-use crate::ids::new_id;
+use crate::ids::{new_id, stable_digest};
 use crate::job::{Job, JobStatus};
 use crate::manifest::{manifest, part_key, progress_line, sort_parts};
 use crate::params::{ExportLevel, ExportParams};
@@ -71,14 +71,32 @@ impl Exporter {
         Exporter { ports, settings }
     }
 
-    /// Accepts a kick-off: checks the Group and patients, takes the export lock, stores the job.
+    /// Accepts a kick-off from an anonymous client (see [`Exporter::kickoff_for`]).
     pub async fn kickoff(
         &self,
         level: ExportLevel,
         params: ExportParams,
         request_url: String,
     ) -> Result<Job, ApiError> {
+        Ok(self.kickoff_for(level, params, request_url, "").await?.0)
+    }
+
+    /// Accepts a kick-off: checks the Group and patients, takes the export lock, stores the job.
+    /// When the lock is held by an identical kick-off of the same `client` (the credentials it
+    /// sent), that running job is returned instead of `429`; the flag says whether the job is new.
+    pub async fn kickoff_for(
+        &self,
+        level: ExportLevel,
+        params: ExportParams,
+        request_url: String,
+        client: &str,
+    ) -> Result<(Job, bool), ApiError> {
         let now = now_millis();
+        let fingerprint = stable_digest(&[
+            client,
+            &serde_json::to_string(&level).map_err(StoreError::from)?,
+            &serde_json::to_string(&params).map_err(StoreError::from)?,
+        ]);
         let resources = &self.ports.resources;
         let members = match &level {
             ExportLevel::Group(group_id) => Some(
@@ -106,13 +124,17 @@ impl Exporter {
             }
         }
 
-        let job = Job::new(new_id(), level, request_url, params, now);
+        let mut job = Job::new(new_id(), level, request_url, params, now);
+        job.fingerprint = Some(fingerprint);
         if !self
             .ports
             .lock
             .acquire(&job.id, self.settings.lock_lease, now)
             .await?
         {
+            if let Some(running) = self.identical_running(&job, now).await? {
+                return Ok((running, false));
+            }
             let mut busy = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 IssueCode::Throttled,
@@ -126,7 +148,16 @@ impl Exporter {
             return Err(e.into());
         }
         tracing::info!(job = %job.id, level = ?job.level, "export accepted");
-        Ok(job)
+        Ok((job, true))
+    }
+
+    /// The active job holding the lock, if it has the same fingerprint as `job`.
+    async fn identical_running(&self, job: &Job, now: Instant) -> StoreResult<Option<Job>> {
+        let Some(holder) = self.ports.lock.holder(now).await? else {
+            return Ok(None);
+        };
+        let running = self.ports.jobs.get(&holder).await?;
+        Ok(running.filter(|r| r.status.is_active() && r.fingerprint == job.fingerprint))
     }
 
     /// Cuts an accepted job into work items and stores them with the job's patient set.

@@ -40,3 +40,16 @@ mod tests {
         assert_ne!(a, b);
     }
 }
+
+/// A stable 64-bit FNV-1a digest as 16 hex digits: the same input gives the same digest in every
+/// process and version (unlike `std`'s hashers), so Lambdas can compare kick-off fingerprints.
+pub fn stable_digest(parts: &[&str]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.bytes().chain(std::iter::once(0)) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{hash:016x}")
+}

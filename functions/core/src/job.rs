@@ -66,6 +66,9 @@ pub struct Job {
     pub error: Option<String>,
     /// Number of work items the job was cut into (0 until planned).
     pub items_total: u32,
+    /// Who asked for what: the same client repeating an identical kick-off is sent to this job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 impl Job {
@@ -89,6 +92,7 @@ impl Job {
             expires_at: None,
             error: None,
             items_total: 0,
+            fingerprint: None,
         }
     }
 

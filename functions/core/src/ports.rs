@@ -167,6 +167,8 @@ pub trait ExportLock: Send + Sync {
     async fn renew(&self, owner: &str, lease: Duration, now: Instant) -> StoreResult<bool>;
     /// Frees the lock if `owner` holds it.
     async fn release(&self, owner: &str) -> StoreResult<()>;
+    /// Who holds the lock now (a lease that ended counts as free).
+    async fn holder(&self, now: Instant) -> StoreResult<Option<String>>;
 }
 
 /// Bytes of a stored file, streamed.

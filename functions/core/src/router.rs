@@ -17,8 +17,8 @@ use crate::params::{
 use crate::ports::{ByteStream, Dispatcher};
 use bytes::Bytes;
 use http::header::{
-    ACCEPT, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_TYPE,
-    EXPIRES, HOST, RETRY_AFTER, VARY,
+    ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_LOCATION,
+    CONTENT_TYPE, EXPIRES, HOST, RETRY_AFTER, VARY,
 };
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use serde_json::Value;
@@ -159,11 +159,16 @@ impl Api {
             &headers,
             now_millis(),
         )?;
-        let job = self
+        let client = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let (job, is_new) = self
             .exporter
-            .kickoff(level, params, self.request_url(request))
+            .kickoff_for(level, params, self.request_url(request), client)
             .await?;
-        if let Err(e) = self.dispatcher.start(&job.id).await {
+        if is_new && let Err(e) = self.dispatcher.start(&job.id).await {
             self.exporter
                 .fail(&job.id, &format!("could not start the export: {e}"))
                 .await

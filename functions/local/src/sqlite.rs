@@ -632,6 +632,20 @@ impl ExportLock for SqliteStore {
         .await
     }
 
+    async fn holder(&self, now: Instant) -> StoreResult<Option<String>> {
+        let now = to_micros(now);
+        self.run(move |conn| {
+            conn.query_row(
+                "SELECT owner FROM export_lock WHERE name = ?1 AND expires > ?2",
+                params![LOCK_NAME, now],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(db_err)
+        })
+        .await
+    }
+
     async fn release(&self, owner: &str) -> StoreResult<()> {
         let owner = owner.to_string();
         self.run(move |conn| {

@@ -1,6 +1,20 @@
 //! The server's R4 `CapabilityStatement`.
 
+use crate::fhir::RESOURCE_TYPES;
+use crate::type_filter::{ParamKind, search_params_of};
 use serde_json::{Value, json};
+
+/// The kick-off parameters this server implements, as the CapabilityStatement documents them.
+pub const KICKOFF_PARAMETERS: &[&str] = &[
+    "_outputFormat",
+    "_since",
+    "_until",
+    "_type",
+    "_typeFilter",
+    "_elements",
+    "patient",
+    "includeAssociatedData",
+];
 
 const EXPORT_OPERATION: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export";
 const PATIENT_EXPORT_OPERATION: &str =
@@ -11,9 +25,25 @@ const GROUP_EXPORT_OPERATION: &str =
 /// The CapabilityStatement for a server whose FHIR base is `base_url`.
 ///
 /// It `instantiates` the Bulk Data IG's server CapabilityStatement and declares `$export` at
-/// system, Patient and Group level.
+/// system, Patient and Group level. Every resource type lists the search parameters its
+/// `_typeFilter` queries can use.
 pub fn capability_statement(base_url: &str, software_version: &str, published: &str) -> Value {
-    let export_op = |definition: &str| json!({"name": "export", "definition": definition});
+    let export_op = |definition: &str| {
+        json!({"name": "export", "definition": definition,
+            "documentation": format!("Kick-off parameters: {}", KICKOFF_PARAMETERS.join(", "))})
+    };
+    let resources: Vec<Value> = RESOURCE_TYPES
+        .iter()
+        .map(|t| {
+            let mut entry = json!({"type": t, "searchParam": search_params(t)});
+            match *t {
+                "Patient" => entry["operation"] = json!([export_op(PATIENT_EXPORT_OPERATION)]),
+                "Group" => entry["operation"] = json!([export_op(GROUP_EXPORT_OPERATION)]),
+                _ => {}
+            }
+            entry
+        })
+        .collect();
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -27,14 +57,31 @@ pub fn capability_statement(base_url: &str, software_version: &str, published: &
         "format": ["application/fhir+json"],
         "rest": [{
             "mode": "server",
-            "documentation": "Bulk Data Access IG v2.0.0 $export at system, Patient and Group level. \
-                Kick-off parameters: _outputFormat, _since, _until, _type, patient (POST). \
-                One export runs at a time; a second kick-off is answered 429 with Retry-After.",
-            "resource": [
-                {"type": "Patient", "operation": [export_op(PATIENT_EXPORT_OPERATION)]},
-                {"type": "Group", "operation": [export_op(GROUP_EXPORT_OPERATION)]}
-            ],
+            "documentation": format!("Bulk Data Access IG v2.0.0 $export at system, Patient and Group level. \
+                Kick-off parameters: {}. _typeFilter queries may use the searchParam listed for each \
+                resource type (no chaining, _include or _sort). One export runs at a time; a second \
+                kick-off is answered 429 with Retry-After, except that the same client repeating an \
+                identical kick-off is sent to the running export.", KICKOFF_PARAMETERS.join(", ")),
+            "resource": resources,
             "operation": [export_op(EXPORT_OPERATION)]
         }]
     })
+}
+
+fn search_params(resource_type: &str) -> Vec<Value> {
+    search_params_of(resource_type)
+        .into_iter()
+        .map(|(name, kind)| {
+            let kind = match kind {
+                ParamKind::Token => "token",
+                ParamKind::Reference => "reference",
+                ParamKind::Date => "date",
+                ParamKind::String => "string",
+                ParamKind::Uri => "uri",
+                ParamKind::Number => "number",
+                ParamKind::Quantity => "quantity",
+            };
+            json!({"name": name, "type": kind, "documentation": "usable in _typeFilter"})
+        })
+        .collect()
 }
