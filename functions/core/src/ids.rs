@@ -30,17 +30,6 @@ pub fn new_id() -> String {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn ids_differ() {
-        let a = super::new_id();
-        let b = super::new_id();
-        assert_eq!(a.len(), 32);
-        assert_ne!(a, b);
-    }
-}
-
 /// A stable 64-bit FNV-1a digest as 16 hex digits: the same input gives the same digest in every
 /// process and version (unlike `std`'s hashers), so Lambdas can compare kick-off fingerprints.
 pub fn stable_digest(parts: &[&str]) -> String {
@@ -52,4 +41,15 @@ pub fn stable_digest(parts: &[&str]) -> String {
         }
     }
     format!("{hash:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ids_differ() {
+        let a = super::new_id();
+        let b = super::new_id();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
 }
