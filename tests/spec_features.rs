@@ -195,3 +195,120 @@ fn unusable_filters_are_rejected_or_reported_when_lenient() {
         )
     );
 }
+
+fn load_file(dir: &std::path::Path, name: &str, content: &str) {
+    let file = dir.join(name);
+    std::fs::write(&file, content).unwrap();
+    run_cli(&[
+        "load",
+        "--db",
+        dir.join("store.db").to_str().unwrap(),
+        file.to_str().unwrap(),
+    ]);
+}
+
+/// Lines of the manifest's `deleted` files, checked to be DELETE transaction Bundles; returns
+/// the deleted `Type/id`s, sorted.
+fn deleted_urls(manifest: &Value) -> Vec<String> {
+    let mut urls = Vec::new();
+    for entry in manifest["deleted"].as_array().expect("deleted array") {
+        assert_eq!(entry["type"], "Bundle");
+        let body = get(entry["url"].as_str().unwrap()).body;
+        let lines: Vec<Value> = body
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len() as u64, entry["count"].as_u64().unwrap());
+        for bundle in lines {
+            assert_eq!(bundle["resourceType"], "Bundle");
+            assert_eq!(bundle["type"], "transaction");
+            let request = &bundle["entry"][0]["request"];
+            assert_eq!(request["method"], "DELETE");
+            urls.push(request["url"].as_str().unwrap().to_string());
+        }
+    }
+    urls.sort();
+    urls
+}
+
+#[test]
+fn deleted_resources_are_listed_with_since_and_never_exported() {
+    let dir = scratch_dir("deleted");
+    let data_dir = generated_store(&dir, 6);
+    let data = read_ndjson_dir(&data_dir);
+    let before_deletes = chrono_now();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // Delete three Observations and Patient pat-000001; then re-create one Observation.
+    let deletes = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": "Observation/obs-pat-000000-0"}},
+        {"request": {"method": "DELETE", "url": "Observation/obs-pat-000000-1"}},
+        {"request": {"method": "DELETE", "url": "Observation/obs-pat-000002-5"}},
+        {"request": {"method": "DELETE", "url": "Patient/pat-000001"}},
+        {"request": {"method": "DELETE", "url": "Observation/never-existed"}}]});
+    load_file(&dir, "deletes.json", &deletes.to_string());
+    let mut recreated = data
+        .iter()
+        .find(|r| r["id"] == "obs-pat-000000-1")
+        .unwrap()
+        .clone();
+    recreated["meta"]
+        .as_object_mut()
+        .unwrap()
+        .remove("lastUpdated");
+    recreated["status"] = json!("amended");
+    load_file(&dir, "recreate.ndjson", &format!("{recreated}\n"));
+    let server = Server::start(&dir, &[]);
+
+    // Without _since: deleted resources are simply absent; the re-created one is live.
+    let manifest = server.export("/$export?_type=Observation,Patient");
+    assert!(manifest["deleted"].as_array().unwrap().is_empty());
+    let got = exported_ids(&manifest);
+    let observations = &got["Observation"];
+    assert!(!observations.contains(&"obs-pat-000000-0".to_string()));
+    assert!(!observations.contains(&"obs-pat-000002-5".to_string()));
+    assert!(observations.contains(&"obs-pat-000000-1".to_string()));
+    assert_eq!(observations.len(), of_type(&data, "Observation").len() - 2);
+    assert!(!got["Patient"].contains(&"pat-000001".to_string()));
+
+    // With _since: the deletions in the window, as DELETE Bundles; output has only what changed.
+    let manifest = server.export(&format!("/$export?_since={before_deletes}"));
+    assert_eq!(
+        deleted_urls(&manifest),
+        vec![
+            "Observation/obs-pat-000000-0",
+            "Observation/obs-pat-000002-5",
+            "Patient/pat-000001"
+        ]
+    );
+    let got = exported_ids(&manifest);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got["Observation"], vec!["obs-pat-000000-1"]);
+
+    // Patient level: a deleted Patient's compartment is gone, other deletions are listed.
+    let manifest = server.export(&format!("/Patient/$export?_since={before_deletes}"));
+    assert_eq!(
+        deleted_urls(&manifest),
+        vec![
+            "Observation/obs-pat-000000-0",
+            "Observation/obs-pat-000002-5"
+        ]
+    );
+    let all = exported_ids(&server.export("/Patient/$export?_type=Observation"));
+    assert!(
+        !all["Observation"]
+            .iter()
+            .any(|id| id.starts_with("obs-pat-000001-"))
+    );
+    assert!(
+        all["Observation"]
+            .iter()
+            .any(|id| id.starts_with("obs-pat-000002-"))
+    );
+}
+
+/// Now as a FHIR instant, for `_since`.
+fn chrono_now() -> String {
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string()
+}

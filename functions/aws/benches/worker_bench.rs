@@ -60,6 +60,7 @@ fn settings(prefix: &str) -> AwsSettings {
         work_queue_url: String::new(),
         shards: 4,
         url_expiry: Duration::from_secs(300),
+        gzip_output: true,
         worker_reserve: Duration::from_secs(60),
         heartbeat_every: Duration::from_secs(60),
         export: Settings::default(),

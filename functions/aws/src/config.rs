@@ -15,6 +15,8 @@ pub struct AwsSettings {
     pub shards: u32,
     /// Lifetime of presigned download URLs (at most 300 s).
     pub url_expiry: Duration,
+    /// Store NDJSON objects gzipped (`Content-Encoding: gzip`).
+    pub gzip_output: bool,
     /// Time a worker keeps back before its Lambda deadline to hand over to a fresh invocation.
     pub worker_reserve: Duration,
     /// How often a worker sends Step Functions heartbeats and renews the export lock.
@@ -37,7 +39,7 @@ fn number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
 
 impl AwsSettings {
     /// Reads `RESOURCES_TABLE`, `JOBS_TABLE`, `EXPORT_BUCKET`, `STATE_MACHINE_ARN`,
-    /// `WORK_QUEUE_URL`, and optional `SHARDS`, `URL_EXPIRY_SECONDS`,
+    /// `WORK_QUEUE_URL`, and optional `SHARDS`, `URL_EXPIRY_SECONDS`, `GZIP_OUTPUT`,
     /// `MAX_FILE_BYTES`, `MAX_FILE_RESOURCES`, `RETENTION_DAYS` (or `RETENTION_SECONDS`),
     /// `LOCK_LEASE_SECONDS`, `WORKER_RESERVE_MS`.
     pub fn from_env() -> Result<Self, String> {
@@ -50,6 +52,7 @@ impl AwsSettings {
             work_queue_url: std::env::var("WORK_QUEUE_URL").unwrap_or_default(),
             shards: number("SHARDS", 16)?,
             url_expiry: Duration::from_secs(number("URL_EXPIRY_SECONDS", 300u64)?.min(300)),
+            gzip_output: std::env::var("GZIP_OUTPUT").map_or(true, |v| v != "false"),
             worker_reserve: Duration::from_millis(number("WORKER_RESERVE_MS", 60_000)?),
             heartbeat_every: Duration::from_secs(60),
             export: Settings {

@@ -9,6 +9,9 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectI
 use bytes::{Bytes, BytesMut};
 use export_core::error::{StoreError, StoreResult};
 use export_core::ports::{ByteStream, OutputStore, PartWriter};
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use std::io::Write;
 use std::time::Duration;
 
 /// Bytes buffered before one multipart part is uploaded (S3's minimum is 5 MiB).
@@ -24,6 +27,7 @@ pub struct S3Output {
     client: Client,
     bucket: String,
     url_expiry: Duration,
+    gzip: bool,
 }
 
 impl S3Output {
@@ -33,7 +37,16 @@ impl S3Output {
             client,
             bucket: bucket.into(),
             url_expiry: url_expiry.min(Duration::from_secs(300)),
+            gzip: true,
         }
+    }
+
+    /// Whether objects are stored gzipped with `Content-Encoding: gzip` (the default), so that
+    /// presigned downloads are compressed too. HTTP clients that send no `Accept-Encoding` accept
+    /// any coding (RFC 9110 §12.5.3); turn this off for clients that cannot decode gzip.
+    pub fn with_gzip(mut self, gzip: bool) -> Self {
+        self.gzip = gzip;
+        self
     }
 
     /// Every object key under `prefix`.
@@ -71,9 +84,15 @@ struct S3Part {
     buffer: BytesMut,
     upload_id: Option<String>,
     completed: Vec<CompletedPart>,
+    /// Compresses what is written, when objects are stored gzipped.
+    gzip: Option<GzEncoder<Vec<u8>>>,
 }
 
 impl S3Part {
+    fn content_encoding(&self) -> Option<String> {
+        self.gzip.as_ref().map(|_| "gzip".to_string())
+    }
+
     async fn upload(&mut self, chunk: Bytes) -> StoreResult<()> {
         let upload_id = match &self.upload_id {
             Some(id) => id.clone(),
@@ -84,6 +103,7 @@ impl S3Part {
                     .bucket(&self.bucket)
                     .key(&self.key)
                     .content_type("application/fhir+ndjson")
+                    .set_content_encoding(self.content_encoding())
                     .send()
                     .await
                     .map_err(s3_err)?;
@@ -117,7 +137,14 @@ impl S3Part {
 #[async_trait]
 impl PartWriter for S3Part {
     async fn write(&mut self, data: Bytes) -> StoreResult<()> {
-        self.buffer.extend_from_slice(&data);
+        match &mut self.gzip {
+            Some(encoder) => {
+                encoder.write_all(&data)?;
+                self.buffer.extend_from_slice(encoder.get_ref());
+                encoder.get_mut().clear();
+            }
+            None => self.buffer.extend_from_slice(&data),
+        }
         while self.buffer.len() >= UPLOAD_PART_BYTES {
             let chunk = self.buffer.split_to(UPLOAD_PART_BYTES).freeze();
             self.upload(chunk).await?;
@@ -126,6 +153,11 @@ impl PartWriter for S3Part {
     }
 
     async fn finish(mut self: Box<Self>) -> StoreResult<()> {
+        if let Some(encoder) = self.gzip.take() {
+            let tail = encoder.finish()?;
+            self.buffer.extend_from_slice(&tail);
+            self.gzip = Some(GzEncoder::new(Vec::new(), Compression::fast()));
+        }
         let rest = self.buffer.split().freeze();
         if self.upload_id.is_none() {
             self.client
@@ -133,6 +165,7 @@ impl PartWriter for S3Part {
                 .bucket(&self.bucket)
                 .key(&self.key)
                 .content_type("application/fhir+ndjson")
+                .set_content_encoding(self.content_encoding())
                 .body(S3Bytes::from(rest))
                 .send()
                 .await
@@ -182,6 +215,9 @@ impl OutputStore for S3Output {
             buffer: BytesMut::new(),
             upload_id: None,
             completed: Vec::new(),
+            gzip: self
+                .gzip
+                .then(|| GzEncoder::new(Vec::new(), Compression::fast())),
         }))
     }
 

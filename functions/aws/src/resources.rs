@@ -4,17 +4,18 @@
 //!
 //! | item | pk | sk | holds |
 //! |---|---|---|---|
-//! | version | `r#<type>#<shard>` | `<lastUpdated µs, 20 digits>#<id>#<version>` | body, `lu`, `sup`, `pats` |
-//! | compartment entry | `p#<patient>` | `<type>#<id>#<version>` | body, `lu`, `sup`, `pats` |
-//! | history | `h#<type>#<id>` | `v<version>` | `lu`, `sup`, `shard`, `vsk` |
-//! | current pointer | `h#<type>#<id>` | `current` | `v`, `lu`, `shard`, `vsk`, `pats` |
+//! | version | `r#<type>#<shard>` | `<lastUpdated µs, 20 digits>#<id>#<version>` | body, `lu`, `sup`, `pats`, `del` |
+//! | compartment entry | `p#<patient>` | `<type>#<id>#<version>` | body, `lu`, `sup`, `pats`, `del` |
+//! | history | `h#<type>#<id>` | `v<version>` | `lu`, `sup`, `shard`, `vsk`, `del` |
+//! | current pointer | `h#<type>#<id>` | `current` | `v`, `lu`, `shard`, `vsk`, `pats`, `del` |
 //! | type registry | `types` | `<type>` | |
 //!
 //! Each type's versions are spread over `shards` partitions, so workers read one type in
 //! parallel, and sorted by lastUpdated, so `_since`/`_until` read only their window. A version's
 //! `sup` is the lastUpdated of the version that replaced it: an export reads the version current
 //! at its transaction time. The compartment entries are written at load time, so a Patient or Group
-//! export reads its members' entries and never scans the store.
+//! export reads its members' entries and never scans the store. A deletion is a version with
+//! `del = 1` that keeps the compartments of the version it deletes.
 
 use crate::dynamo::{
     DynamoTable, SortKeys, attr_n, attr_s, attr_string_list, get_n, get_s, get_string_list,
@@ -41,8 +42,9 @@ const PATIENT_CACHE_LIMIT: usize = 100_000;
 pub struct DynamoResourceStore {
     table: DynamoTable,
     shards: u32,
-    /// Patient id → lastUpdated (µs) of its first version, for "does this patient exist".
-    patient_created: Mutex<HashMap<String, i64>>,
+    /// For "does this patient exist at the export's transaction time": the transaction time the
+    /// answers are for, and patient id → answer.
+    patient_exists_at: Mutex<(i64, HashMap<String, bool>)>,
 }
 
 /// A sortable, fixed-width form of a lastUpdated in microseconds.
@@ -71,7 +73,7 @@ impl DynamoResourceStore {
         DynamoResourceStore {
             table,
             shards: shards.max(1),
-            patient_created: Mutex::new(HashMap::new()),
+            patient_exists_at: Mutex::new((i64::MIN, HashMap::new())),
         }
     }
 
@@ -86,22 +88,34 @@ impl DynamoResourceStore {
             .table
             .query_all(&history_pk(resource_type, id), Some("v"), None)
             .await?;
-        Ok(items.into_iter().rev().find(|item| {
-            let lu = get_n(item, "lu").unwrap_or(i64::MAX);
-            lu <= as_of && get_n(item, "sup").is_none_or(|sup| sup > as_of)
-        }))
+        Ok(items
+            .into_iter()
+            .rev()
+            .find(|item| {
+                let lu = get_n(item, "lu").unwrap_or(i64::MAX);
+                lu <= as_of && get_n(item, "sup").is_none_or(|sup| sup > as_of)
+            })
+            .filter(|item| !is_deletion(item)))
     }
 
-    /// Creation times (µs) of the given patients that exist, from the cache or one batch read.
-    async fn patients_created(&self, ids: &BTreeSet<String>) -> StoreResult<HashMap<String, i64>> {
+    /// Which of the given patients exist at `as_of`, from the cache or one batch read of their
+    /// first version (creation) and current pointer (a deletion at or before `as_of`).
+    async fn patients_existing(
+        &self,
+        ids: &BTreeSet<String>,
+        as_of: i64,
+    ) -> StoreResult<HashMap<String, bool>> {
         let mut known = HashMap::new();
         let mut missing = Vec::new();
         {
-            let cache = self.patient_created.lock().expect("cache");
+            let mut cache = self.patient_exists_at.lock().expect("cache");
+            if cache.0 != as_of || cache.1.len() > PATIENT_CACHE_LIMIT {
+                *cache = (as_of, HashMap::new());
+            }
             for id in ids {
-                match cache.get(id) {
-                    Some(created) => {
-                        known.insert(id.clone(), *created);
+                match cache.1.get(id) {
+                    Some(exists) => {
+                        known.insert(id.clone(), *exists);
                     }
                     None => missing.push(id.clone()),
                 }
@@ -112,20 +126,39 @@ impl DynamoResourceStore {
         }
         let keys: Vec<(String, String)> = missing
             .iter()
-            .map(|id| (history_pk("Patient", id), format!("v{:010}", 1)))
+            .flat_map(|id| {
+                let pk = history_pk("Patient", id);
+                [
+                    (pk.clone(), format!("v{:010}", 1)),
+                    (pk, "current".to_string()),
+                ]
+            })
             .collect();
-        let found = self.table.batch_get(&keys).await?;
-        let mut cache = self.patient_created.lock().expect("cache");
-        if cache.len() > PATIENT_CACHE_LIMIT {
-            cache.clear();
-        }
-        for item in found {
-            let (Some(pk), Some(lu)) = (get_s(&item, "pk"), get_n(&item, "lu")) else {
+        let mut created: HashMap<String, i64> = HashMap::new();
+        let mut deleted: HashMap<String, i64> = HashMap::new();
+        for item in self.table.batch_get(&keys).await? {
+            let (Some(pk), Some(sk), Some(lu)) =
+                (get_s(&item, "pk"), get_s(&item, "sk"), get_n(&item, "lu"))
+            else {
                 continue;
             };
             let id = pk.trim_start_matches("h#Patient#").to_string();
-            cache.insert(id.clone(), lu);
-            known.insert(id, lu);
+            if sk == "current" {
+                if is_deletion(&item) {
+                    deleted.insert(id, lu);
+                }
+            } else {
+                created.insert(id, lu);
+            }
+        }
+        let mut cache = self.patient_exists_at.lock().expect("cache");
+        for id in missing {
+            let exists = created.get(&id).is_some_and(|c| *c <= as_of)
+                && deleted.get(&id).is_none_or(|d| *d > as_of);
+            if cache.0 == as_of {
+                cache.1.insert(id.clone(), exists);
+            }
+            known.insert(id, exists);
         }
         Ok(known)
     }
@@ -152,14 +185,16 @@ impl DynamoResourceStore {
         };
         let mut candidates = Vec::new();
         for item in items {
-            if get_n(&item, "sup").is_some_and(|sup| sup <= as_of) {
+            if get_n(&item, "sup").is_some_and(|sup| sup <= as_of)
+                || is_deletion(&item) != scope.deleted
+            {
                 continue;
             }
             candidates.push(item);
         }
         let existing = if any_patient {
             let wanted: BTreeSet<String> = candidates.iter().flat_map(patients_attr).collect();
-            Some(self.patients_created(&wanted).await?)
+            Some(self.patients_existing(&wanted, as_of).await?)
         } else {
             None
         };
@@ -167,7 +202,7 @@ impl DynamoResourceStore {
             if let Some(existing) = &existing {
                 let in_compartment = patients_attr(&item)
                     .iter()
-                    .any(|p| existing.get(p).is_some_and(|created| *created <= as_of));
+                    .any(|p| existing.get(p).copied().unwrap_or(false));
                 if !in_compartment {
                     continue;
                 }
@@ -230,8 +265,10 @@ impl DynamoResourceStore {
             for item in items {
                 let sk = get_s(&item, "sk").unwrap_or_default();
                 let lu = get_n(&item, "lu").unwrap_or(i64::MAX);
-                let visible =
-                    lu > since && lu <= until && get_n(&item, "sup").is_none_or(|sup| sup > as_of);
+                let visible = lu > since
+                    && lu <= until
+                    && get_n(&item, "sup").is_none_or(|sup| sup > as_of)
+                    && is_deletion(&item) == scope.deleted;
                 let owned_earlier = patients_attr(&item)
                     .iter()
                     .any(|other| other < patient && patients.binary_search(other).is_ok());
@@ -250,6 +287,11 @@ impl DynamoResourceStore {
         page.next = Some(format!("{index}|{}", after.unwrap_or_default()));
         Ok(page)
     }
+}
+
+/// Whether an item is (or points at) a version that deletes its resource.
+fn is_deletion(item: &HashMap<String, AttributeValue>) -> bool {
+    get_n(item, "del") == Some(1)
 }
 
 fn patients_attr(item: &HashMap<String, AttributeValue>) -> Vec<String> {
@@ -366,6 +408,14 @@ impl DynamoResourceStore {
         for mut r in resources {
             let hpk = history_pk(&r.resource_type, &r.id);
             let previous = current.get(&hpk);
+            if r.deleted {
+                // Deleting what does not exist (or is already deleted) changes nothing; a
+                // deletion stays in the compartments of the version it deletes.
+                match previous {
+                    Some(p) if !is_deletion(p) => r.patients = patients_attr(p),
+                    _ => continue,
+                }
+            }
             let version = previous.and_then(|p| get_n(p, "v")).unwrap_or(0) + 1;
             if let Some(meta) = r.json.get_mut("meta").and_then(Value::as_object_mut) {
                 meta.insert("versionId".into(), Value::String(version.to_string()));
@@ -388,9 +438,11 @@ impl DynamoResourceStore {
             if !r.patients.is_empty() {
                 version_item.insert("pats".into(), pats.clone());
             }
+            let deletion_mark = r.deleted.then(|| ("del".to_string(), attr_n(1)));
+            version_item.extend(deletion_mark.clone());
             puts.push(version_item);
             for patient in &r.patients {
-                puts.push(HashMap::from([
+                let mut entry = HashMap::from([
                     ("pk".to_string(), attr_s(&format!("p#{patient}"))),
                     (
                         "sk".to_string(),
@@ -400,10 +452,12 @@ impl DynamoResourceStore {
                     ("lu".to_string(), attr_n(lu)),
                     ("body".to_string(), attr_s(&body)),
                     ("pats".to_string(), pats.clone()),
-                ]));
+                ]);
+                entry.extend(deletion_mark.clone());
+                puts.push(entry);
             }
             let history = |sk: String| {
-                HashMap::from([
+                let mut item = HashMap::from([
                     ("pk".to_string(), attr_s(&hpk)),
                     ("sk".to_string(), attr_s(&sk)),
                     ("v".to_string(), attr_n(version)),
@@ -411,7 +465,9 @@ impl DynamoResourceStore {
                     ("shard".to_string(), attr_n(shard as i64)),
                     ("vsk".to_string(), attr_s(&vsk)),
                     ("pats".to_string(), pats.clone()),
-                ])
+                ]);
+                item.extend(deletion_mark.clone());
+                item
             };
             puts.push(history(format!("v{version:010}")));
             puts.push(history("current".to_string()));

@@ -44,7 +44,10 @@ impl AwsService {
             dynamodb,
             &settings.jobs_table,
         )));
-        let output = Arc::new(S3Output::new(s3, &settings.bucket, settings.url_expiry));
+        let output = Arc::new(
+            S3Output::new(s3, &settings.bucket, settings.url_expiry)
+                .with_gzip(settings.gzip_output),
+        );
         let ports = Ports {
             resources: resources.clone(),
             jobs: jobs.clone(),

@@ -9,7 +9,9 @@ use crate::fhir::outcome::{IssueCode, operation_outcome};
 use crate::fhir::time::{Instant, now_millis};
 use crate::ids::{new_id, stable_digest};
 use crate::job::{Job, JobStatus};
-use crate::manifest::{manifest, part_key, progress_line, sort_parts};
+use crate::manifest::{
+    deleted_part_key, deletion_bundle, manifest, part_key, progress_line, sort_parts,
+};
 use crate::params::{ExportLevel, ExportParams};
 use crate::ports::{
     ExportLock, JobStore, OutputStore, PartRecord, PartWriter, PatientScope, ReadScope,
@@ -207,18 +209,27 @@ impl Exporter {
         }
         types.sort_unstable();
 
+        // With `_since`, each type also gets items listing what was deleted in the window.
+        let kinds: &[bool] = if job.params.since.is_some() {
+            &[false, true]
+        } else {
+            &[false]
+        };
         let mut items = Vec::new();
-        for resource_type in types {
-            let partitions = resources.partitions(&resource_type, listed).await?.max(1);
-            for partition in 0..partitions {
-                let item = items.len() as u32;
-                items.push(WorkItem {
-                    job_id: job_id.to_string(),
-                    item,
-                    resource_type: resource_type.clone(),
-                    partition,
-                    partitions,
-                });
+        for &deleted in kinds {
+            for resource_type in &types {
+                let partitions = resources.partitions(resource_type, listed).await?.max(1);
+                for partition in 0..partitions {
+                    let item = items.len() as u32;
+                    items.push(WorkItem {
+                        job_id: job_id.to_string(),
+                        item,
+                        resource_type: resource_type.clone(),
+                        partition,
+                        partitions,
+                        deleted,
+                    });
+                }
             }
         }
         self.ports.jobs.put_items(&items).await?;
@@ -264,7 +275,9 @@ impl Exporter {
         };
         let scope = self.read_scope(&job, item).await?;
         let skip_group = match &job.level {
-            ExportLevel::Group(id) if item.resource_type == "Group" => Some(id.clone()),
+            ExportLevel::Group(id) if item.resource_type == "Group" && !item.deleted => {
+                Some(id.clone())
+            }
             _ => None,
         };
         let shaping = Shaping::new(&job.params);
@@ -282,7 +295,15 @@ impl Exporter {
                     cursor = Some(position);
                     continue;
                 }
-                let Some(line) = shaping.shape(&item.resource_type, resource.json)? else {
+                let line = if item.deleted {
+                    Some(Bytes::from(serde_json::to_vec(&deletion_bundle(
+                        &item.resource_type,
+                        &resource.id,
+                    ))?))
+                } else {
+                    shaping.shape(&item.resource_type, resource.json)?
+                };
+                let Some(line) = line else {
                     cursor = Some(position);
                     continue;
                 };
@@ -308,7 +329,11 @@ impl Exporter {
                 let open = match &mut part {
                     Some(open) => open,
                     None => {
-                        let key = part_key(&item.job_id, &item.resource_type, item.partition, seq);
+                        let key = if item.deleted {
+                            deleted_part_key(&item.job_id, &item.resource_type, item.partition, seq)
+                        } else {
+                            part_key(&item.job_id, &item.resource_type, item.partition, seq)
+                        };
                         let writer = self.ports.output.create_part(&key).await?;
                         part.insert(OpenPart {
                             key,
@@ -545,6 +570,7 @@ impl Exporter {
             until: job.window_end(),
             as_of: job.transaction_time,
             patients,
+            deleted: item.deleted,
         })
     }
 
@@ -564,12 +590,17 @@ impl Exporter {
         let record = PartRecord {
             job_id: item.job_id.clone(),
             key,
-            resource_type: item.resource_type.clone(),
+            resource_type: if item.deleted {
+                "Bundle".to_string()
+            } else {
+                item.resource_type.clone()
+            },
             item: item.item,
             seq,
             count,
             bytes,
             is_error: false,
+            is_deleted: item.deleted,
         };
         self.ports.jobs.record_part(&record).await
     }
@@ -610,6 +641,7 @@ impl Exporter {
             count: messages.len() as u64,
             bytes,
             is_error: true,
+            is_deleted: false,
         };
         self.ports.jobs.record_part(&record).await
     }

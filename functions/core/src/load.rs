@@ -182,10 +182,28 @@ fn read_json(
             .and_then(Value::as_str)
             .unwrap_or("PUT")
             .to_ascii_uppercase();
+        if method == "DELETE" {
+            let url = entry.pointer("/request/url").and_then(Value::as_str);
+            match url.and_then(reference::target_of) {
+                Some((t, id)) if is_resource_type(t) && is_valid_id(id) => {
+                    sink(deletion(t, id, now));
+                }
+                _ => issues(LoadIssue {
+                    location,
+                    message: format!(
+                        "DELETE request.url {} is not Type/id",
+                        url.unwrap_or("(missing)")
+                    ),
+                }),
+            }
+            continue;
+        }
         if !matches!(method.as_str(), "PUT" | "POST") {
             issues(LoadIssue {
                 location,
-                message: format!("request.method {method} is not loaded (only PUT and POST)"),
+                message: format!(
+                    "request.method {method} is not loaded (only PUT, POST and DELETE)"
+                ),
             });
             continue;
         }
@@ -272,6 +290,20 @@ fn rewrite_references(value: &mut Value, renames: &HashMap<String, String>) {
     }
 }
 
+/// A deletion of `resource_type/id` at `now`: a version that marks the resource deleted. The
+/// store gives it the compartments of the version it deletes.
+pub fn deletion(resource_type: &str, id: &str, now: Instant) -> NewResource {
+    NewResource {
+        resource_type: resource_type.to_string(),
+        id: id.to_string(),
+        last_updated: now,
+        json: serde_json::json!({"resourceType": resource_type, "id": id,
+            "meta": {"lastUpdated": format_instant(now)}}),
+        patients: Vec::new(),
+        deleted: true,
+    }
+}
+
 /// Checks a resource and fills in what the store needs: `meta.lastUpdated` (set to `now` when
 /// missing) and its compartment patients.
 pub fn prepare(value: Value, now: Instant) -> Result<NewResource, String> {
@@ -310,6 +342,7 @@ pub fn prepare(value: Value, now: Instant) -> Result<NewResource, String> {
         last_updated,
         json,
         patients,
+        deleted: false,
     })
 }
 
@@ -354,7 +387,9 @@ mod tests {
             {"fullUrl":"urn:uuid:aaaa-1","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient"}},
             {"fullUrl":"urn:uuid:bbbb-2","resource":{"resourceType":"Observation","subject":{"reference":"urn:uuid:aaaa-1"}},"request":{"method":"POST","url":"Observation"}},
             {"resource":{"resourceType":"Condition","subject":{"reference":"Patient/aaaa-1"}},"request":{"method":"PUT","url":"Condition/c9"}},
-            {"request":{"method":"DELETE","url":"Patient/x"}}
+            {"request":{"method":"DELETE","url":"Patient/x"}},
+            {"request":{"method":"DELETE","url":"Patient?name=x"}},
+            {"request":{"method":"PATCH","url":"Patient/x"}}
         ]});
         let mut loaded = Vec::new();
         let mut problems = Vec::new();
@@ -366,10 +401,12 @@ mod tests {
             &mut |i| problems.push(i),
         )
         .unwrap();
-        assert_eq!(loaded.len(), 3);
+        assert_eq!(loaded.len(), 4);
         assert_eq!(loaded[1].patients, vec!["aaaa-1"]);
         assert_eq!(loaded[2].id, "c9");
-        assert_eq!(problems.len(), 1);
-        assert_eq!(problems[0].location, "b.json:entry[3]");
+        assert!(loaded[3].deleted && loaded[3].id == "x" && loaded[3].resource_type == "Patient");
+        assert_eq!(problems.len(), 2);
+        assert_eq!(problems[0].location, "b.json:entry[4]");
+        assert_eq!(problems[1].location, "b.json:entry[5]");
     }
 }

@@ -11,6 +11,18 @@ pub fn part_key(job_id: &str, resource_type: &str, partition: u32, seq: u32) -> 
     format!("{job_id}/{resource_type}/{partition:03}-{seq:04}.ndjson")
 }
 
+/// Storage key of a deleted-resources part of one type: `<job>/deleted-<type>/...`.
+pub fn deleted_part_key(job_id: &str, resource_type: &str, partition: u32, seq: u32) -> String {
+    part_key(job_id, &format!("deleted-{resource_type}"), partition, seq)
+}
+
+/// One line of a deleted-resources file: a transaction Bundle deleting `Type/id`.
+pub fn deletion_bundle(resource_type: &str, id: &str) -> Value {
+    json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": format!("{resource_type}/{id}")}}
+    ]})
+}
+
 /// Orders parts as the manifest lists them: by type, then partition, then sequence.
 pub fn sort_parts(parts: &mut [PartRecord]) {
     parts.sort_by(|a, b| (&a.resource_type, &a.key).cmp(&(&b.resource_type, &b.key)));
@@ -22,7 +34,13 @@ pub fn manifest(job: &Job, parts: &[PartRecord], urls: &[String]) -> Value {
     let output: Vec<Value> = parts
         .iter()
         .zip(urls)
-        .filter(|(p, _)| !p.is_error)
+        .filter(|(p, _)| !p.is_error && !p.is_deleted)
+        .map(entry)
+        .collect();
+    let deleted: Vec<Value> = parts
+        .iter()
+        .zip(urls)
+        .filter(|(p, _)| p.is_deleted)
         .map(entry)
         .collect();
     let error: Vec<Value> = parts
@@ -36,6 +54,7 @@ pub fn manifest(job: &Job, parts: &[PartRecord], urls: &[String]) -> Value {
         "request": job.request_url,
         "requiresAccessToken": false,
         "output": output,
+        "deleted": deleted,
         "error": error,
     })
 }

@@ -37,6 +37,9 @@ pub struct ReadScope {
     /// The version of each resource current at this instant is the one read.
     pub as_of: Instant,
     pub patients: PatientScope,
+    /// Read the resources whose version current at `as_of` is a deletion (deleted in the
+    /// window) instead of the live ones.
+    pub deleted: bool,
 }
 
 /// One stored resource as read for export.
@@ -67,8 +70,11 @@ pub struct NewResource {
     pub last_updated: Instant,
     /// Minified JSON of the resource; `meta.lastUpdated` and `meta.versionId` are set by the store.
     pub json: serde_json::Value,
-    /// Patients whose compartment holds this resource.
+    /// Patients whose compartment holds this resource (for a deletion: taken from the version
+    /// it deletes).
     pub patients: Vec<String>,
+    /// This version deletes the resource; a later version re-creates it.
+    pub deleted: bool,
 }
 
 /// The FHIR data being exported.
@@ -83,7 +89,7 @@ pub trait ResourceStore: Send + Sync {
         resource_type: &str,
         listed_patients: Option<usize>,
     ) -> StoreResult<u32>;
-    /// Whether Patient `id` exists at `as_of`.
+    /// Whether Patient `id` exists (and is not deleted) at `as_of`.
     async fn patient_exists(&self, id: &str, as_of: Instant) -> StoreResult<bool>;
     /// The Patient ids of `Group.member.entity` at `as_of`, or `None` if the Group does not exist.
     async fn group_members(
@@ -116,6 +122,9 @@ pub struct PartRecord {
     pub bytes: u64,
     /// Error file (OperationOutcome lines) rather than output.
     pub is_error: bool,
+    /// Deleted-resources file (transaction Bundles of DELETE requests), the manifest's `deleted`.
+    #[serde(default)]
+    pub is_deleted: bool,
 }
 
 /// A unit of work: one partition of one type.
@@ -126,6 +135,9 @@ pub struct WorkItem {
     pub resource_type: String,
     pub partition: u32,
     pub partitions: u32,
+    /// Lists the type's resources deleted in the `_since` window rather than exporting live ones.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
 }
 
 /// Job state, work items and finished parts.

@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS resources (
     version    INTEGER NOT NULL,
     lu         INTEGER NOT NULL,  -- meta.lastUpdated, microseconds since the epoch
     superseded INTEGER,           -- lastUpdated of the next version; NULL while current
-    body       TEXT    NOT NULL   -- minified JSON
+    body       TEXT    NOT NULL,  -- minified JSON
+    deleted    INTEGER NOT NULL DEFAULT 0  -- 1: this version deletes the resource
 );
 CREATE UNIQUE INDEX IF NOT EXISTS resources_by_id ON resources (type, id, version);
 CREATE INDEX IF NOT EXISTS resources_by_time ON resources (type, lu);
@@ -75,6 +76,11 @@ impl SqliteStore {
         };
         let conn = store.connect()?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        // Stores created before deletions were kept get the column (an error means it exists).
+        let _ = conn.execute(
+            "ALTER TABLE resources ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0",
+            [],
+        );
         store.pool.lock().expect("pool").push(conn);
         Ok(store)
     }
@@ -121,31 +127,42 @@ impl SqliteStore {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db_err)?;
             {
                 let mut current = tx
-                    .prepare_cached("SELECT rid, version FROM resources WHERE type = ?1 AND id = ?2 AND superseded IS NULL")
+                    .prepare_cached("SELECT rid, version, deleted FROM resources WHERE type = ?1 AND id = ?2 AND superseded IS NULL")
                     .map_err(db_err)?;
                 let mut supersede = tx.prepare_cached("UPDATE resources SET superseded = ?2 WHERE rid = ?1").map_err(db_err)?;
                 let mut insert = tx
-                    .prepare_cached("INSERT INTO resources (type, id, version, lu, body) VALUES (?1, ?2, ?3, ?4, ?5)")
+                    .prepare_cached("INSERT INTO resources (type, id, version, lu, body, deleted) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
                     .map_err(db_err)?;
                 let mut member = tx
                     .prepare_cached("INSERT OR IGNORE INTO membership (patient, type, rid) VALUES (?1, ?2, ?3)")
                     .map_err(db_err)?;
+                // A deletion stays in the compartments of the version it deletes.
+                let mut inherit = tx
+                    .prepare_cached("INSERT OR IGNORE INTO membership (patient, type, rid) SELECT patient, type, ?2 FROM membership WHERE rid = ?1")
+                    .map_err(db_err)?;
                 for mut resource in resources {
                     let lu = to_micros(resource.last_updated);
-                    let previous: Option<(i64, i64)> = current
-                        .query_row(params![resource.resource_type, resource.id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    let previous: Option<(i64, i64, bool)> = current
+                        .query_row(params![resource.resource_type, resource.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                         .optional()
                         .map_err(db_err)?;
-                    let version = previous.map_or(1, |(_, v)| v + 1);
-                    if let Some((rid, _)) = previous {
+                    // Deleting what does not exist (or is already deleted) changes nothing.
+                    if resource.deleted && previous.is_none_or(|(_, _, gone)| gone) {
+                        continue;
+                    }
+                    let version = previous.map_or(1, |(_, v, _)| v + 1);
+                    if let Some((rid, _, _)) = previous {
                         supersede.execute(params![rid, lu]).map_err(db_err)?;
                     }
                     if let Some(meta) = resource.json.get_mut("meta").and_then(Value::as_object_mut) {
                         meta.insert("versionId".into(), Value::String(version.to_string()));
                     }
                     let body = serde_json::to_string(&resource.json)?;
-                    insert.execute(params![resource.resource_type, resource.id, version, lu, body]).map_err(db_err)?;
+                    insert.execute(params![resource.resource_type, resource.id, version, lu, body, resource.deleted]).map_err(db_err)?;
                     let rid = tx.last_insert_rowid();
+                    if let (true, Some((previous_rid, _, _))) = (resource.deleted, previous) {
+                        inherit.execute(params![previous_rid, rid]).map_err(db_err)?;
+                    }
                     for patient in &resource.patients {
                         member.execute(params![patient, resource.resource_type, rid]).map_err(db_err)?;
                     }
@@ -159,7 +176,7 @@ impl SqliteStore {
     pub fn counts(&self) -> StoreResult<Vec<(String, u64)>> {
         self.with_conn(|conn| {
             let mut stmt = conn
-                .prepare("SELECT type, COUNT(*) FROM resources WHERE superseded IS NULL GROUP BY type ORDER BY type")
+                .prepare("SELECT type, COUNT(*) FROM resources WHERE superseded IS NULL AND deleted = 0 GROUP BY type ORDER BY type")
                 .map_err(db_err)?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).map_err(db_err)?;
             rows.collect::<Result<_, _>>().map_err(db_err)
@@ -173,7 +190,7 @@ impl SqliteStore {
         as_of: i64,
     ) -> StoreResult<Option<String>> {
         let sql = format!(
-            "SELECT body FROM resources WHERE type = :type AND id = :id AND lu <= :as_of AND {CURRENT_AT}"
+            "SELECT body FROM resources WHERE type = :type AND id = :id AND lu <= :as_of AND deleted = 0 AND {CURRENT_AT}"
         );
         conn.prepare_cached(&sql)
             .map_err(db_err)?
@@ -207,14 +224,14 @@ fn page_by_time(
         .max(after_lu);
     let compartment = if any_patient {
         "AND EXISTS (SELECT 1 FROM membership m CROSS JOIN resources p INDEXED BY resources_by_id ON p.type = 'Patient' AND p.id = m.patient \
-         WHERE m.rid = r.rid AND p.lu <= :as_of AND (p.superseded IS NULL OR p.superseded > :as_of))"
+         WHERE m.rid = r.rid AND p.lu <= :as_of AND p.deleted = 0 AND (p.superseded IS NULL OR p.superseded > :as_of))"
     } else {
         ""
     };
     let sql = format!(
         "SELECT r.rid, r.id, r.lu, r.body FROM resources r WHERE r.type = :type AND r.lu >= :from_lu AND r.lu <= :until \
          AND (r.lu > :after_lu OR r.rid > :after_rid) \
-         AND (r.superseded IS NULL OR r.superseded > :as_of) {compartment} \
+         AND (r.superseded IS NULL OR r.superseded > :as_of) AND r.deleted = :deleted {compartment} \
          ORDER BY r.lu, r.rid LIMIT :limit"
     );
     let mut stmt = conn.prepare_cached(&sql).map_err(db_err)?;
@@ -227,6 +244,7 @@ fn page_by_time(
             ":after_lu": after_lu,
             ":after_rid": after_rid,
             ":limit": limit as i64,
+            ":deleted": scope.deleted,
         })
         .map_err(db_err)?;
     let mut page = Page::default();
@@ -260,7 +278,7 @@ fn page_by_patient(
     };
     let sql = "SELECT r.rid, r.id, r.body FROM membership m JOIN resources r ON r.rid = m.rid \
          WHERE m.patient = :patient AND m.type = :type AND m.rid > :after_rid \
-         AND r.lu > :since AND r.lu <= :until AND (r.superseded IS NULL OR r.superseded > :as_of) \
+         AND r.lu > :since AND r.lu <= :until AND (r.superseded IS NULL OR r.superseded > :as_of) AND r.deleted = :deleted \
          ORDER BY m.rid LIMIT :limit";
     let mut stmt = conn.prepare_cached(sql).map_err(db_err)?;
     let mut owners = conn
@@ -278,6 +296,7 @@ fn page_by_patient(
                 ":until": to_micros(scope.until),
                 ":as_of": to_micros(scope.as_of),
                 ":limit": (limit - page.resources.len()) as i64,
+                ":deleted": scope.deleted,
             })
             .map_err(db_err)?;
         let mut fetched = 0;

@@ -85,6 +85,7 @@ async fn recording_a_part_twice_keeps_one_record() {
         count: 10,
         bytes: 100,
         is_error: false,
+        is_deleted: false,
     };
     store.record_part(&part).await.unwrap();
     store.record_part(&part).await.unwrap();

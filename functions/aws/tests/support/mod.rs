@@ -135,6 +135,7 @@ impl Deployment {
             work_queue_url: work_queue,
             shards: 2,
             url_expiry: Duration::from_secs(300),
+            gzip_output: true,
             worker_reserve: Duration::from_secs(60),
             heartbeat_every: Duration::from_secs(1),
             export: Settings {
@@ -449,21 +450,30 @@ pub fn generated(patients: usize) -> Vec<NewResource> {
     out
 }
 
-/// Downloads every output file of a manifest through its presigned URL; returns type → lines
-/// (sorted), checking counts and that every line is complete JSON of its type.
+/// Downloads every output and deleted file of a manifest through its presigned URL; returns
+/// type → lines (sorted), checking counts and that every line is complete JSON of its type.
 pub fn download(manifest: &Value) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for entry in manifest["output"].as_array().expect("output") {
+    let entries = manifest["output"]
+        .as_array()
+        .expect("output")
+        .iter()
+        .chain(manifest["deleted"].as_array().expect("deleted"));
+    for entry in entries {
         let url = entry["url"].as_str().unwrap();
         assert!(
             url.contains("X-Amz-Signature=") && url.contains("X-Amz-Expires=300"),
             "presigned URL: {url}"
         );
-        let body = ureq::get(url)
-            .call()
-            .expect("download")
-            .into_string()
-            .unwrap();
+        // Objects are stored gzipped, so presigned downloads are compressed too.
+        let response = ureq::get(url).call().expect("download");
+        assert_eq!(response.header("content-encoding"), Some("gzip"), "{url}");
+        let mut body = String::new();
+        std::io::Read::read_to_string(
+            &mut flate2::read::MultiGzDecoder::new(response.into_reader()),
+            &mut body,
+        )
+        .expect("gzip body");
         assert!(body.ends_with('\n'));
         let lines: Vec<String> = body.lines().map(String::from).collect();
         assert_eq!(
