@@ -157,9 +157,9 @@ fn bad_requests_get_operation_outcomes() {
             400,
         ),
         (
-            "includeAssociatedData unsupported",
+            "includeAssociatedData with an unknown value",
             "GET",
-            "/Patient/$export?includeAssociatedData=LatestProvenanceResources",
+            "/Patient/$export?includeAssociatedData=LatestProvenanceResources,AllTheThings",
             vec![ACCEPT, ASYNC],
             None,
             400,

@@ -25,6 +25,35 @@ fn expected(resources: &[Value], keep: impl Fn(&Value) -> bool) -> BTreeMap<Stri
     out
 }
 
+/// Adds the Provenance resources whose target is among the expected resources: Patient and Group
+/// exports carry the Provenance of what they export.
+fn with_provenance_of_targets(
+    resources: &[Value],
+    mut want: BTreeMap<String, Vec<String>>,
+) -> BTreeMap<String, Vec<String>> {
+    let exported: BTreeSet<String> = want
+        .iter()
+        .flat_map(|(t, ids)| ids.iter().map(move |id| format!("{t}/{id}")))
+        .collect();
+    let provenance = want.entry("Provenance".into()).or_default();
+    for r in resources
+        .iter()
+        .filter(|r| r["resourceType"] == "Provenance")
+    {
+        let about_export = r["target"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| exported.contains(t["reference"].as_str().unwrap()));
+        let id = r["id"].as_str().unwrap().to_string();
+        if about_export && !provenance.contains(&id) {
+            provenance.push(id);
+        }
+    }
+    provenance.sort();
+    want
+}
+
 fn in_compartment_of(
     reference: &CompartmentReference,
     r: &Value,
@@ -74,7 +103,10 @@ fn patient_level_matches_the_compartment_reference() {
     let exported = ids_by_type(&download_all(&manifest));
     assert_eq!(
         exported,
-        expected(&data, |r| in_compartment_of(&reference, r, &all_patients))
+        with_provenance_of_targets(
+            &data,
+            expected(&data, |r| in_compartment_of(&reference, r, &all_patients))
+        )
     );
     for outside in ["Practitioner", "Organization", "Location", "ResearchStudy"] {
         assert!(
@@ -98,7 +130,10 @@ fn patient_level_matches_the_compartment_reference() {
     let wanted: BTreeSet<String> = ["pat-000003".to_string(), "pat-000048".to_string()].into();
     assert_eq!(
         exported,
-        expected(&data, |r| in_compartment_of(&reference, r, &wanted))
+        with_provenance_of_targets(
+            &data,
+            expected(&data, |r| in_compartment_of(&reference, r, &wanted))
+        )
     );
     assert_eq!(
         exported["Patient"],
@@ -130,10 +165,13 @@ fn group_level_exports_the_members_compartments_only() {
     let manifest = server.export("/Group/group-1/$export");
     assert_manifest_shape(&manifest, "/fhir/Group/group-1/$export");
     let exported = ids_by_type(&download_all(&manifest));
-    let want = expected(&data, |r| {
-        !(r["resourceType"] == "Group" && r["id"] == "group-1")
-            && in_compartment_of(&reference, r, &members)
-    });
+    let want = with_provenance_of_targets(
+        &data,
+        expected(&data, |r| {
+            !(r["resourceType"] == "Group" && r["id"] == "group-1")
+                && in_compartment_of(&reference, r, &members)
+        }),
+    );
     assert_eq!(exported, want);
     assert!(
         !exported.contains_key("Group"),

@@ -312,3 +312,98 @@ fn chrono_now() -> String {
         .format("%Y-%m-%dT%H:%M:%S%.3fZ")
         .to_string()
 }
+
+/// The `Type/id` targets of a Provenance.
+fn targets_of(provenance: &Value) -> Vec<String> {
+    provenance["target"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["reference"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn provenance_follows_the_exported_resources() {
+    let dir = scratch_dir("provenance");
+    let data_dir = generated_store(&dir, 12);
+    // Two more Provenance about one Encounter: an older and a newer record.
+    let extra = |id: &str, recorded: &str| {
+        json!({"resourceType": "Provenance", "id": id, "recorded": recorded,
+            "target": [{"reference": "Encounter/enc-pat-000000-0"}, {"reference": "Practitioner/prac-0"}],
+            "agent": [{"who": {"reference": "Practitioner/prac-0"}}]})
+    };
+    load_file(
+        &dir,
+        "extra.ndjson",
+        &format!(
+            "{}\n{}\n",
+            extra("prov-extra-old", "2001-01-01T00:00:00Z"),
+            extra("prov-extra-new", "2030-01-01T00:00:00Z")
+        ),
+    );
+    let mut data = read_ndjson_dir(&data_dir);
+    data.push(extra("prov-extra-old", "2001-01-01T00:00:00Z"));
+    data.push(extra("prov-extra-new", "2030-01-01T00:00:00Z"));
+    let provenance = of_type(&data, "Provenance");
+    let server = Server::start(&dir, &[]);
+    let provenance_of = |manifest: &Value| {
+        exported_ids(manifest)
+            .remove("Provenance")
+            .unwrap_or_default()
+    };
+
+    // Patient level, Provenance asked for as a type: about the Patients exported.
+    let got = provenance_of(&server.export("/Patient/$export?_type=Patient,Provenance"));
+    assert_eq!(
+        got,
+        ids(&provenance, |p| targets_of(p)
+            .iter()
+            .any(|t| t.starts_with("Patient/")))
+    );
+
+    // Group level: about the members or the exported Encounters of the members.
+    let group = data.iter().find(|r| r["id"] == "group-0").unwrap();
+    let members: Vec<String> = group["member"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["entity"]["reference"].as_str().unwrap()["Patient/".len()..].to_string())
+        .collect();
+    let got = provenance_of(&server.export("/Group/group-0/$export?_type=Encounter,Provenance"));
+    let want = ids(&provenance, |p| {
+        targets_of(p).iter().any(|t| {
+            members.iter().any(|m| {
+                *t == format!("Patient/{m}") || t.starts_with(&format!("Encounter/enc-{m}-"))
+            })
+        })
+    });
+    assert!(!want.is_empty());
+    assert_eq!(got, want);
+
+    // _type without Provenance: none.
+    let manifest = server.export("/Patient/$export?_type=Encounter");
+    assert!(!exported_ids(&manifest).contains_key("Provenance"));
+
+    // includeAssociatedData: Relevant = every Provenance about an exported Encounter.
+    let about_encounters = |p: &Value| targets_of(p).iter().any(|t| t.starts_with("Encounter/"));
+    let got = provenance_of(
+        &server
+            .export("/$export?_type=Encounter&includeAssociatedData=RelevantProvenanceResources"),
+    );
+    assert_eq!(got, ids(&provenance, about_encounters));
+    assert!(got.contains(&"prov-extra-old".to_string()));
+
+    // Latest = the most recently recorded one per Encounter.
+    let got = provenance_of(
+        &server.export("/$export?_type=Encounter&includeAssociatedData=LatestProvenanceResources"),
+    );
+    let want = ids(&provenance, |p| {
+        about_encounters(p) && p["id"] != "prov-extra-old" && p["id"] != "prov-pat-000000-1"
+    });
+    assert_eq!(got, want);
+
+    server
+        .kickoff("/$export?includeAssociatedData=SomethingElse")
+        .assert_outcome(400);
+}

@@ -25,9 +25,9 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use bytes::Bytes;
 use export_core::error::{StoreError, StoreResult};
 use export_core::fhir::reference;
-use export_core::fhir::time::{Instant, to_micros};
+use export_core::fhir::time::{Instant, from_micros, to_micros};
 use export_core::ports::{
-    NewResource, Page, PatientScope, ReadScope, ResourceStore, StoredResource,
+    NewResource, Page, PatientScope, ReadScope, ResourceStore, ResourceVersion, StoredResource,
 };
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
@@ -329,6 +329,33 @@ impl ResourceStore for DynamoResourceStore {
             .version_at("Patient", id, to_micros(as_of))
             .await?
             .is_some())
+    }
+
+    async fn resource_at(
+        &self,
+        resource_type: &str,
+        id: &str,
+        as_of: Instant,
+    ) -> StoreResult<Option<ResourceVersion>> {
+        let Some(history) = self.version_at(resource_type, id, to_micros(as_of)).await? else {
+            return Ok(None);
+        };
+        let (shard, vsk) = (
+            get_n(&history, "shard").unwrap_or(0) as u32,
+            get_s(&history, "vsk").unwrap_or_default(),
+        );
+        let Some(item) = self
+            .table
+            .get(&version_pk(resource_type, shard), &vsk)
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(ResourceVersion {
+            json: stored(&item)?.json,
+            last_updated: from_micros(get_n(&item, "lu").unwrap_or(0)),
+            patients: patients_attr(&item),
+        }))
     }
 
     async fn group_members(

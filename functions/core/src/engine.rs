@@ -17,6 +17,7 @@ use crate::ports::{
     ExportLock, JobStore, OutputStore, PartRecord, PartWriter, PatientScope, ReadScope,
     ResourceStore, WorkItem,
 };
+use crate::provenance::{self, ProvenanceSelector};
 use crate::settings::Settings;
 use crate::shaping::Shaping;
 use bytes::{Bytes, BytesMut};
@@ -202,10 +203,15 @@ impl Exporter {
                 .filter(|t| present.contains(t))
                 .cloned()
                 .collect(),
-            None => present,
+            None => present.clone(),
         };
         if job.level != ExportLevel::System {
             types.retain(|t| in_patient_compartment(t));
+        }
+        // Provenance rides along with what it is about (includeAssociatedData may add it).
+        types.retain(|t| t != "Provenance");
+        if provenance::wanted(&job) && present.iter().any(|t| t == "Provenance") {
+            types.push("Provenance".to_string());
         }
         types.sort_unstable();
 
@@ -218,6 +224,10 @@ impl Exporter {
         let mut items = Vec::new();
         for &deleted in kinds {
             for resource_type in &types {
+                // Provenance chosen by its targets reads the whole type.
+                let by_targets =
+                    resource_type == "Provenance" && !deleted && provenance::by_association(&job);
+                let listed = if by_targets { None } else { listed };
                 let partitions = resources.partitions(resource_type, listed).await?.max(1);
                 for partition in 0..partitions {
                     let item = items.len() as u32;
@@ -273,7 +283,21 @@ impl Exporter {
             Some(r) => (Some(r.cursor), r.next_seq),
             None => (None, 0),
         };
-        let scope = self.read_scope(&job, item).await?;
+        let mut scope = self.read_scope(&job, item).await?;
+        let mut selector = None;
+        if item.resource_type == "Provenance" && !item.deleted && provenance::by_association(&job) {
+            let patients = std::mem::replace(&mut scope.patients, PatientScope::Everything);
+            selector = Some(
+                ProvenanceSelector::new(
+                    self.ports.resources.as_ref(),
+                    &job,
+                    patients,
+                    &scope,
+                    self.settings.page_size,
+                )
+                .await?,
+            );
+        }
         let skip_group = match &job.level {
             ExportLevel::Group(id) if item.resource_type == "Group" && !item.deleted => {
                 Some(id.clone())
@@ -294,6 +318,13 @@ impl Exporter {
                 if skip_group.as_deref() == Some(resource.id.as_str()) {
                     cursor = Some(position);
                     continue;
+                }
+                if let Some(selector) = &mut selector {
+                    let provenance: Value = serde_json::from_slice(&resource.json)?;
+                    if !selector.includes(&provenance).await? {
+                        cursor = Some(position);
+                        continue;
+                    }
                 }
                 let line = if item.deleted {
                     Some(Bytes::from(serde_json::to_vec(&deletion_bundle(

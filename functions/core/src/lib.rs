@@ -17,6 +17,7 @@ pub mod load;
 pub mod manifest;
 pub mod params;
 pub mod ports;
+pub mod provenance;
 pub mod router;
 pub mod runner;
 pub mod settings;

@@ -14,11 +14,7 @@ use serde_json::Value;
 pub const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
 
 /// Parameters of the IG that this server does not implement (yet).
-const UNSUPPORTED: &[&str] = &[
-    "includeAssociatedData",
-    "organizeOutputBy",
-    "allowPartialManifests",
-];
+const UNSUPPORTED: &[&str] = &["organizeOutputBy", "allowPartialManifests"];
 
 /// Which `$export` endpoint was called.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +52,9 @@ pub struct ExportParams {
     /// `_elements` values as sent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub elements: Vec<String>,
+    /// `includeAssociatedData`: which Provenance resources accompany the exported resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub associated: Option<AssociatedProvenance>,
     /// Other problems handled leniently (criteria left out), reported like `ignored`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
@@ -71,6 +70,15 @@ impl ExportParams {
     pub fn element_selection(&self) -> ElementSelection {
         ElementSelection::parse(&self.elements).unwrap_or_default()
     }
+}
+
+/// The `includeAssociatedData` values this server supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AssociatedProvenance {
+    /// `LatestProvenanceResources`: the most recent Provenance of each exported resource.
+    Latest,
+    /// `RelevantProvenanceResources`: every Provenance of the exported resources.
+    Relevant,
 }
 
 /// One raw parameter value before validation.
@@ -217,6 +225,29 @@ pub fn parse_kickoff(
                 .type_filters
                 .push(text_value(name, value)?.to_string()),
             "_elements" => params.elements.push(text_value(name, value)?.to_string()),
+            "includeAssociatedData" => {
+                for v in text_value(name, value)?.split(',').map(str::trim) {
+                    let wanted = match v {
+                        "LatestProvenanceResources" => AssociatedProvenance::Latest,
+                        "RelevantProvenanceResources" => AssociatedProvenance::Relevant,
+                        other if lenient => {
+                            params.warnings.push(format!(
+                                "includeAssociatedData value '{other}' is not supported and was ignored"
+                            ));
+                            continue;
+                        }
+                        other => {
+                            return Err(ApiError::invalid(format!(
+                                "includeAssociatedData '{other}' is not supported; use LatestProvenanceResources or RelevantProvenanceResources"
+                            )));
+                        }
+                    };
+                    // Relevant includes Latest.
+                    if params.associated != Some(AssociatedProvenance::Relevant) {
+                        params.associated = Some(wanted);
+                    }
+                }
+            }
             "patient" => {
                 if method == KickoffMethod::Get {
                     return Err(ApiError::invalid(
@@ -267,7 +298,7 @@ pub fn parse_kickoff(
     params.ignored.dedup();
     let filters =
         TypeFilters::parse(&params.type_filters, lenient).map_err(|e| ApiError::invalid(e.0))?;
-    params.warnings = filters.warnings;
+    params.warnings.extend(filters.warnings);
     ElementSelection::parse(&params.elements).map_err(ApiError::invalid)?;
     if saw_type {
         params.types = Some(types);
@@ -433,7 +464,8 @@ mod tests {
             &[("_typeFilter", "Observation")],
             &[("_typeFilter", "")],
             &[("_elements", "Patient.name.given")],
-            &[("includeAssociatedData", "LatestProvenanceResources")],
+            &[("includeAssociatedData", "LatestProvenanceResources,Other")],
+            &[("includeAssociatedData", "_custom")],
             &[("foo", "bar")],
             &[("patient", "Patient/1")],
         ];
@@ -451,7 +483,7 @@ mod tests {
         let mut h = headers();
         h.prefer = vec!["respond-async, handling=lenient".into()];
         let q = vec![
-            ("includeAssociatedData".to_string(), "x".to_string()),
+            ("organizeOutputBy".to_string(), "x".to_string()),
             ("_typeFilter".to_string(), "Observation?foo=1".to_string()),
         ];
         let p = parse_kickoff(
@@ -463,7 +495,7 @@ mod tests {
             now_millis(),
         )
         .unwrap();
-        assert_eq!(p.ignored, vec!["includeAssociatedData"]);
+        assert_eq!(p.ignored, vec!["organizeOutputBy"]);
         assert_eq!(p.warnings.len(), 1);
     }
 

@@ -62,6 +62,15 @@ pub struct Page {
     pub next: Option<String>,
 }
 
+/// One resource's version current at some instant, read by type and id.
+#[derive(Debug, Clone)]
+pub struct ResourceVersion {
+    pub json: Bytes,
+    pub last_updated: Instant,
+    /// Patients whose compartment holds this version.
+    pub patients: Vec<String>,
+}
+
 /// A resource to write into the store.
 #[derive(Debug, Clone)]
 pub struct NewResource {
@@ -97,6 +106,14 @@ pub trait ResourceStore: Send + Sync {
         group_id: &str,
         as_of: Instant,
     ) -> StoreResult<Option<Vec<String>>>;
+    /// The version of `resource_type/id` current at `as_of`, or `None` if there is none or it is
+    /// a deletion (used to decide whether a Provenance's target is in an export).
+    async fn resource_at(
+        &self,
+        resource_type: &str,
+        id: &str,
+        as_of: Instant,
+    ) -> StoreResult<Option<ResourceVersion>>;
     /// Up to `limit` resources of `scope` after `cursor`.
     async fn read_page(
         &self,

@@ -9,11 +9,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use export_core::error::{StoreError, StoreResult};
 use export_core::fhir::reference;
-use export_core::fhir::time::{Instant, to_micros};
+use export_core::fhir::time::{Instant, from_micros, to_micros};
 use export_core::job::{Job, JobStatus};
 use export_core::ports::{
     ExportLock, JobStore, NewResource, Page, PartRecord, PatientScope, ReadScope, ResourceStore,
-    StoredResource, WorkItem,
+    ResourceVersion, StoredResource, WorkItem,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
@@ -359,6 +359,45 @@ impl ResourceStore for SqliteStore {
         let id = id.to_string();
         self.run(move |conn| {
             Ok(Self::current_body(conn, "Patient", &id, to_micros(as_of))?.is_some())
+        })
+        .await
+    }
+
+    async fn resource_at(
+        &self,
+        resource_type: &str,
+        id: &str,
+        as_of: Instant,
+    ) -> StoreResult<Option<ResourceVersion>> {
+        let (resource_type, id) = (resource_type.to_string(), id.to_string());
+        self.run(move |conn| {
+            let sql = format!(
+                "SELECT rid, lu, body FROM resources WHERE type = :type AND id = :id AND lu <= :as_of AND deleted = 0 AND {CURRENT_AT}"
+            );
+            let row: Option<(i64, i64, String)> = conn
+                .prepare_cached(&sql)
+                .map_err(db_err)?
+                .query_row(
+                    rusqlite::named_params! {":type": resource_type, ":id": id, ":as_of": to_micros(as_of)},
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(db_err)?;
+            let Some((rid, lu, body)) = row else {
+                return Ok(None);
+            };
+            let patients = conn
+                .prepare_cached("SELECT patient FROM membership WHERE rid = ?1")
+                .map_err(db_err)?
+                .query_map([rid], |r| r.get::<_, String>(0))
+                .map_err(db_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db_err)?;
+            Ok(Some(ResourceVersion {
+                json: Bytes::from(body),
+                last_updated: from_micros(lu),
+                patients,
+            }))
         })
         .await
     }

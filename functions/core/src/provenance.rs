@@ -1,0 +1,234 @@
+//! Provenance that accompanies an export. At Patient and Group level (and whenever
+//! `includeAssociatedData` asks for it) a Provenance is exported when one of its targets is a
+//! resource the export contains; `LatestProvenanceResources` keeps only the most recent
+//! Provenance (by `recorded`) of each such resource. Targets are checked against the store at the
+//! export's transaction time, with the same type, window, compartment and `_typeFilter` rules the
+//! export applies, so both deployments decide alike.
+
+use crate::error::StoreResult;
+use crate::fhir::compartment::in_patient_compartment;
+use crate::fhir::reference;
+use crate::job::Job;
+use crate::params::{AssociatedProvenance, ExportLevel};
+use crate::ports::{PatientScope, ReadScope, ResourceStore};
+use crate::type_filter::TypeFilters;
+use serde_json::Value;
+use std::collections::HashMap;
+
+const PROVENANCE: &str = "Provenance";
+/// Target decisions remembered per work item before the memory is cleared.
+const CACHE_LIMIT: usize = 100_000;
+
+/// Whether the job's Provenance items select by target rather than reading Provenance as an
+/// ordinary type.
+pub fn by_association(job: &Job) -> bool {
+    job.level != ExportLevel::System || job.params.associated.is_some()
+}
+
+/// Whether Provenance is exported at all by a job over these present types.
+pub fn wanted(job: &Job) -> bool {
+    job.params.associated.is_some() || type_requested(job, PROVENANCE)
+}
+
+fn type_requested(job: &Job, resource_type: &str) -> bool {
+    job.params
+        .types
+        .as_ref()
+        .is_none_or(|t| t.iter().any(|x| x == resource_type))
+}
+
+/// Decides, Provenance by Provenance, what an associated-Provenance item exports.
+pub struct ProvenanceSelector<'a> {
+    store: &'a dyn ResourceStore,
+    job: &'a Job,
+    patients: PatientScope,
+    filters: TypeFilters,
+    /// `Type/id` → whether that resource is in the export.
+    in_export: HashMap<String, bool>,
+    /// Patient id → exists at the transaction time (for the all-patients scope).
+    patient_exists: HashMap<String, bool>,
+    /// For `Latest`: `Type/id` of an exported resource → id of its most recent Provenance.
+    latest: Option<HashMap<String, (String, String)>>,
+}
+
+impl<'a> ProvenanceSelector<'a> {
+    /// `patients` is the job's patient scope; `partitions` is how many partitions the Provenance
+    /// type has (the `Latest` rule reads all of them once to find each target's latest).
+    pub async fn new(
+        store: &'a dyn ResourceStore,
+        job: &'a Job,
+        patients: PatientScope,
+        scope: &ReadScope,
+        page_size: usize,
+    ) -> StoreResult<ProvenanceSelector<'a>> {
+        let mut selector = ProvenanceSelector {
+            store,
+            job,
+            patients,
+            filters: job.params.compiled_type_filters(),
+            in_export: HashMap::new(),
+            patient_exists: HashMap::new(),
+            latest: None,
+        };
+        if job.params.associated == Some(AssociatedProvenance::Latest) {
+            selector.latest = Some(selector.latest_by_target(scope, page_size).await?);
+        }
+        Ok(selector)
+    }
+
+    /// Whether `provenance` is exported.
+    pub async fn includes(&mut self, provenance: &Value) -> StoreResult<bool> {
+        let id = provenance.get("id").and_then(Value::as_str).unwrap_or("");
+        for target in targets(provenance) {
+            // By compartment: Provenance asked for as a type, about a patient in scope.
+            if self.job.level != ExportLevel::System
+                && self.job.params.associated.is_none()
+                && target.starts_with("Patient/")
+                && self.patient_in_scope(&target["Patient/".len()..]).await?
+            {
+                return Ok(true);
+            }
+            if !self.target_in_export(&target).await? {
+                continue;
+            }
+            match &self.latest {
+                Some(latest) if latest.get(&target).map(|(_, p)| p.as_str()) != Some(id) => {}
+                _ => return Ok(true),
+            }
+        }
+        Ok(false)
+    }
+
+    /// One pass over every Provenance: the latest (by `recorded`, then id) of each target.
+    async fn latest_by_target(
+        &self,
+        scope: &ReadScope,
+        page_size: usize,
+    ) -> StoreResult<HashMap<String, (String, String)>> {
+        let mut latest: HashMap<String, (String, String)> = HashMap::new();
+        for partition in 0..scope.partitions.max(1) {
+            let scope = ReadScope {
+                partition,
+                ..scope.clone()
+            };
+            let mut cursor: Option<String> = None;
+            loop {
+                let page = self
+                    .store
+                    .read_page(&scope, cursor.as_deref(), page_size)
+                    .await?;
+                for resource in &page.resources {
+                    let provenance: Value = serde_json::from_slice(&resource.json)?;
+                    let recorded = provenance
+                        .get("recorded")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    for target in targets(&provenance) {
+                        let candidate = (recorded.clone(), resource.id.clone());
+                        let best = latest.entry(target).or_insert_with(|| candidate.clone());
+                        if candidate > *best {
+                            *best = candidate;
+                        }
+                    }
+                }
+                if !page.more {
+                    break;
+                }
+                cursor = page.next.or_else(|| page.cursors.last().cloned());
+            }
+        }
+        Ok(latest)
+    }
+
+    /// Whether `Type/id` is one of the resources this export writes.
+    async fn target_in_export(&mut self, target: &str) -> StoreResult<bool> {
+        if let Some(known) = self.in_export.get(target) {
+            return Ok(*known);
+        }
+        let decision = self.decide(target).await?;
+        if self.in_export.len() >= CACHE_LIMIT {
+            self.in_export.clear();
+        }
+        self.in_export.insert(target.to_string(), decision);
+        Ok(decision)
+    }
+
+    async fn decide(&mut self, target: &str) -> StoreResult<bool> {
+        let Some((resource_type, id)) = target.split_once('/') else {
+            return Ok(false);
+        };
+        let job = self.job;
+        let type_exported = resource_type != PROVENANCE
+            && type_requested(job, resource_type)
+            && (job.level == ExportLevel::System || in_patient_compartment(resource_type));
+        if !type_exported {
+            return Ok(false);
+        }
+        let Some(version) = self
+            .store
+            .resource_at(resource_type, id, job.transaction_time)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let in_window = job.params.since.is_none_or(|s| version.last_updated > s)
+            && version.last_updated <= job.window_end();
+        if !in_window {
+            return Ok(false);
+        }
+        let mut in_scope = matches!(self.patients, PatientScope::Everything);
+        for patient in &version.patients {
+            if in_scope {
+                break;
+            }
+            in_scope = self.patient_in_scope(patient).await?;
+        }
+        if !in_scope {
+            return Ok(false);
+        }
+        if self.filters.filters(resource_type) {
+            let json: Value = serde_json::from_slice(&version.json)?;
+            return Ok(self.filters.matches(resource_type, &json));
+        }
+        Ok(true)
+    }
+
+    async fn patient_in_scope(&mut self, patient: &str) -> StoreResult<bool> {
+        match &self.patients {
+            PatientScope::Everything => Ok(true),
+            PatientScope::Listed(list) => {
+                Ok(list.binary_search_by(|p| p.as_str().cmp(patient)).is_ok())
+            }
+            PatientScope::AllPatients => {
+                if let Some(known) = self.patient_exists.get(patient) {
+                    return Ok(*known);
+                }
+                let exists = self
+                    .store
+                    .patient_exists(patient, self.job.transaction_time)
+                    .await?;
+                if self.patient_exists.len() >= CACHE_LIMIT {
+                    self.patient_exists.clear();
+                }
+                self.patient_exists.insert(patient.to_string(), exists);
+                Ok(exists)
+            }
+        }
+    }
+}
+
+/// The `Type/id` of each `Provenance.target` that is a literal reference.
+fn targets(provenance: &Value) -> Vec<String> {
+    let targets = match provenance.get("target") {
+        Some(Value::Array(targets)) => targets.iter().collect(),
+        Some(one) => vec![one],
+        None => Vec::new(),
+    };
+    targets
+        .into_iter()
+        .filter_map(|t| t.get("reference").and_then(Value::as_str))
+        .filter_map(reference::target_of)
+        .map(|(t, id)| format!("{t}/{id}"))
+        .collect()
+}
