@@ -407,3 +407,138 @@ fn provenance_follows_the_exported_resources() {
         .kickoff("/$export?includeAssociatedData=SomethingElse")
         .assert_outcome(400);
 }
+
+const SLOW: [&str; 6] = [
+    "--page-size",
+    "50",
+    "--page-delay-ms",
+    "30",
+    "--max-file-resources",
+    "200",
+];
+
+#[test]
+fn separate_export_status_answers_polls_with_200_and_x_export_status() {
+    let dir = scratch_dir("separate-status");
+    generated_store(&dir, 8);
+    let server = Server::start(&dir, &SLOW);
+    let headers = [
+        ("Accept", "application/fhir+json"),
+        ("Prefer", "respond-async, separate-export-status"),
+    ];
+    let kick = request("GET", &server.url("/$export"), &headers, None);
+    assert_eq!(kick.status, 202, "{}", kick.body);
+    let applied = kick.header("preference-applied").unwrap();
+    assert!(applied.contains("separate-export-status"), "{applied}");
+    let location = kick.header("content-location").unwrap();
+    let mut saw_running = false;
+    let manifest = loop {
+        let r = get(&location);
+        assert_eq!(r.status, 200, "{}", r.body);
+        match r.header("x-export-status").as_deref() {
+            Some("202 Accepted") => {
+                saw_running = true;
+                assert!(r.header("x-progress").is_some());
+            }
+            Some("200 OK") => {
+                assert!(r.header("expires").is_some());
+                break r.json();
+            }
+            other => panic!("X-Export-Status {other:?}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(saw_running, "the slow export was seen running");
+    assert!(!manifest["output"].as_array().unwrap().is_empty());
+    // An unknown export is still a 404 of the poll itself.
+    get(&server.url("/$export-status/nope")).assert_outcome(404);
+    // Without the preference, polls keep the classic codes.
+    let plain = server.kickoff("/$export?_type=Patient");
+    let location = plain.header("content-location").unwrap();
+    assert!(wait_for_manifest(&location)["output"].is_array());
+    assert!(get(&location).header("x-export-status").is_none());
+}
+
+#[test]
+fn partial_manifests_list_finished_files_and_never_change() {
+    let dir = scratch_dir("partial-manifests");
+    let data = read_ndjson_dir(&generated_store(&dir, 8));
+    let server = Server::start(&dir, &SLOW);
+    let kick = server.kickoff("/$export?allowPartialManifests=true");
+    assert_eq!(kick.status, 202, "{}", kick.body);
+    let location = kick.header("content-location").unwrap();
+
+    // While running: 202 with the first page once files are ready.
+    let mut first_page: Option<Value> = None;
+    let mut early_files: BTreeMap<String, String> = BTreeMap::new();
+    let final_manifest = loop {
+        let r = get(&location);
+        match r.status {
+            202 if !r.body.is_empty() => {
+                let page = r.json();
+                assert_eq!(
+                    r.header("content-type").as_deref(),
+                    Some("application/json")
+                );
+                let mut without_link = page.clone();
+                without_link.as_object_mut().unwrap().remove("link");
+                match &first_page {
+                    None => {
+                        for entry in page["output"].as_array().unwrap() {
+                            let url = entry["url"].as_str().unwrap().to_string();
+                            let file = get(&url);
+                            assert_eq!(file.status, 200, "a listed file is ready: {}", file.body);
+                            early_files.insert(url.clone(), file.body);
+                        }
+                        first_page = Some(without_link);
+                    }
+                    Some(first) => assert_eq!(&without_link, first, "a shown page never changes"),
+                }
+            }
+            202 => {}
+            200 => break r.json(),
+            other => panic!("{other}: {}", r.body),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(40));
+    };
+    let first_page = first_page.expect("a partial manifest was returned while running");
+    assert!(!early_files.is_empty());
+    let mut final_first = final_manifest.clone();
+    final_first.as_object_mut().unwrap().remove("link");
+    assert_eq!(
+        final_first, first_page,
+        "the completed status shows the same first page"
+    );
+
+    // Follow the links; together the pages hold every resource exactly once.
+    let mut all = Vec::new();
+    let mut page = final_manifest;
+    let mut pages = 1;
+    loop {
+        all.extend(page["output"].as_array().unwrap().iter().cloned());
+        let Some(next) = page["link"][0]["url"].as_str().map(String::from) else {
+            break;
+        };
+        assert_eq!(page["link"][0]["relation"], "next");
+        let r = get(&next);
+        assert_eq!(r.status, 200, "{}", r.body);
+        page = r.json();
+        assert_eq!(page["transactionTime"], first_page["transactionTime"]);
+        pages += 1;
+    }
+    assert!(pages >= 2, "the slow export spread over several pages");
+    let exported = exported_ids(&json!({"output": all}));
+    let mut want: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in &data {
+        want.entry(r["resourceType"].as_str().unwrap().to_string())
+            .or_default()
+            .push(r["id"].as_str().unwrap().to_string());
+    }
+    want.values_mut().for_each(|v| v.sort());
+    assert_eq!(exported, want);
+    // Files shown early were final: same bytes now.
+    for (url, body) in early_files {
+        assert_eq!(get(&url).body, body);
+    }
+    get(&format!("{location}/page/99")).assert_outcome(404);
+}

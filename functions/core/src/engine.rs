@@ -58,9 +58,26 @@ pub struct ItemCursor {
 /// What a status poll answers.
 #[derive(Debug)]
 pub enum JobView {
-    Running { progress: String },
-    Completed { manifest: Value, expires: Instant },
-    Failed { diagnostics: String },
+    /// `partial` is the first manifest page when `allowPartialManifests` is on and files are ready.
+    Running {
+        progress: String,
+        partial: Option<Value>,
+    },
+    Completed {
+        manifest: Value,
+        expires: Instant,
+    },
+    Failed {
+        diagnostics: String,
+    },
+}
+
+/// A status poll's answer and how the client asked to receive it.
+#[derive(Debug)]
+pub struct StatusView {
+    pub state: JobView,
+    /// `Prefer: separate-export-status` was sent at kick-off.
+    pub separate_status: bool,
 }
 
 /// The export engine.
@@ -242,6 +259,8 @@ impl Exporter {
                 }
             }
         }
+        // Lenient-handling notes are known now: every manifest page can list them.
+        self.write_error_file(&job).await?;
         self.ports.jobs.put_items(&items).await?;
         job.items_total = items.len() as u32;
         job.status = JobStatus::InProgress;
@@ -422,7 +441,6 @@ impl Exporter {
                 job.items_total
             )));
         }
-        self.write_error_file(&job).await?;
         let now = now_millis();
         job.status = JobStatus::Completed;
         job.completed_at = Some(now);
@@ -500,10 +518,11 @@ impl Exporter {
     }
 
     /// What a status poll shows, or `None` when the job is unknown, cancelled or expired.
-    pub async fn view(&self, job_id: &str, base_url: &str) -> StoreResult<Option<JobView>> {
-        let Some(job) = self.ports.jobs.get(job_id).await? else {
+    pub async fn view(&self, job_id: &str, base_url: &str) -> StoreResult<Option<StatusView>> {
+        let Some(mut job) = self.ports.jobs.get(job_id).await? else {
             return Ok(None);
         };
+        let separate_status = job.params.separate_status;
         if let Some(expires) = job.expires_at
             && expires <= now_millis()
             && matches!(job.status, JobStatus::Completed | JobStatus::Failed)
@@ -523,19 +542,32 @@ impl Exporter {
                     .filter(|p| !p.is_error)
                     .map(|p| p.count)
                     .sum();
+                let partial = if job.params.allow_partial_manifests {
+                    self.assign_manifest_page(&mut job).await?;
+                    match job.manifest_pages.is_empty() {
+                        true => None,
+                        false => Some(self.page_manifest(&job, 0, base_url).await?),
+                    }
+                } else {
+                    None
+                };
                 JobView::Running {
                     progress: progress_line(&job, done, written),
+                    partial,
                 }
             }
             JobStatus::Completed => {
-                let mut parts = self.ports.jobs.parts(job_id).await?;
-                sort_parts(&mut parts);
-                let mut urls = Vec::with_capacity(parts.len());
-                for part in &parts {
-                    urls.push(self.ports.output.download_url(&part.key, base_url).await?);
-                }
+                let manifest = if job.params.allow_partial_manifests {
+                    self.assign_manifest_page(&mut job).await?;
+                    self.page_manifest(&job, 0, base_url).await?
+                } else {
+                    let mut parts = self.ports.jobs.parts(job_id).await?;
+                    sort_parts(&mut parts);
+                    let urls = self.urls(&parts, base_url).await?;
+                    manifest(&job, &parts, &urls, None)
+                };
                 JobView::Completed {
-                    manifest: manifest(&job, &parts, &urls),
+                    manifest,
                     expires: job.expires_at.unwrap_or(job.transaction_time),
                 }
             }
@@ -544,10 +576,89 @@ impl Exporter {
             },
             JobStatus::Cancelled | JobStatus::Expired => return Ok(None),
         };
-        Ok(Some(view))
+        Ok(Some(StatusView {
+            state: view,
+            separate_status,
+        }))
     }
 
-    /// The recorded part behind a download key, if its job is completed and not expired.
+    /// Page `page` of a job's manifest (`allowPartialManifests`), once it has been shown.
+    pub async fn manifest_page(
+        &self,
+        job_id: &str,
+        page: usize,
+        base_url: &str,
+    ) -> StoreResult<Option<Value>> {
+        let Some(job) = self.ports.jobs.get(job_id).await? else {
+            return Ok(None);
+        };
+        let live = job.status.is_active()
+            || (job.status == JobStatus::Completed
+                && job.expires_at.is_none_or(|e| e > now_millis()));
+        if !live || page >= job.manifest_pages.len() {
+            return Ok(None);
+        }
+        Ok(Some(self.page_manifest(&job, page, base_url).await?))
+    }
+
+    /// Puts the finished parts no page lists yet into a new page. A page, once stored, never
+    /// changes: its files are finished, and later files go to later pages.
+    async fn assign_manifest_page(&self, job: &mut Job) -> StoreResult<()> {
+        let listed: std::collections::HashSet<&String> =
+            job.manifest_pages.iter().flatten().collect();
+        let mut fresh: Vec<PartRecord> = self
+            .ports
+            .jobs
+            .parts(&job.id)
+            .await?
+            .into_iter()
+            .filter(|p| !p.is_error && !listed.contains(&p.key))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        sort_parts(&mut fresh);
+        let mut updated = job.clone();
+        updated
+            .manifest_pages
+            .push(fresh.into_iter().map(|p| p.key).collect());
+        if self.ports.jobs.update(&updated, job.status).await? {
+            *job = updated;
+        } else if let Some(current) = self.ports.jobs.get(&job.id).await? {
+            // The job moved on meanwhile (or another poll stored the page): show what is stored.
+            *job = current;
+        }
+        Ok(())
+    }
+
+    /// One manifest page: its files, the job's error files, and a link to the next page.
+    async fn page_manifest(&self, job: &Job, page: usize, base_url: &str) -> StoreResult<Value> {
+        let keys: std::collections::HashSet<&String> = job.manifest_pages[page].iter().collect();
+        let mut parts: Vec<PartRecord> = self
+            .ports
+            .jobs
+            .parts(&job.id)
+            .await?
+            .into_iter()
+            .filter(|p| p.is_error || keys.contains(&p.key))
+            .collect();
+        sort_parts(&mut parts);
+        let urls = self.urls(&parts, base_url).await?;
+        let next = (page + 1 < job.manifest_pages.len())
+            .then(|| format!("{base_url}/$export-status/{}/page/{}", job.id, page + 1));
+        Ok(manifest(job, &parts, &urls, next.as_deref()))
+    }
+
+    async fn urls(&self, parts: &[PartRecord], base_url: &str) -> StoreResult<Vec<String>> {
+        let mut urls = Vec::with_capacity(parts.len());
+        for part in parts {
+            urls.push(self.ports.output.download_url(&part.key, base_url).await?);
+        }
+        Ok(urls)
+    }
+
+    /// The recorded part behind a download key, if its job is completed and not expired, or
+    /// still running and the part is listed in a manifest page already shown.
     pub async fn downloadable_part(&self, key: &str) -> StoreResult<Option<PartRecord>> {
         let Some((job_id, _)) = key.split_once('/') else {
             return Ok(None);
@@ -555,8 +666,10 @@ impl Exporter {
         let Some(job) = self.ports.jobs.get(job_id).await? else {
             return Ok(None);
         };
-        let live =
-            job.status == JobStatus::Completed && job.expires_at.is_none_or(|e| e > now_millis());
+        let shown = || job.manifest_pages.iter().flatten().any(|k| k == key);
+        let live = (job.status == JobStatus::Completed
+            && job.expires_at.is_none_or(|e| e > now_millis()))
+            || (job.status.is_active() && shown());
         if !live {
             return Ok(None);
         }

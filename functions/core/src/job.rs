@@ -69,6 +69,9 @@ pub struct Job {
     /// Who asked for what: the same client repeating an identical kick-off is sent to this job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// With `allowPartialManifests`: the part keys of each manifest page, fixed once shown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub manifest_pages: Vec<Vec<String>>,
 }
 
 impl Job {
@@ -93,6 +96,7 @@ impl Job {
             error: None,
             items_total: 0,
             fingerprint: None,
+            manifest_pages: Vec::new(),
         }
     }
 

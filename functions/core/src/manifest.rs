@@ -28,8 +28,9 @@ pub fn sort_parts(parts: &mut [PartRecord]) {
     parts.sort_by(|a, b| (&a.resource_type, &a.key).cmp(&(&b.resource_type, &b.key)));
 }
 
-/// The manifest of a completed job; `urls[i]` is the download URL of `parts[i]`.
-pub fn manifest(job: &Job, parts: &[PartRecord], urls: &[String]) -> Value {
+/// The manifest of a job's parts; `urls[i]` is the download URL of `parts[i]`, and `next` the
+/// URL of the following manifest page (`allowPartialManifests`).
+pub fn manifest(job: &Job, parts: &[PartRecord], urls: &[String], next: Option<&str>) -> Value {
     let entry = |(p, url): (&PartRecord, &String)| json!({"type": p.resource_type, "url": url, "count": p.count});
     let output: Vec<Value> = parts
         .iter()
@@ -49,14 +50,18 @@ pub fn manifest(job: &Job, parts: &[PartRecord], urls: &[String]) -> Value {
         .filter(|(p, _)| p.is_error)
         .map(entry)
         .collect();
-    json!({
+    let mut manifest = json!({
         "transactionTime": format_instant(job.transaction_time),
         "request": job.request_url,
         "requiresAccessToken": false,
         "output": output,
         "deleted": deleted,
         "error": error,
-    })
+    });
+    if let Some(next) = next {
+        manifest["link"] = json!([{"relation": "next", "url": next}]);
+    }
+    manifest
 }
 
 /// The `X-Progress` value: short (under 100 characters) and human readable.

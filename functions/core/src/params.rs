@@ -14,7 +14,7 @@ use serde_json::Value;
 pub const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
 
 /// Parameters of the IG that this server does not implement (yet).
-const UNSUPPORTED: &[&str] = &["organizeOutputBy", "allowPartialManifests"];
+const UNSUPPORTED: &[&str] = &["organizeOutputBy"];
 
 /// Which `$export` endpoint was called.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +55,13 @@ pub struct ExportParams {
     /// `includeAssociatedData`: which Provenance resources accompany the exported resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub associated: Option<AssociatedProvenance>,
+    /// `allowPartialManifests=true`: status polls may answer with the files finished so far.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_partial_manifests: bool,
+    /// `Prefer: separate-export-status`: status polls answer 200 and carry the export's status
+    /// in `X-Export-Status`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub separate_status: bool,
     /// Other problems handled leniently (criteria left out), reported like `ignored`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
@@ -85,6 +92,7 @@ pub enum AssociatedProvenance {
 #[derive(Debug, Clone)]
 enum RawValue {
     Text(String),
+    Boolean(bool),
     Reference(String),
     Other,
 }
@@ -112,6 +120,11 @@ impl KickoffHeaders {
     /// `Prefer: handling=lenient` is present.
     pub fn lenient(&self) -> bool {
         self.preferences().any(|p| p == "handling=lenient")
+    }
+
+    /// `Prefer: separate-export-status` is present.
+    pub fn separate_export_status(&self) -> bool {
+        self.preferences().any(|p| p == "separate-export-status")
     }
 }
 
@@ -176,6 +189,7 @@ pub fn parse_kickoff(
     let mut params = ExportParams {
         output_format: OUTPUT_FORMATS[0].to_string(),
         lenient,
+        separate_status: headers.separate_export_status(),
         ..ExportParams::default()
     };
     let mut seen_single: Vec<&str> = Vec::new();
@@ -186,6 +200,20 @@ pub fn parse_kickoff(
     for (name, value) in &raw {
         let name = name.as_str();
         match name {
+            "allowPartialManifests" => {
+                params.allow_partial_manifests = match value {
+                    RawValue::Boolean(b) => *b,
+                    _ => match text_value(name, value)? {
+                        "true" => true,
+                        "false" => false,
+                        other => {
+                            return Err(ApiError::invalid(format!(
+                                "allowPartialManifests must be true or false, not '{other}'"
+                            )));
+                        }
+                    },
+                }
+            }
             "_outputFormat" | "_since" | "_until" => {
                 if seen_single.contains(&name) {
                     return Err(ApiError::invalid(format!(
@@ -338,6 +366,7 @@ fn parameters_body(body: &[u8]) -> Result<Vec<(String, RawValue)>, ApiError> {
                 .and_then(|o| o.iter().find(|(k, _)| k.starts_with("value")))
                 .map(|(_, v)| match v {
                     Value::String(s) => RawValue::Text(s.clone()),
+                    Value::Bool(b) => RawValue::Boolean(*b),
                     Value::Object(o) => match o.get("reference").and_then(Value::as_str) {
                         Some(r) => RawValue::Reference(r.to_string()),
                         None => RawValue::Other,

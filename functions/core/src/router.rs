@@ -46,6 +46,7 @@ enum Route {
     Metadata,
     Kickoff(ExportLevel),
     Status(String),
+    ManifestPage(String, usize),
     Download(String),
 }
 
@@ -91,6 +92,10 @@ impl Api {
             ["Patient", "$export"] => Route::Kickoff(ExportLevel::Patient),
             ["Group", id, "$export"] => Route::Kickoff(ExportLevel::Group(id.to_string())),
             ["$export-status", id] => Route::Status(id.to_string()),
+            ["$export-status", id, "page", n] => match n.parse::<usize>() {
+                Ok(n) => Route::ManifestPage(id.to_string(), n),
+                Err(_) => return Err(ApiError::not_found(format!("no manifest page {n}"))),
+            },
             ["$export-output", job, resource_type, file] => {
                 Route::Download(format!("{job}/{resource_type}/{file}"))
             }
@@ -104,6 +109,16 @@ impl Api {
             }
             (Route::Status(id), &Method::GET) => self.status(request, &id).await,
             (Route::Status(id), &Method::DELETE) => self.cancel(&id).await,
+            (Route::ManifestPage(id, n), &Method::GET) => {
+                let page = self
+                    .exporter
+                    .manifest_page(&id, n, &self.base_url(request))
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::not_found(format!("export {id} has no manifest page {n}"))
+                    })?;
+                Ok(json_response(StatusCode::OK, "application/json", &page))
+            }
             (Route::Download(key), &Method::GET) => self.download(request, &key).await,
             _ => Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -187,6 +202,16 @@ impl Api {
         response
             .headers_mut()
             .insert(CONTENT_LOCATION, header(&status_url));
+        let mut applied = vec!["respond-async"];
+        if job.params.lenient {
+            applied.push("handling=lenient");
+        }
+        if job.params.separate_status {
+            applied.push("separate-export-status");
+        }
+        response
+            .headers_mut()
+            .insert("preference-applied", header(&applied.join(", ")));
         Ok(response)
     }
 
@@ -195,29 +220,60 @@ impl Api {
         request: &Request<Bytes>,
         job_id: &str,
     ) -> Result<Response<Body>, ApiError> {
-        let view = self.exporter.view(job_id, &self.base_url(request)).await?;
-        match view {
-            None => Err(unknown_job(job_id)),
-            Some(JobView::Running { progress }) => {
-                let mut response = empty(StatusCode::ACCEPTED);
+        let Some(view) = self.exporter.view(job_id, &self.base_url(request)).await? else {
+            return Err(unknown_job(job_id));
+        };
+        let mut response = match view.state {
+            JobView::Running { progress, partial } => {
+                let mut response = match partial {
+                    Some(manifest) => {
+                        json_response(StatusCode::ACCEPTED, "application/json", &manifest)
+                    }
+                    None => empty(StatusCode::ACCEPTED),
+                };
                 let headers = response.headers_mut();
                 headers.insert("x-progress", header(&progress));
                 headers.insert(
                     RETRY_AFTER,
                     header(&self.exporter.settings.poll_retry_after.to_string()),
                 );
-                Ok(response)
+                response
             }
-            Some(JobView::Completed { manifest, expires }) => {
+            JobView::Completed { manifest, expires } => {
                 let mut response = json_response(StatusCode::OK, "application/json", &manifest);
                 let expires = SystemTime::from(expires);
                 response
                     .headers_mut()
                     .insert(EXPIRES, header(&httpdate::fmt_http_date(expires)));
-                Ok(response)
+                response
             }
-            Some(JobView::Failed { diagnostics }) => Err(ApiError::internal(diagnostics)),
+            JobView::Failed { diagnostics } => {
+                let error = ApiError::internal(diagnostics);
+                if !view.separate_status {
+                    return Err(error);
+                }
+                error_response(&error)
+            }
+        };
+        if view.separate_status {
+            // The HTTP status answers the poll itself; the export's own is in X-Export-Status.
+            let export_status = response.status();
+            *response.status_mut() = StatusCode::OK;
+            let headers = response.headers_mut();
+            headers.insert(
+                "x-export-status",
+                header(&format!(
+                    "{} {}",
+                    export_status.as_u16(),
+                    export_status.canonical_reason().unwrap_or("")
+                )),
+            );
+            headers.insert(
+                "preference-applied",
+                HeaderValue::from_static("separate-export-status"),
+            );
         }
+        Ok(response)
     }
 
     async fn cancel(&self, job_id: &str) -> Result<Response<Body>, ApiError> {
