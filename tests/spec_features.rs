@@ -542,3 +542,100 @@ fn partial_manifests_list_finished_files_and_never_change() {
     }
     get(&format!("{location}/page/99")).assert_outcome(404);
 }
+
+#[test]
+fn organize_output_by_patient_writes_resource_blocks() {
+    let dir = scratch_dir("organize");
+    let data = read_ndjson_dir(&generated_store(&dir, 6));
+    // Small files, so every patient's block is cut across several.
+    let server = Server::start(&dir, &["--max-file-resources", "120"]);
+    let reference = CompartmentReference::load();
+    let manifest = server.export("/Patient/$export?organizeOutputBy=Patient");
+    assert_eq!(manifest["outputOrganizedBy"], "Patient");
+    let entries = manifest["output"].as_array().unwrap();
+    assert!(entries.len() > 6);
+
+    // Read the files in manifest order and rebuild the blocks.
+    let mut blocks: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let mut starts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut continuations = 0;
+    let mut previous_last: Option<String> = None;
+    let mut previous_continues: Option<String> = None;
+    for entry in entries {
+        assert!(
+            entry.get("type").is_none(),
+            "organized entries have no type"
+        );
+        let url = entry["url"].as_str().unwrap();
+        let body = get(url).body;
+        let lines: Vec<Value> = body
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len() as u64, entry["count"].as_u64().unwrap());
+        assert!(lines.len() <= 120);
+        let mut current: Option<String> = None;
+        for (i, line) in lines.iter().enumerate() {
+            if line["resourceType"] == "Parameters" {
+                assert_eq!(line["parameter"][0]["name"], "header");
+                let patient = line["parameter"][0]["valueReference"]["reference"]
+                    .as_str()
+                    .unwrap()
+                    .strip_prefix("Patient/")
+                    .unwrap()
+                    .to_string();
+                let continued = i == 0 && previous_continues.as_deref() == Some(url);
+                if continued {
+                    assert_eq!(previous_last.as_deref(), Some(patient.as_str()));
+                    continuations += 1;
+                } else {
+                    *starts.entry(patient.clone()).or_default() += 1;
+                    // A fresh block starts with the Patient itself.
+                    assert_eq!(lines[i + 1]["resourceType"], "Patient");
+                    assert_eq!(lines[i + 1]["id"], patient.as_str());
+                }
+                current = Some(patient);
+                continue;
+            }
+            let patient = current.clone().expect("a file starts with a header");
+            assert!(
+                reference.patients_of(line).contains(&patient),
+                "{} {} is in the compartment of {patient}",
+                line["resourceType"],
+                line["id"]
+            );
+            blocks.entry(patient).or_default().push((
+                line["resourceType"].as_str().unwrap().to_string(),
+                line["id"].as_str().unwrap().to_string(),
+            ));
+        }
+        previous_last = current;
+        previous_continues = entry["continuesInFile"].as_str().map(String::from);
+    }
+    assert!(continuations > 0, "blocks were cut and continued");
+
+    // Each patient has one block holding exactly its compartment.
+    let patients: Vec<String> = ids(&data, |r| r["resourceType"] == "Patient");
+    assert_eq!(starts.keys().cloned().collect::<Vec<_>>(), patients);
+    assert!(starts.values().all(|n| *n == 1));
+    for patient in &patients {
+        let mut want: Vec<(String, String)> = data
+            .iter()
+            .filter(|r| reference.patients_of(r).contains(patient))
+            .map(|r| {
+                (
+                    r["resourceType"].as_str().unwrap().to_string(),
+                    r["id"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        want.sort();
+        let mut got = blocks[patient].clone();
+        got.sort();
+        assert_eq!(got, want, "block of {patient}");
+    }
+
+    server
+        .kickoff("/Patient/$export?organizeOutputBy=Encounter")
+        .assert_outcome(400);
+}

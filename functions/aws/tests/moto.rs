@@ -379,3 +379,61 @@ async fn type_filter_elements_and_deletions_match_the_local_mode() {
     assert_eq!(exported["Bundle"].len(), 3, "{exported:?}");
     assert!(!exported.contains_key("Observation"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn organized_partial_manifests_with_separate_status_match_the_local_mode() {
+    let resources = generated(3);
+    let mut aws = Deployment::create(|_| {}).await;
+    aws.load(resources.clone()).await;
+    aws.start_lambdas(Delivery::Once, None);
+    let prefer = [("Prefer", "respond-async, separate-export-status")];
+    let kick = aws
+        .call_with_headers(
+            "GET",
+            "/fhir/Patient/$export?organizeOutputBy=Patient&allowPartialManifests=true",
+            None,
+            &prefer,
+        )
+        .await;
+    assert_eq!(kick.status, 202, "{}", kick.body);
+    assert!(
+        kick.header("preference-applied")
+            .unwrap()
+            .contains("separate-export-status")
+    );
+    let status_path = kick.status_path();
+    let started = std::time::Instant::now();
+    let mut manifest = loop {
+        let r = aws.call("GET", &status_path, None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        match r.header("x-export-status").as_deref() {
+            Some("200 OK") => break r.json(),
+            Some("202 Accepted") => {}
+            other => panic!("X-Export-Status {other:?}: {}", r.body),
+        }
+        assert!(started.elapsed() < Duration::from_secs(240));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(manifest["outputOrganizedBy"], "Patient");
+    // Gather every page's files.
+    let mut outputs = Vec::new();
+    loop {
+        outputs.extend(manifest["output"].as_array().unwrap().iter().cloned());
+        let Some(next) = manifest["link"][0]["url"].as_str().map(String::from) else {
+            break;
+        };
+        let path = next
+            .strip_prefix("https://abc123.execute-api.us-east-1.amazonaws.com")
+            .unwrap()
+            .to_string();
+        manifest = aws.call("GET", &path, None).await.json();
+    }
+    let all = json!({"output": outputs, "deleted": [], "outputOrganizedBy": "Patient"});
+    let exported = download(&all);
+    let params = ExportParams {
+        organize_by: Some("Patient".into()),
+        ..ExportParams::default()
+    };
+    let expected = local_export(&resources, ExportLevel::Patient, params).await;
+    assert_eq!(exported, expected, "identical to the local mode");
+}

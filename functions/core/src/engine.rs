@@ -239,7 +239,13 @@ impl Exporter {
             &[false]
         };
         let mut items = Vec::new();
+        if job.params.organize_by.is_some() {
+            items = self.block_items(&job, listed.is_some()).await?;
+        }
         for &deleted in kinds {
+            if job.params.organize_by.is_some() && !deleted {
+                continue;
+            }
             for resource_type in &types {
                 // Provenance chosen by its targets reads the whole type.
                 let by_targets =
@@ -297,6 +303,9 @@ impl Exporter {
             .await?
         {
             return Ok(ItemOutcome::Done);
+        }
+        if job.params.organize_by.is_some() && !item.deleted {
+            return self.export_blocks(&job, item, resume, deadline).await;
         }
         let (mut cursor, mut seq) = match resume {
             Some(r) => (Some(r.cursor), r.next_seq),
@@ -362,7 +371,7 @@ impl Exporter {
                     && (open.bytes + line_len > self.settings.max_file_bytes
                         || open.count + 1 > self.settings.max_file_resources)
                 {
-                    self.finish_part(part.take().expect("open part"), item)
+                    self.finish_part(part.take().expect("open part"), item, false)
                         .await?;
                     seq += 1;
                     if !self.still_active(&item.job_id).await? {
@@ -418,7 +427,7 @@ impl Exporter {
             }
         }
         if let Some(open) = part {
-            self.finish_part(open, item).await?;
+            self.finish_part(open, item, false).await?;
         }
         self.ports
             .jobs
@@ -692,7 +701,7 @@ impl Exporter {
 
     /// Whether the job is still accepted or running. When it was cancelled meanwhile, the files
     /// this worker may have finished after the cancel's own cleanup are deleted here.
-    async fn still_active(&self, job_id: &str) -> StoreResult<bool> {
+    pub(crate) async fn still_active(&self, job_id: &str) -> StoreResult<bool> {
         let status = self.ports.jobs.get(job_id).await?.map(|j| j.status);
         if status == Some(JobStatus::Cancelled) {
             self.ports.output.delete_job(job_id).await?;
@@ -718,7 +727,13 @@ impl Exporter {
         })
     }
 
-    async fn finish_part(&self, part: OpenPart, item: &WorkItem) -> StoreResult<()> {
+    /// Closes a part and records it; `continues` says its last resource block goes on in the next.
+    pub(crate) async fn finish_part(
+        &self,
+        part: OpenPart,
+        item: &WorkItem,
+        continues: bool,
+    ) -> StoreResult<()> {
         let OpenPart {
             key,
             seq,
@@ -745,6 +760,7 @@ impl Exporter {
             bytes,
             is_error: false,
             is_deleted: item.deleted,
+            continues,
         };
         self.ports.jobs.record_part(&record).await
     }
@@ -786,23 +802,36 @@ impl Exporter {
             bytes,
             is_error: true,
             is_deleted: false,
+            continues: false,
         };
         self.ports.jobs.record_part(&record).await
     }
 }
 
 /// A part being written: lines are gathered into `buffer` and handed over in large chunks.
-struct OpenPart {
-    key: String,
-    seq: u32,
-    writer: Box<dyn PartWriter>,
-    buffer: BytesMut,
-    count: u64,
-    bytes: u64,
+pub(crate) struct OpenPart {
+    pub(crate) key: String,
+    pub(crate) seq: u32,
+    pub(crate) writer: Box<dyn PartWriter>,
+    pub(crate) buffer: BytesMut,
+    pub(crate) count: u64,
+    pub(crate) bytes: u64,
 }
 
 impl OpenPart {
-    async fn push(&mut self, line: &[u8]) -> StoreResult<()> {
+    /// An empty part that will be written under `key`.
+    pub(crate) fn new(key: String, seq: u32, writer: Box<dyn PartWriter>) -> OpenPart {
+        OpenPart {
+            key,
+            seq,
+            writer,
+            buffer: BytesMut::new(),
+            count: 0,
+            bytes: 0,
+        }
+    }
+
+    pub(crate) async fn push(&mut self, line: &[u8]) -> StoreResult<()> {
         self.buffer.extend_from_slice(line);
         self.buffer.extend_from_slice(b"\n");
         self.count += 1;

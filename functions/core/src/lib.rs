@@ -15,6 +15,7 @@ pub mod ids;
 pub mod job;
 pub mod load;
 pub mod manifest;
+pub mod organize;
 pub mod params;
 pub mod ports;
 pub mod provenance;

@@ -32,11 +32,27 @@ pub fn sort_parts(parts: &mut [PartRecord]) {
 /// URL of the following manifest page (`allowPartialManifests`).
 pub fn manifest(job: &Job, parts: &[PartRecord], urls: &[String], next: Option<&str>) -> Value {
     let entry = |(p, url): (&PartRecord, &String)| json!({"type": p.resource_type, "url": url, "count": p.count});
+    let organized = job.params.organize_by.is_some();
     let output: Vec<Value> = parts
         .iter()
         .zip(urls)
         .filter(|(p, _)| !p.is_error && !p.is_deleted)
-        .map(entry)
+        .map(|(p, url)| {
+            if !organized {
+                return entry((p, url));
+            }
+            // Blocks mix types: no `type`; a block cut at the end of a file names the next file.
+            let mut e = json!({"url": url, "count": p.count});
+            if p.continues {
+                let next = parts.iter().position(|n| {
+                    n.item == p.item && n.seq == p.seq + 1 && !n.is_deleted && !n.is_error
+                });
+                if let Some(i) = next {
+                    e["continuesInFile"] = json!(urls[i]);
+                }
+            }
+            e
+        })
         .collect();
     let deleted: Vec<Value> = parts
         .iter()
@@ -58,6 +74,9 @@ pub fn manifest(job: &Job, parts: &[PartRecord], urls: &[String], next: Option<&
         "deleted": deleted,
         "error": error,
     });
+    if let Some(by) = &job.params.organize_by {
+        manifest["outputOrganizedBy"] = json!(by);
+    }
     if let Some(next) = next {
         manifest["link"] = json!([{"relation": "next", "url": next}]);
     }

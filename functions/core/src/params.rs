@@ -13,9 +13,6 @@ use serde_json::Value;
 /// The output formats accepted for `_outputFormat`; all mean NDJSON.
 pub const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
 
-/// Parameters of the IG that this server does not implement (yet).
-const UNSUPPORTED: &[&str] = &["organizeOutputBy"];
-
 /// Which `$export` endpoint was called.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "level", content = "group", rename_all = "lowercase")]
@@ -55,6 +52,9 @@ pub struct ExportParams {
     /// `includeAssociatedData`: which Provenance resources accompany the exported resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub associated: Option<AssociatedProvenance>,
+    /// `organizeOutputBy` (only `Patient`): files hold one block per patient instead of one type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organize_by: Option<String>,
     /// `allowPartialManifests=true`: status polls may answer with the files finished so far.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_partial_manifests: bool,
@@ -200,6 +200,17 @@ pub fn parse_kickoff(
     for (name, value) in &raw {
         let name = name.as_str();
         match name {
+            "organizeOutputBy" => match text_value(name, value)? {
+                "Patient" => params.organize_by = Some("Patient".to_string()),
+                other if lenient => params.warnings.push(format!(
+                    "organizeOutputBy '{other}' is not supported (only Patient); output is organized by type"
+                )),
+                other => {
+                    return Err(ApiError::invalid(format!(
+                        "organizeOutputBy '{other}' is not supported; only Patient is"
+                    )));
+                }
+            },
             "allowPartialManifests" => {
                 params.allow_partial_manifests = match value {
                     RawValue::Boolean(b) => *b,
@@ -302,11 +313,6 @@ pub fn parse_kickoff(
                 }
             }
             _ if lenient => params.ignored.push(name.to_string()),
-            _ if UNSUPPORTED.contains(&name) => {
-                return Err(ApiError::not_supported(format!(
-                    "parameter {name} is not supported by this server (send Prefer: handling=lenient to have it ignored)"
-                )));
-            }
             _ => {
                 return Err(ApiError::invalid(format!(
                     "unknown parameter '{name}' for $export (send Prefer: handling=lenient to have it ignored)"
@@ -512,7 +518,7 @@ mod tests {
         let mut h = headers();
         h.prefer = vec!["respond-async, handling=lenient".into()];
         let q = vec![
-            ("organizeOutputBy".to_string(), "x".to_string()),
+            ("colour".to_string(), "x".to_string()),
             ("_typeFilter".to_string(), "Observation?foo=1".to_string()),
         ];
         let p = parse_kickoff(
@@ -524,7 +530,7 @@ mod tests {
             now_millis(),
         )
         .unwrap();
-        assert_eq!(p.ignored, vec!["organizeOutputBy"]);
+        assert_eq!(p.ignored, vec!["colour"]);
         assert_eq!(p.warnings.len(), 1);
     }
 

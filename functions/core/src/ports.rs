@@ -142,6 +142,9 @@ pub struct PartRecord {
     /// Deleted-resources file (transaction Bundles of DELETE requests), the manifest's `deleted`.
     #[serde(default)]
     pub is_deleted: bool,
+    /// With `organizeOutputBy`: the last resource block goes on in the next part (`seq + 1`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continues: bool,
 }
 
 /// A unit of work: one partition of one type.

@@ -86,6 +86,7 @@ async fn recording_a_part_twice_keeps_one_record() {
         bytes: 100,
         is_error: false,
         is_deleted: false,
+        continues: false,
     };
     store.record_part(&part).await.unwrap();
     store.record_part(&part).await.unwrap();
