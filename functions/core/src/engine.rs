@@ -426,6 +426,15 @@ impl Exporter {
                 }
             }
         }
+        self.close_item(part, item).await
+    }
+
+    /// Finishes an item's last part, if any, and marks the item done.
+    pub(crate) async fn close_item(
+        &self,
+        part: Option<OpenPart>,
+        item: &WorkItem,
+    ) -> StoreResult<ItemOutcome> {
         if let Some(open) = part {
             self.finish_part(open, item, false).await?;
         }
@@ -570,8 +579,7 @@ impl Exporter {
                     self.assign_manifest_page(&mut job).await?;
                     self.page_manifest(&job, 0, base_url).await?
                 } else {
-                    let mut parts = self.ports.jobs.parts(job_id).await?;
-                    sort_parts(&mut parts);
+                    let parts = self.sorted_parts(job_id, |_| true).await?;
                     let urls = self.urls(&parts, base_url).await?;
                     manifest(&job, &parts, &urls, None)
                 };
@@ -615,18 +623,12 @@ impl Exporter {
     async fn assign_manifest_page(&self, job: &mut Job) -> StoreResult<()> {
         let listed: std::collections::HashSet<&String> =
             job.manifest_pages.iter().flatten().collect();
-        let mut fresh: Vec<PartRecord> = self
-            .ports
-            .jobs
-            .parts(&job.id)
-            .await?
-            .into_iter()
-            .filter(|p| !p.is_error && !listed.contains(&p.key))
-            .collect();
+        let fresh = self
+            .sorted_parts(&job.id, |p| !p.is_error && !listed.contains(&p.key))
+            .await?;
         if fresh.is_empty() {
             return Ok(());
         }
-        sort_parts(&mut fresh);
         let mut updated = job.clone();
         updated
             .manifest_pages
@@ -643,19 +645,31 @@ impl Exporter {
     /// One manifest page: its files, the job's error files, and a link to the next page.
     async fn page_manifest(&self, job: &Job, page: usize, base_url: &str) -> StoreResult<Value> {
         let keys: std::collections::HashSet<&String> = job.manifest_pages[page].iter().collect();
-        let mut parts: Vec<PartRecord> = self
-            .ports
-            .jobs
-            .parts(&job.id)
-            .await?
-            .into_iter()
-            .filter(|p| p.is_error || keys.contains(&p.key))
-            .collect();
-        sort_parts(&mut parts);
+        let parts = self
+            .sorted_parts(&job.id, |p| p.is_error || keys.contains(&p.key))
+            .await?;
         let urls = self.urls(&parts, base_url).await?;
         let next = (page + 1 < job.manifest_pages.len())
             .then(|| format!("{base_url}/$export-status/{}/page/{}", job.id, page + 1));
         Ok(manifest(job, &parts, &urls, next.as_deref()))
+    }
+
+    /// A job's recorded parts that `keep` selects, in manifest order.
+    async fn sorted_parts(
+        &self,
+        job_id: &str,
+        keep: impl Fn(&PartRecord) -> bool,
+    ) -> StoreResult<Vec<PartRecord>> {
+        let mut parts: Vec<PartRecord> = self
+            .ports
+            .jobs
+            .parts(job_id)
+            .await?
+            .into_iter()
+            .filter(|p| keep(p))
+            .collect();
+        sort_parts(&mut parts);
+        Ok(parts)
     }
 
     async fn urls(&self, parts: &[PartRecord], base_url: &str) -> StoreResult<Vec<String>> {

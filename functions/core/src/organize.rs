@@ -232,13 +232,6 @@ impl Exporter {
             at.type_index = 0;
             at.in_block = false;
         }
-        if let Some(open) = part {
-            self.finish_part(open, item, false).await?;
-        }
-        self.ports
-            .jobs
-            .complete_item(&item.job_id, item.item)
-            .await?;
-        Ok(ItemOutcome::Done)
+        self.close_item(part, item).await
     }
 }

@@ -1,6 +1,8 @@
 //! Export benchmark: generates synthetic data into SQLite, then runs system-, Patient- and
 //! Group-level (a 10-patient Group) exports through the real engine and adapters, printing
-//! resources/s, MB/s and peak RSS.
+//! resources/s, MB/s and peak RSS. Then the cost of the optional features: Observation alone,
+//! with a `_typeFilter`, with `_elements`, a Patient export `organizeOutputBy=Patient`, and the
+//! gzip that compressed downloads (and S3 objects) go through.
 //!
 //! `cargo bench -p bulk-export` runs 10k, 100k and 1M resources (set `BENCH_SIZES=10000,100000`
 //! to choose). Under `cargo test` it runs one tiny size as a smoke check. Generated stores are kept
@@ -43,21 +45,56 @@ fn main() {
         let patients = size.div_ceil(PER_PATIENT).max(1);
         let db = root.join(format!("store-{patients}.db"));
         let store = ensure_store(&db, patients);
-        for level in [
-            ExportLevel::System,
-            ExportLevel::Patient,
-            ExportLevel::Group("group-0".into()),
-        ] {
+        let observations = || ExportParams {
+            types: Some(vec!["Observation".into()]),
+            ..ExportParams::default()
+        };
+        let cases = [
+            ("system", ExportLevel::System, ExportParams::default()),
+            ("patient", ExportLevel::Patient, ExportParams::default()),
+            (
+                "group(10)",
+                ExportLevel::Group("group-0".into()),
+                ExportParams::default(),
+            ),
+            ("obs", ExportLevel::System, observations()),
+            (
+                "obs+filter",
+                ExportLevel::System,
+                ExportParams {
+                    type_filters: vec![
+                        "Observation?code=http://loinc.org|8867-4,2339-0&date=ge2022".into(),
+                    ],
+                    ..observations()
+                },
+            ),
+            (
+                "obs+elems",
+                ExportLevel::System,
+                ExportParams {
+                    elements: vec!["Observation.value,Observation.subject".into()],
+                    ..observations()
+                },
+            ),
+            (
+                "by-patient",
+                ExportLevel::Patient,
+                ExportParams {
+                    organize_by: Some("Patient".into()),
+                    ..ExportParams::default()
+                },
+            ),
+        ];
+        for (name, level, params) in cases {
             let out = root.join("out");
             let _ = std::fs::remove_dir_all(&out);
-            let stats = runtime.block_on(run_export(store.clone(), &out, level.clone()));
+            let stats = runtime.block_on(run_export(store.clone(), &out, level, params));
+            if name == "system" {
+                gzip_cost(&out);
+            }
             println!(
                 "{:<10} {:>10} {:>9.2} {:>10.0} {:>9.1} {:>8} {:>12.1}",
-                match level {
-                    ExportLevel::System => "system",
-                    ExportLevel::Patient => "patient",
-                    ExportLevel::Group(_) => "group(10)",
-                },
+                name,
                 stats.resources,
                 stats.seconds,
                 stats.resources as f64 / stats.seconds,
@@ -108,7 +145,44 @@ struct Stats {
     peak_rss_kb: u64,
 }
 
-async fn run_export(store: SqliteStore, out: &Path, level: ExportLevel) -> Stats {
+/// Compresses every file of an export the way downloads and S3 objects are (gzip, fast level)
+/// and prints the throughput and the ratio.
+fn gzip_cost(out: &Path) {
+    use std::io::Write;
+    let mut files = vec![out.to_path_buf()];
+    let (mut plain, mut packed) = (0u64, 0u64);
+    let started = Instant::now();
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(
+                std::fs::read_dir(&path)
+                    .expect("dir")
+                    .map(|e| e.expect("entry").path()),
+            );
+            continue;
+        }
+        let bytes = std::fs::read(&path).expect("file");
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(&bytes).expect("gzip");
+        plain += bytes.len() as u64;
+        packed += encoder.finish().expect("gzip").len() as u64;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "(gzip of the system export: {:.1} MB -> {:.1} MB, {:.1}x smaller, {:.0} MB/s on one core)",
+        plain as f64 / 1e6,
+        packed as f64 / 1e6,
+        plain as f64 / packed.max(1) as f64,
+        plain as f64 / 1e6 / seconds
+    );
+}
+
+async fn run_export(
+    store: SqliteStore,
+    out: &Path,
+    level: ExportLevel,
+    params: ExportParams,
+) -> Stats {
     let store = Arc::new(store);
     let output = Arc::new(FileOutput::new(out).expect("output dir"));
     let ports = Ports {
@@ -121,7 +195,7 @@ async fn run_export(store: SqliteStore, out: &Path, level: ExportLevel) -> Stats
     reset_peak_rss();
     let started = Instant::now();
     let job = exporter
-        .kickoff(level, ExportParams::default(), "bench".into())
+        .kickoff(level, params, "bench".into())
         .await
         .expect("kick-off");
     runner::run_job(exporter.clone(), job.id.clone()).await;

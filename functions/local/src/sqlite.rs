@@ -190,7 +190,7 @@ impl SqliteStore {
         as_of: i64,
     ) -> StoreResult<Option<String>> {
         let sql = format!(
-            "SELECT body FROM resources WHERE type = :type AND id = :id AND lu <= :as_of AND deleted = 0 AND {CURRENT_AT}"
+            "SELECT body FROM resources INDEXED BY resources_by_id WHERE type = :type AND id = :id AND lu <= :as_of AND deleted = 0 AND {CURRENT_AT}"
         );
         conn.prepare_cached(&sql)
             .map_err(db_err)?
@@ -372,7 +372,7 @@ impl ResourceStore for SqliteStore {
         let (resource_type, id) = (resource_type.to_string(), id.to_string());
         self.run(move |conn| {
             let sql = format!(
-                "SELECT rid, lu, body FROM resources WHERE type = :type AND id = :id AND lu <= :as_of AND deleted = 0 AND {CURRENT_AT}"
+                "SELECT rid, lu, body FROM resources INDEXED BY resources_by_id WHERE type = :type AND id = :id AND lu <= :as_of AND deleted = 0 AND {CURRENT_AT}"
             );
             let row: Option<(i64, i64, String)> = conn
                 .prepare_cached(&sql)
