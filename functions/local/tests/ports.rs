@@ -10,6 +10,8 @@ use export_core::fhir::time::now_millis;
 use export_core::job::JobStatus;
 use export_core::params::{ExportLevel, ExportParams};
 use export_core::ports::{ByteStream, ExportLock, JobStore, OutputStore, PartRecord, PartWriter};
+use bulk_export_local::dispatch::LocalDispatcher;
+use export_core::router::{Api, Body};
 use export_core::{Exporter, Settings, runner};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +52,9 @@ async fn the_lock_is_exclusive_and_a_dead_lease_can_be_taken_over() {
     }
     assert_eq!(winners.len(), 1);
     let holder = format!("job-{}", winners[0]);
+    assert_eq!(store.holder(now).await.unwrap(), Some(holder.clone()));
+    let after_lease = now + lease + chrono::Duration::seconds(1);
+    assert_eq!(store.holder(after_lease).await.unwrap(), None, "an ended lease holds nothing");
 
     assert!(!store.acquire("second", lease, now).await.unwrap());
     store.release("second").await.unwrap(); // not the holder: no effect
@@ -131,12 +136,13 @@ async fn a_failing_export_is_marked_failed_and_frees_the_lock() {
     };
     let exporter = Arc::new(Exporter::new(ports, Settings::default()));
 
+    // Kicked off with `Prefer: separate-export-status`.
+    let params = ExportParams {
+        separate_status: true,
+        ..ExportParams::default()
+    };
     let job = exporter
-        .kickoff(
-            ExportLevel::System,
-            ExportParams::default(),
-            "http://x/fhir/$export".into(),
-        )
+        .kickoff(ExportLevel::System, params, "http://x/fhir/$export".into())
         .await
         .unwrap();
     runner::run_job(exporter.clone(), job.id.clone()).await;
@@ -144,6 +150,27 @@ async fn a_failing_export_is_marked_failed_and_frees_the_lock() {
     let failed = store.get(&job.id).await.unwrap().unwrap();
     assert_eq!(failed.status, JobStatus::Failed);
     assert!(failed.error.unwrap().contains("disk full"));
+
+    // The poll itself succeeds (200); the export's failure is in X-Export-Status and the body.
+    let api = Api::new(
+        exporter.clone(),
+        Arc::new(LocalDispatcher::new(exporter.clone())),
+        "/fhir",
+    );
+    let poll = http::Request::get(format!("http://x/fhir/$export-status/{}", job.id))
+        .body(bytes::Bytes::new())
+        .unwrap();
+    let response = api.handle(poll).await;
+    assert_eq!(response.status(), 200);
+    let headers = response.headers();
+    assert_eq!(headers["x-export-status"], "500 Internal Server Error");
+    assert_eq!(headers["content-type"], "application/fhir+json");
+    let Body::Full(body) = response.into_body() else {
+        panic!("an OperationOutcome body");
+    };
+    let outcome: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert!(outcome.to_string().contains("disk full"));
     assert!(
         store
             .acquire("next", Duration::from_secs(60), now_millis())
