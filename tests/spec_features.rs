@@ -403,6 +403,25 @@ fn provenance_follows_the_exported_resources() {
     });
     assert_eq!(got, want);
 
+    // The same at Group level, where Provenance is found through the target index.
+    let got = provenance_of(&server.export(
+        "/Group/group-0/$export?_type=Encounter&includeAssociatedData=LatestProvenanceResources",
+    ));
+    let of_members = |p: &Value| {
+        targets_of(p).iter().any(|t| {
+            members
+                .iter()
+                .any(|m| t.starts_with(&format!("Encounter/enc-{m}-")))
+        })
+    };
+    let want_group: Vec<String> = want
+        .iter()
+        .filter(|id| of_members(provenance.iter().find(|p| p["id"] == id.as_str()).unwrap()))
+        .cloned()
+        .collect();
+    assert!(want_group.contains(&"prov-extra-new".to_string()));
+    assert_eq!(got, want_group);
+
     server
         .kickoff("/$export?includeAssociatedData=SomethingElse")
         .assert_outcome(400);

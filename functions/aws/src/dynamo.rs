@@ -141,6 +141,27 @@ impl DynamoTable {
         Ok(())
     }
 
+    /// Adds strings to a string-set attribute, creating the item if needed (idempotent).
+    pub async fn add_to_set(
+        &self,
+        pk: &str,
+        sk: &str,
+        name: &str,
+        values: &[String],
+    ) -> StoreResult<()> {
+        self.client
+            .update_item()
+            .table_name(&self.name)
+            .set_key(Some(Self::key(pk, sk)))
+            .update_expression("ADD #a :v")
+            .expression_attribute_names("#a", name)
+            .expression_attribute_values(":v", AttributeValue::Ss(values.to_vec()))
+            .send()
+            .await
+            .map_err(dynamo_err)?;
+        Ok(())
+    }
+
     /// Every item of a partition, optionally only those whose `sk` starts with `prefix`, in key
     /// order; `projection` limits the attributes read.
     pub async fn query_all(

@@ -9,6 +9,7 @@
 //! | history | `h#<type>#<id>` | `v<version>` | `lu`, `sup`, `shard`, `vsk`, `del` |
 //! | current pointer | `h#<type>#<id>` | `current` | `v`, `lu`, `shard`, `vsk`, `pats`, `del` |
 //! | type registry | `types` | `<type>` | |
+//! | Provenance by target | `t#<type>/<id>` | `prov` | `ids` (string set of Provenance ids) |
 //!
 //! Each type's versions are spread over `shards` partitions, so workers read one type in
 //! parallel, and sorted by lastUpdated, so `_since`/`_until` read only their window. A version's
@@ -29,6 +30,7 @@ use export_core::fhir::time::{Instant, from_micros, to_micros};
 use export_core::ports::{
     NewResource, Page, PatientScope, ReadScope, ResourceStore, ResourceVersion, StoredResource,
 };
+use export_core::provenance;
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -358,6 +360,22 @@ impl ResourceStore for DynamoResourceStore {
         }))
     }
 
+    async fn provenance_targeting(&self, targets: &[String]) -> StoreResult<Vec<String>> {
+        let mut ids = BTreeSet::new();
+        for chunk in targets.chunks(100) {
+            let keys: Vec<(String, String)> = chunk
+                .iter()
+                .map(|t| (format!("t#{t}"), "prov".to_string()))
+                .collect();
+            for item in self.table.batch_get(&keys).await? {
+                if let Some(AttributeValue::Ss(set)) = item.get("ids") {
+                    ids.extend(set.iter().cloned());
+                }
+            }
+        }
+        Ok(ids.into_iter().collect())
+    }
+
     async fn group_members(
         &self,
         group_id: &str,
@@ -432,6 +450,8 @@ impl DynamoResourceStore {
         let mut puts = Vec::new();
         let mut supersede = Vec::new();
         let mut types = BTreeSet::new();
+        let mut provenance_by_target: std::collections::BTreeMap<String, Vec<String>> =
+            Default::default();
         for mut r in resources {
             let hpk = history_pk(&r.resource_type, &r.id);
             let previous = current.get(&hpk);
@@ -446,6 +466,14 @@ impl DynamoResourceStore {
             let version = previous.and_then(|p| get_n(p, "v")).unwrap_or(0) + 1;
             if let Some(meta) = r.json.get_mut("meta").and_then(Value::as_object_mut) {
                 meta.insert("versionId".into(), Value::String(version.to_string()));
+            }
+            if r.resource_type == "Provenance" && !r.deleted {
+                for target in provenance::targets(&r.json) {
+                    provenance_by_target
+                        .entry(target)
+                        .or_default()
+                        .push(r.id.clone());
+                }
             }
             let body = serde_json::to_string(&r.json)?;
             let lu = to_micros(r.last_updated);
@@ -510,6 +538,11 @@ impl DynamoResourceStore {
             ]));
         }
         self.table.batch_put(puts).await?;
+        for (target, ids) in provenance_by_target {
+            self.table
+                .add_to_set(&format!("t#{target}"), "prov", "ids", &ids)
+                .await?;
+        }
         for (resource_type, id, previous, lu) in supersede {
             let version = get_n(&previous, "v").unwrap_or(1);
             let shard = get_n(&previous, "shard").unwrap_or(0) as u32;

@@ -14,8 +14,8 @@ use crate::manifest::{
 };
 use crate::params::{ExportLevel, ExportParams};
 use crate::ports::{
-    ExportLock, JobStore, OutputStore, PartRecord, PartWriter, PatientScope, ReadScope,
-    ResourceStore, WorkItem,
+    ExportLock, JobStore, OutputStore, Page, PartRecord, PartWriter, PatientScope, ReadScope,
+    ResourceStore, StoredResource, WorkItem,
 };
 use crate::provenance::{self, ProvenanceSelector};
 use crate::settings::Settings;
@@ -247,11 +247,16 @@ impl Exporter {
                 continue;
             }
             for resource_type in &types {
-                // Provenance chosen by its targets reads the whole type.
+                // Provenance chosen by its targets: for a listed patient set one item looks them
+                // up by target; otherwise the whole type is read in the store's partitions.
                 let by_targets =
                     resource_type == "Provenance" && !deleted && provenance::by_association(&job);
-                let listed = if by_targets { None } else { listed };
-                let partitions = resources.partitions(resource_type, listed).await?.max(1);
+                let partitions = match (by_targets, listed) {
+                    (true, Some(_)) => 1,
+                    (true, None) => resources.partitions(resource_type, None).await?,
+                    (false, _) => resources.partitions(resource_type, listed).await?,
+                }
+                .max(1);
                 for partition in 0..partitions {
                     let item = items.len() as u32;
                     items.push(WorkItem {
@@ -313,14 +318,28 @@ impl Exporter {
         };
         let mut scope = self.read_scope(&job, item).await?;
         let mut selector = None;
+        // Resources found another way than reading the store in order (sorted by id).
+        let mut found: Option<Vec<StoredResource>> = None;
         if item.resource_type == "Provenance" && !item.deleted && provenance::by_association(&job) {
             let patients = std::mem::replace(&mut scope.patients, PatientScope::Everything);
+            if let PatientScope::Listed(listed) = &patients {
+                found = Some(
+                    provenance::candidates_for(
+                        self.ports.resources.as_ref(),
+                        &job,
+                        listed,
+                        self.settings.page_size,
+                    )
+                    .await?,
+                );
+            }
             selector = Some(
                 ProvenanceSelector::new(
                     self.ports.resources.as_ref(),
                     &job,
                     patients,
                     &scope,
+                    found.as_deref(),
                     self.settings.page_size,
                 )
                 .await?,
@@ -337,11 +356,15 @@ impl Exporter {
         let mut last_job_check = std::time::Instant::now();
 
         loop {
-            let page = self
-                .ports
-                .resources
-                .read_page(&scope, cursor.as_deref(), self.settings.page_size)
-                .await?;
+            let page = match &found {
+                Some(list) => page_of(list, cursor.as_deref(), self.settings.page_size),
+                None => {
+                    self.ports
+                        .resources
+                        .read_page(&scope, cursor.as_deref(), self.settings.page_size)
+                        .await?
+                }
+            };
             for (resource, position) in page.resources.into_iter().zip(page.cursors) {
                 if skip_group.as_deref() == Some(resource.id.as_str()) {
                     cursor = Some(position);
@@ -855,5 +878,17 @@ impl OpenPart {
             self.writer.write(chunk).await?;
         }
         Ok(())
+    }
+}
+
+/// A page of `list` (sorted by id) after the id `cursor`.
+fn page_of(list: &[StoredResource], cursor: Option<&str>, limit: usize) -> Page {
+    let start = cursor.map_or(0, |c| list.partition_point(|r| r.id.as_str() <= c));
+    let resources: Vec<StoredResource> = list[start..].iter().take(limit).cloned().collect();
+    Page {
+        cursors: resources.iter().map(|r| r.id.clone()).collect(),
+        more: start + resources.len() < list.len(),
+        next: None,
+        resources,
     }
 }

@@ -114,6 +114,10 @@ pub trait ResourceStore: Send + Sync {
         id: &str,
         as_of: Instant,
     ) -> StoreResult<Option<ResourceVersion>>;
+    /// Ids of the Provenance resources whose `target` has ever named one of `targets`
+    /// (`Type/id`), sorted and unique. A reverse index written at load time, so Group exports
+    /// find the Provenance of their resources without reading every Provenance.
+    async fn provenance_targeting(&self, targets: &[String]) -> StoreResult<Vec<String>>;
     /// Up to `limit` resources of `scope` after `cursor`.
     async fn read_page(
         &self,

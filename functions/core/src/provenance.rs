@@ -10,10 +10,11 @@ use crate::fhir::compartment::in_patient_compartment;
 use crate::fhir::reference;
 use crate::job::Job;
 use crate::params::{AssociatedProvenance, ExportLevel};
-use crate::ports::{PatientScope, ReadScope, ResourceStore};
+use crate::ports::{PatientScope, ReadScope, ResourceStore, StoredResource};
 use crate::type_filter::TypeFilters;
 use serde_json::Value;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 const PROVENANCE: &str = "Provenance";
 /// Target decisions remembered per work item before the memory is cleared.
@@ -54,11 +55,14 @@ pub struct ProvenanceSelector<'a> {
 impl<'a> ProvenanceSelector<'a> {
     /// `patients` is the job's patient scope; `partitions` is how many partitions the Provenance
     /// type has (the `Latest` rule reads all of them once to find each target's latest).
+    /// `candidates`, when given, are all the Provenance that can be exported (see
+    /// [`candidates_for`]); `Latest` then compares those instead of reading the whole type.
     pub async fn new(
         store: &'a dyn ResourceStore,
         job: &'a Job,
         patients: PatientScope,
         scope: &ReadScope,
+        candidates: Option<&[StoredResource]>,
         page_size: usize,
     ) -> StoreResult<ProvenanceSelector<'a>> {
         let mut selector = ProvenanceSelector {
@@ -71,7 +75,16 @@ impl<'a> ProvenanceSelector<'a> {
             latest: None,
         };
         if job.params.associated == Some(AssociatedProvenance::Latest) {
-            selector.latest = Some(selector.latest_by_target(scope, page_size).await?);
+            let mut latest = HashMap::new();
+            match candidates {
+                Some(list) => latest_of(list, &mut latest)?,
+                None => {
+                    selector
+                        .latest_by_target(scope, page_size, &mut latest)
+                        .await?
+                }
+            }
+            selector.latest = Some(latest);
         }
         Ok(selector)
     }
@@ -104,8 +117,8 @@ impl<'a> ProvenanceSelector<'a> {
         &self,
         scope: &ReadScope,
         page_size: usize,
-    ) -> StoreResult<HashMap<String, (String, String)>> {
-        let mut latest: HashMap<String, (String, String)> = HashMap::new();
+        latest: &mut HashMap<String, (String, String)>,
+    ) -> StoreResult<()> {
         for partition in 0..scope.partitions.max(1) {
             let scope = ReadScope {
                 partition,
@@ -117,28 +130,14 @@ impl<'a> ProvenanceSelector<'a> {
                     .store
                     .read_page(&scope, cursor.as_deref(), page_size)
                     .await?;
-                for resource in &page.resources {
-                    let provenance: Value = serde_json::from_slice(&resource.json)?;
-                    let recorded = provenance
-                        .get("recorded")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string();
-                    for target in targets(&provenance) {
-                        let candidate = (recorded.clone(), resource.id.clone());
-                        let best = latest.entry(target).or_insert_with(|| candidate.clone());
-                        if candidate > *best {
-                            *best = candidate;
-                        }
-                    }
-                }
+                latest_of(&page.resources, latest)?;
                 if !page.more {
                     break;
                 }
                 cursor = page.next.or_else(|| page.cursors.last().cloned());
             }
         }
-        Ok(latest)
+        Ok(())
     }
 
     /// Whether `Type/id` is one of the resources this export writes.
@@ -218,8 +217,101 @@ impl<'a> ProvenanceSelector<'a> {
     }
 }
 
+/// For a listed patient set: the Provenance (current at the transaction time, in the window)
+/// that name one of these patients or a resource of theirs the export contains, sorted by id.
+/// Found through the store's target index, so a small Group never reads every Provenance;
+/// [`ProvenanceSelector::includes`] then applies the exact rules.
+pub async fn candidates_for(
+    store: &dyn ResourceStore,
+    job: &Job,
+    patients: &Arc<Vec<String>>,
+    page_size: usize,
+) -> StoreResult<Vec<StoredResource>> {
+    let mut targets: Vec<String> = patients.iter().map(|p| format!("Patient/{p}")).collect();
+    for resource_type in store.resource_types().await? {
+        let exported = resource_type != PROVENANCE
+            && type_requested(job, &resource_type)
+            && in_patient_compartment(&resource_type);
+        if !exported {
+            continue;
+        }
+        let scope = ReadScope {
+            resource_type: resource_type.clone(),
+            partition: 0,
+            partitions: 1,
+            since: job.params.since,
+            until: job.window_end(),
+            as_of: job.transaction_time,
+            patients: PatientScope::Listed(patients.clone()),
+            deleted: false,
+        };
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = store
+                .read_page(&scope, cursor.as_deref(), page_size)
+                .await?;
+            targets.extend(
+                page.resources
+                    .iter()
+                    .map(|r| format!("{resource_type}/{}", r.id)),
+            );
+            if !page.more {
+                break;
+            }
+            cursor = page.next.or_else(|| page.cursors.last().cloned());
+        }
+    }
+    let mut found = Vec::new();
+    for chunk in targets.chunks(1000) {
+        found.extend(store.provenance_targeting(chunk).await?);
+    }
+    found.sort_unstable();
+    found.dedup();
+    let mut out = Vec::new();
+    for id in found {
+        let Some(version) = store
+            .resource_at(PROVENANCE, &id, job.transaction_time)
+            .await?
+        else {
+            continue;
+        };
+        let in_window = job.params.since.is_none_or(|s| version.last_updated > s)
+            && version.last_updated <= job.window_end();
+        if in_window {
+            out.push(StoredResource {
+                id,
+                json: version.json,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Folds Provenance into `latest`: target → (recorded, id) of its most recent Provenance.
+fn latest_of(
+    provenance: &[StoredResource],
+    latest: &mut HashMap<String, (String, String)>,
+) -> StoreResult<()> {
+    for resource in provenance {
+        let json: Value = serde_json::from_slice(&resource.json)?;
+        let recorded = json
+            .get("recorded")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        for target in targets(&json) {
+            let candidate = (recorded.clone(), resource.id.clone());
+            let best = latest.entry(target).or_insert_with(|| candidate.clone());
+            if candidate > *best {
+                *best = candidate;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The `Type/id` of each `Provenance.target` that is a literal reference.
-fn targets(provenance: &Value) -> Vec<String> {
+pub fn targets(provenance: &Value) -> Vec<String> {
     let targets = match provenance.get("target") {
         Some(Value::Array(targets)) => targets.iter().collect(),
         Some(one) => vec![one],

@@ -15,6 +15,7 @@ use export_core::ports::{
     ExportLock, JobStore, NewResource, Page, PartRecord, PatientScope, ReadScope, ResourceStore,
     ResourceVersion, StoredResource, WorkItem,
 };
+use export_core::provenance;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,11 @@ CREATE TABLE IF NOT EXISTS membership (
     PRIMARY KEY (patient, type, rid)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS membership_by_rid ON membership (rid, patient);
+CREATE TABLE IF NOT EXISTS provenance_targets (
+    target TEXT NOT NULL,  -- `Type/id` named in Provenance.target
+    id     TEXT NOT NULL,  -- the Provenance id
+    PRIMARY KEY (target, id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS jobs (
     id      TEXT PRIMARY KEY,
     status  TEXT NOT NULL,
@@ -81,6 +87,7 @@ impl SqliteStore {
             "ALTER TABLE resources ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0",
             [],
         );
+        Self::index_old_provenance(&conn)?;
         store.pool.lock().expect("pool").push(conn);
         Ok(store)
     }
@@ -136,6 +143,9 @@ impl SqliteStore {
                 let mut member = tx
                     .prepare_cached("INSERT OR IGNORE INTO membership (patient, type, rid) VALUES (?1, ?2, ?3)")
                     .map_err(db_err)?;
+                let mut provenance_target = tx
+                    .prepare_cached("INSERT OR IGNORE INTO provenance_targets (target, id) VALUES (?1, ?2)")
+                    .map_err(db_err)?;
                 // A deletion stays in the compartments of the version it deletes.
                 let mut inherit = tx
                     .prepare_cached("INSERT OR IGNORE INTO membership (patient, type, rid) SELECT patient, type, ?2 FROM membership WHERE rid = ?1")
@@ -157,6 +167,11 @@ impl SqliteStore {
                     if let Some(meta) = resource.json.get_mut("meta").and_then(Value::as_object_mut) {
                         meta.insert("versionId".into(), Value::String(version.to_string()));
                     }
+                    if resource.resource_type == "Provenance" && !resource.deleted {
+                        for target in provenance::targets(&resource.json) {
+                            provenance_target.execute(params![target, resource.id]).map_err(db_err)?;
+                        }
+                    }
                     let body = serde_json::to_string(&resource.json)?;
                     insert.execute(params![resource.resource_type, resource.id, version, lu, body, resource.deleted]).map_err(db_err)?;
                     let rid = tx.last_insert_rowid();
@@ -170,6 +185,36 @@ impl SqliteStore {
             }
             tx.commit().map_err(db_err)
         })
+    }
+
+    /// Fills the Provenance target index of a store created before it existed.
+    fn index_old_provenance(conn: &Connection) -> StoreResult<()> {
+        let indexed: bool = conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM provenance_targets)",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        if indexed {
+            return Ok(());
+        }
+        let mut select = conn
+            .prepare("SELECT id, body FROM resources WHERE type = 'Provenance' AND deleted = 0")
+            .map_err(db_err)?;
+        let mut rows = select.query([]).map_err(db_err)?;
+        let mut insert = conn
+            .prepare("INSERT OR IGNORE INTO provenance_targets (target, id) VALUES (?1, ?2)")
+            .map_err(db_err)?;
+        while let Some(row) = rows.next().map_err(db_err)? {
+            let id: String = row.get(0).map_err(db_err)?;
+            let body: String = row.get(1).map_err(db_err)?;
+            let json: Value = serde_json::from_str(&body)?;
+            for target in provenance::targets(&json) {
+                insert.execute(params![target, id]).map_err(db_err)?;
+            }
+        }
+        Ok(())
     }
 
     /// Number of current resources per type.
@@ -398,6 +443,26 @@ impl ResourceStore for SqliteStore {
                 last_updated: from_micros(lu),
                 patients,
             }))
+        })
+        .await
+    }
+
+    async fn provenance_targeting(&self, targets: &[String]) -> StoreResult<Vec<String>> {
+        let targets = targets.to_vec();
+        self.run(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT id FROM provenance_targets WHERE target = ?1")
+                .map_err(db_err)?;
+            let mut ids = std::collections::BTreeSet::new();
+            for target in &targets {
+                let rows = stmt
+                    .query_map([target], |r| r.get::<_, String>(0))
+                    .map_err(db_err)?;
+                for id in rows {
+                    ids.insert(id.map_err(db_err)?);
+                }
+            }
+            Ok(ids.into_iter().collect())
         })
         .await
     }

@@ -2,6 +2,7 @@
 //! records, and a failing output store that must fail the job and free the lock.
 
 use async_trait::async_trait;
+use bulk_export_local::dispatch::LocalDispatcher;
 use bulk_export_local::files::FileOutput;
 use bulk_export_local::sqlite::SqliteStore;
 use export_core::engine::Ports;
@@ -10,7 +11,6 @@ use export_core::fhir::time::now_millis;
 use export_core::job::JobStatus;
 use export_core::params::{ExportLevel, ExportParams};
 use export_core::ports::{ByteStream, ExportLock, JobStore, OutputStore, PartRecord, PartWriter};
-use bulk_export_local::dispatch::LocalDispatcher;
 use export_core::router::{Api, Body};
 use export_core::{Exporter, Settings, runner};
 use std::sync::Arc;
@@ -54,7 +54,11 @@ async fn the_lock_is_exclusive_and_a_dead_lease_can_be_taken_over() {
     let holder = format!("job-{}", winners[0]);
     assert_eq!(store.holder(now).await.unwrap(), Some(holder.clone()));
     let after_lease = now + lease + chrono::Duration::seconds(1);
-    assert_eq!(store.holder(after_lease).await.unwrap(), None, "an ended lease holds nothing");
+    assert_eq!(
+        store.holder(after_lease).await.unwrap(),
+        None,
+        "an ended lease holds nothing"
+    );
 
     assert!(!store.acquire("second", lease, now).await.unwrap());
     store.release("second").await.unwrap(); // not the holder: no effect
