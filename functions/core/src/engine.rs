@@ -452,7 +452,9 @@ impl Exporter {
         self.close_item(part, item).await
     }
 
-    /// Finishes an item's last part, if any, and marks the item done.
+    /// Finishes an item's last part, if any, and marks the item done. Like every finished part,
+    /// the last one is followed by a look at the job, so a part completed after a cancel is
+    /// deleted by the worker that wrote it.
     pub(crate) async fn close_item(
         &self,
         part: Option<OpenPart>,
@@ -460,6 +462,9 @@ impl Exporter {
     ) -> StoreResult<ItemOutcome> {
         if let Some(open) = part {
             self.finish_part(open, item, false).await?;
+            if !self.still_active(&item.job_id).await? {
+                return Ok(ItemOutcome::Stopped);
+            }
         }
         self.ports
             .jobs
