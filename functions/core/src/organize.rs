@@ -11,7 +11,7 @@ use crate::fhir::compartment::in_patient_compartment;
 use crate::job::Job;
 use crate::manifest::part_key;
 use crate::params::ExportLevel;
-use crate::ports::{PatientScope, ReadScope, WorkItem};
+use crate::ports::{PatientScope, ReadScope, WorkItem, read_all};
 use crate::provenance;
 use crate::shaping::Shaping;
 use bytes::Bytes;
@@ -86,17 +86,16 @@ impl Exporter {
                 patients: PatientScope::Everything,
                 deleted: false,
             };
-            let mut cursor: Option<String> = None;
-            loop {
-                let page = resources
-                    .read_page(&scope, cursor.as_deref(), self.settings.page_size)
-                    .await?;
-                ids.extend(page.resources.iter().map(|r| r.id.clone()));
-                if !page.more {
-                    break;
-                }
-                cursor = page.next.or_else(|| page.cursors.last().cloned());
-            }
+            read_all(
+                resources.as_ref(),
+                &scope,
+                self.settings.page_size,
+                |page| {
+                    ids.extend(page.iter().map(|r| r.id.clone()));
+                    Ok(())
+                },
+            )
+            .await?;
         }
         ids.sort_unstable();
         ids.dedup();
@@ -154,16 +153,8 @@ impl Exporter {
             let header = block_header(patient);
             while at.type_index < types.len() {
                 let resource_type = &types[at.type_index];
-                let scope = ReadScope {
-                    resource_type: resource_type.clone(),
-                    partition: 0,
-                    partitions: 1,
-                    since: job.params.since,
-                    until: job.window_end(),
-                    as_of: job.transaction_time,
-                    patients: PatientScope::Listed(Arc::new(vec![patient.clone()])),
-                    deleted: false,
-                };
+                let scope =
+                    ReadScope::of_patients(job, resource_type, Arc::new(vec![patient.clone()]));
                 loop {
                     let page = self
                         .ports

@@ -42,6 +42,40 @@ pub struct ReadScope {
     pub deleted: bool,
 }
 
+impl ReadScope {
+    /// One type of a job's window, over the compartments of `patients`, in one partition.
+    pub fn of_patients(job: &Job, resource_type: &str, patients: Arc<Vec<String>>) -> ReadScope {
+        ReadScope {
+            resource_type: resource_type.to_string(),
+            partition: 0,
+            partitions: 1,
+            since: job.params.since,
+            until: job.window_end(),
+            as_of: job.transaction_time,
+            patients: PatientScope::Listed(patients),
+            deleted: false,
+        }
+    }
+}
+
+/// Reads every page of `scope` in order, handing each page's resources to `each`.
+pub async fn read_all(
+    store: &dyn ResourceStore,
+    scope: &ReadScope,
+    page_size: usize,
+    mut each: impl FnMut(&[StoredResource]) -> StoreResult<()>,
+) -> StoreResult<()> {
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = store.read_page(scope, cursor.as_deref(), page_size).await?;
+        each(&page.resources)?;
+        if !page.more {
+            return Ok(());
+        }
+        cursor = page.next.or_else(|| page.cursors.last().cloned());
+    }
+}
+
 /// One stored resource as read for export.
 #[derive(Debug, Clone)]
 pub struct StoredResource {

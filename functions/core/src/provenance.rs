@@ -10,7 +10,7 @@ use crate::fhir::compartment::in_patient_compartment;
 use crate::fhir::reference;
 use crate::job::Job;
 use crate::params::{AssociatedProvenance, ExportLevel};
-use crate::ports::{PatientScope, ReadScope, ResourceStore, StoredResource};
+use crate::ports::{PatientScope, ReadScope, ResourceStore, StoredResource, read_all};
 use crate::type_filter::TypeFilters;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -124,18 +124,10 @@ impl<'a> ProvenanceSelector<'a> {
                 partition,
                 ..scope.clone()
             };
-            let mut cursor: Option<String> = None;
-            loop {
-                let page = self
-                    .store
-                    .read_page(&scope, cursor.as_deref(), page_size)
-                    .await?;
-                latest_of(&page.resources, latest)?;
-                if !page.more {
-                    break;
-                }
-                cursor = page.next.or_else(|| page.cursors.last().cloned());
-            }
+            read_all(self.store, &scope, page_size, |page| {
+                latest_of(page, latest)
+            })
+            .await?;
         }
         Ok(())
     }
@@ -235,31 +227,12 @@ pub async fn candidates_for(
         if !exported {
             continue;
         }
-        let scope = ReadScope {
-            resource_type: resource_type.clone(),
-            partition: 0,
-            partitions: 1,
-            since: job.params.since,
-            until: job.window_end(),
-            as_of: job.transaction_time,
-            patients: PatientScope::Listed(patients.clone()),
-            deleted: false,
-        };
-        let mut cursor: Option<String> = None;
-        loop {
-            let page = store
-                .read_page(&scope, cursor.as_deref(), page_size)
-                .await?;
-            targets.extend(
-                page.resources
-                    .iter()
-                    .map(|r| format!("{resource_type}/{}", r.id)),
-            );
-            if !page.more {
-                break;
-            }
-            cursor = page.next.or_else(|| page.cursors.last().cloned());
-        }
+        let scope = ReadScope::of_patients(job, &resource_type, patients.clone());
+        read_all(store, &scope, page_size, |page| {
+            targets.extend(page.iter().map(|r| format!("{resource_type}/{}", r.id)));
+            Ok(())
+        })
+        .await?;
     }
     let mut found = Vec::new();
     for chunk in targets.chunks(1000) {
