@@ -296,6 +296,14 @@ fn is_deletion(item: &HashMap<String, AttributeValue>) -> bool {
     get_n(item, "del") == Some(1)
 }
 
+/// The key of the version item a history item or current pointer names.
+fn version_key(resource_type: &str, history: &HashMap<String, AttributeValue>) -> (String, String) {
+    (
+        version_pk(resource_type, get_n(history, "shard").unwrap_or(0) as u32),
+        get_s(history, "vsk").unwrap_or_default(),
+    )
+}
+
 fn patients_attr(item: &HashMap<String, AttributeValue>) -> Vec<String> {
     get_string_list(item, "pats")
 }
@@ -358,6 +366,65 @@ impl ResourceStore for DynamoResourceStore {
             last_updated: from_micros(get_n(&item, "lu").unwrap_or(0)),
             patients: patients_attr(&item),
         }))
+    }
+
+    /// Batch reads: the current pointers, then the version items they name. A resource changed
+    /// after `as_of` (its pointer is newer) falls back to the history query.
+    async fn resources_at(
+        &self,
+        targets: &[(String, String)],
+        as_of: Instant,
+    ) -> StoreResult<Vec<Option<ResourceVersion>>> {
+        let as_of_micros = to_micros(as_of);
+        let keys: Vec<(String, String)> = targets
+            .iter()
+            .map(|(t, id)| (history_pk(t, id), "current".to_string()))
+            .collect();
+        let pointers: HashMap<String, HashMap<String, AttributeValue>> = self
+            .table
+            .batch_get(&keys)
+            .await?
+            .into_iter()
+            .filter_map(|item| get_s(&item, "pk").map(|pk| (pk, item)))
+            .collect();
+        // Where each answer comes from: a version item to fetch, or a history lookup.
+        let mut wanted_items: Vec<(String, String)> = Vec::new();
+        let mut plan: Vec<Option<(String, String)>> = Vec::with_capacity(targets.len());
+        for (resource_type, id) in targets {
+            let pointer = pointers.get(&history_pk(resource_type, id));
+            let key = match pointer {
+                None => None,
+                Some(p) if get_n(p, "lu").unwrap_or(i64::MAX) > as_of_micros => self
+                    .version_at(resource_type, id, as_of_micros)
+                    .await?
+                    .map(|h| version_key(resource_type, &h)),
+                Some(p) if is_deletion(p) => None,
+                Some(p) => Some(version_key(resource_type, p)),
+            };
+            if let Some(key) = &key {
+                wanted_items.push(key.clone());
+            }
+            plan.push(key);
+        }
+        let items: HashMap<(String, String), HashMap<String, AttributeValue>> = self
+            .table
+            .batch_get(&wanted_items)
+            .await?
+            .into_iter()
+            .filter_map(|item| Some(((get_s(&item, "pk")?, get_s(&item, "sk")?), item)))
+            .collect();
+        plan.into_iter()
+            .map(|key| {
+                let Some(item) = key.and_then(|k| items.get(&k)) else {
+                    return Ok(None);
+                };
+                Ok(Some(ResourceVersion {
+                    json: stored(item)?.json,
+                    last_updated: from_micros(get_n(item, "lu").unwrap_or(0)),
+                    patients: patients_attr(item),
+                }))
+            })
+            .collect()
     }
 
     async fn provenance_targeting(&self, targets: &[String]) -> StoreResult<Vec<String>> {

@@ -365,17 +365,25 @@ impl Exporter {
                         .await?
                 }
             };
+            // Provenance chosen by target: parse the page once and look its targets up in batches.
+            let mut parsed: std::collections::VecDeque<Value> = Default::default();
+            if let Some(selector) = &mut selector {
+                for resource in &page.resources {
+                    parsed.push_back(serde_json::from_slice(&resource.json)?);
+                }
+                selector.prefetch(parsed.make_contiguous()).await?;
+            }
             for (resource, position) in page.resources.into_iter().zip(page.cursors) {
+                let provenance = parsed.pop_front();
                 if skip_group.as_deref() == Some(resource.id.as_str()) {
                     cursor = Some(position);
                     continue;
                 }
-                if let Some(selector) = &mut selector {
-                    let provenance: Value = serde_json::from_slice(&resource.json)?;
-                    if !selector.includes(&provenance).await? {
-                        cursor = Some(position);
-                        continue;
-                    }
+                if let (Some(selector), Some(provenance)) = (&mut selector, &provenance)
+                    && !selector.includes(provenance).await?
+                {
+                    cursor = Some(position);
+                    continue;
                 }
                 let line = if item.deleted {
                     Some(Bytes::from(serde_json::to_vec(&deletion_bundle(

@@ -148,6 +148,19 @@ pub trait ResourceStore: Send + Sync {
         id: &str,
         as_of: Instant,
     ) -> StoreResult<Option<ResourceVersion>>;
+    /// [`ResourceStore::resource_at`] for many `(type, id)` at once, in order; stores with
+    /// batch reads answer in a few round trips.
+    async fn resources_at(
+        &self,
+        targets: &[(String, String)],
+        as_of: Instant,
+    ) -> StoreResult<Vec<Option<ResourceVersion>>> {
+        let mut out = Vec::with_capacity(targets.len());
+        for (resource_type, id) in targets {
+            out.push(self.resource_at(resource_type, id, as_of).await?);
+        }
+        Ok(out)
+    }
     /// Ids of the Provenance resources whose `target` has ever named one of `targets`
     /// (`Type/id`), sorted and unique. A reverse index written at load time, so Group exports
     /// find the Provenance of their resources without reading every Provenance.

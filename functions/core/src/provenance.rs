@@ -10,7 +10,9 @@ use crate::fhir::compartment::in_patient_compartment;
 use crate::fhir::reference;
 use crate::job::Job;
 use crate::params::{AssociatedProvenance, ExportLevel};
-use crate::ports::{PatientScope, ReadScope, ResourceStore, StoredResource, read_all};
+use crate::ports::{
+    PatientScope, ReadScope, ResourceStore, ResourceVersion, StoredResource, read_all,
+};
 use crate::type_filter::TypeFilters;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -137,7 +139,18 @@ impl<'a> ProvenanceSelector<'a> {
         if let Some(known) = self.in_export.get(target) {
             return Ok(*known);
         }
-        let decision = self.decide(target).await?;
+        let Some((resource_type, id)) = target.split_once('/') else {
+            return Ok(false);
+        };
+        let version = match self.type_exported(resource_type) {
+            true => {
+                self.store
+                    .resource_at(resource_type, id, self.job.transaction_time)
+                    .await?
+            }
+            false => None,
+        };
+        let decision = self.decide(resource_type, version).await?;
         if self.in_export.len() >= CACHE_LIMIT {
             self.in_export.clear();
         }
@@ -145,22 +158,83 @@ impl<'a> ProvenanceSelector<'a> {
         Ok(decision)
     }
 
-    async fn decide(&mut self, target: &str) -> StoreResult<bool> {
-        let Some((resource_type, id)) = target.split_once('/') else {
-            return Ok(false);
-        };
+    /// Looks up, in batches, what [`ProvenanceSelector::includes`] will need for a page of
+    /// Provenance: every target not decided yet and, for the all-patients scope, whether the
+    /// patients involved exist. Without it every target costs its own store reads.
+    pub async fn prefetch(&mut self, provenance: &[Value]) -> StoreResult<()> {
+        let mut wanted: Vec<(String, String)> = Vec::new();
+        let mut patients: Vec<String> = Vec::new();
+        for target in provenance.iter().flat_map(targets) {
+            if self.in_export.contains_key(&target) {
+                continue;
+            }
+            let Some((resource_type, id)) = target.split_once('/') else {
+                continue;
+            };
+            if resource_type == "Patient" {
+                patients.push(id.to_string());
+            }
+            if self.type_exported(resource_type) {
+                wanted.push((resource_type.to_string(), id.to_string()));
+            } else {
+                self.in_export.insert(target, false);
+            }
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        let versions = self
+            .store
+            .resources_at(&wanted, self.job.transaction_time)
+            .await?;
+        if matches!(self.patients, PatientScope::AllPatients) {
+            patients.extend(versions.iter().flatten().flat_map(|v| v.patients.clone()));
+            patients.retain(|p| !self.patient_exists.contains_key(p));
+            patients.sort_unstable();
+            patients.dedup();
+            let keys: Vec<(String, String)> = patients
+                .iter()
+                .map(|p| ("Patient".to_string(), p.clone()))
+                .collect();
+            let found = self
+                .store
+                .resources_at(&keys, self.job.transaction_time)
+                .await?;
+            if self.patient_exists.len() >= CACHE_LIMIT {
+                self.patient_exists.clear();
+            }
+            for (patient, version) in patients.into_iter().zip(found) {
+                self.patient_exists.insert(patient, version.is_some());
+            }
+        }
+        if self.in_export.len() >= CACHE_LIMIT {
+            self.in_export.clear();
+        }
+        for ((resource_type, id), version) in wanted.into_iter().zip(versions) {
+            let decision = self.decide(&resource_type, version).await?;
+            self.in_export
+                .insert(format!("{resource_type}/{id}"), decision);
+        }
+        Ok(())
+    }
+
+    fn type_exported(&self, resource_type: &str) -> bool {
         let job = self.job;
-        let type_exported = resource_type != PROVENANCE
+        resource_type != PROVENANCE
             && type_requested(job, resource_type)
-            && (job.level == ExportLevel::System || in_patient_compartment(resource_type));
-        if !type_exported {
+            && (job.level == ExportLevel::System || in_patient_compartment(resource_type))
+    }
+
+    /// Whether the version current at the transaction time of a target is in the export.
+    async fn decide(
+        &mut self,
+        resource_type: &str,
+        version: Option<ResourceVersion>,
+    ) -> StoreResult<bool> {
+        let job = self.job;
+        if !self.type_exported(resource_type) {
             return Ok(false);
         }
-        let Some(version) = self
-            .store
-            .resource_at(resource_type, id, job.transaction_time)
-            .await?
-        else {
+        let Some(version) = version else {
             return Ok(false);
         };
         let in_window = job.params.since.is_none_or(|s| version.last_updated > s)

@@ -278,7 +278,14 @@ impl Deployment {
                 202 => {
                     assert!(r.header("x-progress").is_some() && r.header("retry-after").is_some())
                 }
-                other => panic!("status {other} while polling {status_path}: {}", r.body),
+                other => {
+                    let job = status_path.rsplit('/').next().unwrap_or("");
+                    let events = self.failure_events(job).await;
+                    panic!(
+                        "status {other} while polling {status_path}: {}\nexecution: {events}",
+                        r.body
+                    )
+                }
             }
             assert!(
                 started.elapsed() < Duration::from_secs(180),
@@ -320,6 +327,29 @@ impl Deployment {
             .await
             .expect("describe execution");
         out.status.as_str().to_string()
+    }
+
+    /// The failed and timed-out events of a job's execution, to explain a failed test.
+    pub async fn failure_events(&self, job_id: &str) -> String {
+        let arn = format!(
+            "{}:{job_id}",
+            self.state_machine_arn
+                .replacen(":stateMachine:", ":execution:", 1)
+        );
+        let sfn = aws_sdk_sfn::Client::new(&self.sdk);
+        match sfn.get_execution_history().execution_arn(arn).send().await {
+            Ok(history) => history
+                .events()
+                .iter()
+                .filter(|e| {
+                    let kind = e.r#type().as_str();
+                    kind.contains("Failed") || kind.contains("TimedOut") || kind.contains("Aborted")
+                })
+                .map(|e| format!("{e:?}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Err(e) => format!("(no history: {e:?})"),
+        }
     }
 
     pub async fn wait_for_execution(&self, job_id: &str) -> String {
@@ -373,11 +403,19 @@ where
         + 'static,
 {
     let handler = Arc::new(handler);
+    // Like Lambda, messages are handled as they arrive, up to a concurrency limit: a slow
+    // invocation never holds back the messages behind it (their heartbeat clocks are running).
+    let slots = Arc::new(tokio::sync::Semaphore::new(16));
     while running.load(Ordering::Relaxed) {
+        let free = slots.available_permits().min(10);
+        if free == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
         let Ok(out) = sqs
             .receive_message()
             .queue_url(&queue)
-            .max_number_of_messages(10)
+            .max_number_of_messages(free as i32)
             .wait_time_seconds(1)
             .send()
             .await
@@ -385,8 +423,8 @@ where
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let mut invocations = Vec::new();
         for message in out.messages.unwrap_or_default() {
+            let slot = slots.clone().acquire_owned().await.expect("semaphore open");
             let mut record = SqsMessage::default();
             record.message_id = message.message_id.clone();
             record.receipt_handle = message.receipt_handle.clone();
@@ -395,7 +433,8 @@ where
             let mut event = SqsEvent::default();
             event.records = vec![record];
             let (handler, sqs, queue) = (handler.clone(), sqs.clone(), queue.clone());
-            invocations.push(tokio::spawn(async move {
+            tokio::spawn(async move {
+                let _slot = slot;
                 let response = handler(event).await;
                 if response.batch_item_failures.is_empty() {
                     sqs.delete_message()
@@ -405,10 +444,7 @@ where
                         .await
                         .ok();
                 }
-            }));
-        }
-        for invocation in invocations {
-            invocation.await.ok();
+            });
         }
     }
 }
