@@ -288,7 +288,7 @@ impl Deployment {
                 }
             }
             assert!(
-                started.elapsed() < Duration::from_secs(180),
+                started.elapsed() < Duration::from_secs(600),
                 "export did not finish"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -304,7 +304,7 @@ impl Deployment {
                 return r;
             }
             assert!(
-                started.elapsed() < Duration::from_secs(180),
+                started.elapsed() < Duration::from_secs(600),
                 "export did not fail: {}",
                 r.body
             );
@@ -353,7 +353,7 @@ impl Deployment {
     }
 
     pub async fn wait_for_execution(&self, job_id: &str) -> String {
-        for _ in 0..600 {
+        for _ in 0..3000 {
             let status = self.execution_status(job_id).await;
             if status != "RUNNING" {
                 return status;
