@@ -347,25 +347,8 @@ impl ResourceStore for DynamoResourceStore {
         id: &str,
         as_of: Instant,
     ) -> StoreResult<Option<ResourceVersion>> {
-        let Some(history) = self.version_at(resource_type, id, to_micros(as_of)).await? else {
-            return Ok(None);
-        };
-        let (shard, vsk) = (
-            get_n(&history, "shard").unwrap_or(0) as u32,
-            get_s(&history, "vsk").unwrap_or_default(),
-        );
-        let Some(item) = self
-            .table
-            .get(&version_pk(resource_type, shard), &vsk)
-            .await?
-        else {
-            return Ok(None);
-        };
-        Ok(Some(ResourceVersion {
-            json: stored(&item)?.json,
-            last_updated: from_micros(get_n(&item, "lu").unwrap_or(0)),
-            patients: patients_attr(&item),
-        }))
+        let target = [(resource_type.to_string(), id.to_string())];
+        Ok(self.resources_at(&target, as_of).await?.pop().flatten())
     }
 
     /// Batch reads: the current pointers, then the version items they name. A resource changed
@@ -376,17 +359,7 @@ impl ResourceStore for DynamoResourceStore {
         as_of: Instant,
     ) -> StoreResult<Vec<Option<ResourceVersion>>> {
         let as_of_micros = to_micros(as_of);
-        let keys: Vec<(String, String)> = targets
-            .iter()
-            .map(|(t, id)| (history_pk(t, id), "current".to_string()))
-            .collect();
-        let pointers: HashMap<String, HashMap<String, AttributeValue>> = self
-            .table
-            .batch_get(&keys)
-            .await?
-            .into_iter()
-            .filter_map(|item| get_s(&item, "pk").map(|pk| (pk, item)))
-            .collect();
+        let pointers = self.current_pointers(targets).await?;
         // Where each answer comes from: a version item to fetch, or a history lookup.
         let mut wanted_items: Vec<(String, String)> = Vec::new();
         let mut plan: Vec<Option<(String, String)>> = Vec::with_capacity(targets.len());
@@ -448,21 +421,11 @@ impl ResourceStore for DynamoResourceStore {
         group_id: &str,
         as_of: Instant,
     ) -> StoreResult<Option<Vec<String>>> {
-        let Some(history) = self.version_at("Group", group_id, to_micros(as_of)).await? else {
+        let Some(version) = self.resource_at("Group", group_id, as_of).await? else {
             return Ok(None);
         };
-        let (shard, vsk) = (
-            get_n(&history, "shard").unwrap_or(0) as u32,
-            get_s(&history, "vsk").unwrap_or_default(),
-        );
-        let item = self
-            .table
-            .get(&version_pk("Group", shard), &vsk)
-            .await?
-            .ok_or_else(|| StoreError::new(format!("Group/{group_id}: version item missing")))?;
-        let group: Value = serde_json::from_str(&get_s(&item, "body").unwrap_or_default())?;
-        let members = reference::group_patient_members(&group);
-        Ok(Some(members))
+        let group: Value = serde_json::from_slice(&version.json)?;
+        Ok(Some(reference::group_patient_members(&group)))
     }
 
     async fn read_page(
@@ -502,18 +465,30 @@ impl ResourceStore for DynamoResourceStore {
 }
 
 impl DynamoResourceStore {
-    async fn put_batch(&self, resources: Vec<NewResource>) -> StoreResult<()> {
-        let keys: Vec<(String, String)> = resources
+    /// The current pointers of `(type, id)`s, by their history partition key.
+    async fn current_pointers(
+        &self,
+        targets: &[(String, String)],
+    ) -> StoreResult<HashMap<String, HashMap<String, AttributeValue>>> {
+        let keys: Vec<(String, String)> = targets
             .iter()
-            .map(|r| (history_pk(&r.resource_type, &r.id), "current".to_string()))
+            .map(|(t, id)| (history_pk(t, id), "current".to_string()))
             .collect();
-        let current: HashMap<String, HashMap<String, AttributeValue>> = self
+        Ok(self
             .table
             .batch_get(&keys)
             .await?
             .into_iter()
             .filter_map(|item| get_s(&item, "pk").map(|pk| (pk, item)))
+            .collect())
+    }
+
+    async fn put_batch(&self, resources: Vec<NewResource>) -> StoreResult<()> {
+        let targets: Vec<(String, String)> = resources
+            .iter()
+            .map(|r| (r.resource_type.clone(), r.id.clone()))
             .collect();
+        let current = self.current_pointers(&targets).await?;
         let mut puts = Vec::new();
         let mut supersede = Vec::new();
         let mut types = BTreeSet::new();

@@ -425,14 +425,7 @@ impl Exporter {
                             part_key(&item.job_id, &item.resource_type, item.partition, seq)
                         };
                         let writer = self.ports.output.create_part(&key).await?;
-                        part.insert(OpenPart {
-                            key,
-                            seq,
-                            writer,
-                            buffer: BytesMut::new(),
-                            count: 0,
-                            bytes: 0,
-                        })
+                        part.insert(OpenPart::new(key, seq, writer))
                     }
                 };
                 open.push(&line).await?;

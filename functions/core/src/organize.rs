@@ -114,11 +114,7 @@ impl Exporter {
             .filter(|t| in_patient_compartment(t))
             .filter(|t| match t.as_str() {
                 "Provenance" => provenance::wanted(job),
-                t => job
-                    .params
-                    .types
-                    .as_ref()
-                    .is_none_or(|w| w.iter().any(|x| x == t)),
+                t => job.params.wants_type(t),
             })
             .collect();
         types.sort_by_key(|t| (t != "Patient", t.clone()));

@@ -68,6 +68,13 @@ pub struct ExportParams {
 }
 
 impl ExportParams {
+    /// Whether `_type` (if given) asks for `resource_type`.
+    pub fn wants_type(&self, resource_type: &str) -> bool {
+        self.types
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|x| x == resource_type))
+    }
+
     /// The compiled `_typeFilter` (validated at kick-off).
     pub fn compiled_type_filters(&self) -> TypeFilters {
         TypeFilters::parse(&self.type_filters, true).unwrap_or_default()

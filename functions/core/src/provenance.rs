@@ -30,14 +30,7 @@ pub fn by_association(job: &Job) -> bool {
 
 /// Whether Provenance is exported at all by a job over these present types.
 pub fn wanted(job: &Job) -> bool {
-    job.params.associated.is_some() || type_requested(job, PROVENANCE)
-}
-
-fn type_requested(job: &Job, resource_type: &str) -> bool {
-    job.params
-        .types
-        .as_ref()
-        .is_none_or(|t| t.iter().any(|x| x == resource_type))
+    job.params.associated.is_some() || job.params.wants_type(PROVENANCE)
 }
 
 /// Decides, Provenance by Provenance, what an associated-Provenance item exports.
@@ -220,7 +213,7 @@ impl<'a> ProvenanceSelector<'a> {
     fn type_exported(&self, resource_type: &str) -> bool {
         let job = self.job;
         resource_type != PROVENANCE
-            && type_requested(job, resource_type)
+            && job.params.wants_type(resource_type)
             && (job.level == ExportLevel::System || in_patient_compartment(resource_type))
     }
 
@@ -296,7 +289,7 @@ pub async fn candidates_for(
     let mut targets: Vec<String> = patients.iter().map(|p| format!("Patient/{p}")).collect();
     for resource_type in store.resource_types().await? {
         let exported = resource_type != PROVENANCE
-            && type_requested(job, &resource_type)
+            && job.params.wants_type(&resource_type)
             && in_patient_compartment(&resource_type);
         if !exported {
             continue;

@@ -228,20 +228,22 @@ impl SqliteStore {
         })
     }
 
-    fn current_body(
+    /// `(rid, lastUpdated, body)` of the live version of `type/id` current at `as_of`. The
+    /// (type, id) index is forced: on its own SQLite picks the lastUpdated index and scans the type.
+    fn version_at(
         conn: &Connection,
         resource_type: &str,
         id: &str,
         as_of: i64,
-    ) -> StoreResult<Option<String>> {
+    ) -> StoreResult<Option<(i64, i64, String)>> {
         let sql = format!(
-            "SELECT body FROM resources INDEXED BY resources_by_id WHERE type = :type AND id = :id AND lu <= :as_of AND deleted = 0 AND {CURRENT_AT}"
+            "SELECT rid, lu, body FROM resources INDEXED BY resources_by_id WHERE type = :type AND id = :id AND lu <= :as_of AND deleted = 0 AND {CURRENT_AT}"
         );
         conn.prepare_cached(&sql)
             .map_err(db_err)?
             .query_row(
                 rusqlite::named_params! {":type": resource_type, ":id": id, ":as_of": as_of},
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()
             .map_err(db_err)
@@ -402,9 +404,9 @@ impl ResourceStore for SqliteStore {
 
     async fn patient_exists(&self, id: &str, as_of: Instant) -> StoreResult<bool> {
         let id = id.to_string();
-        self.run(move |conn| {
-            Ok(Self::current_body(conn, "Patient", &id, to_micros(as_of))?.is_some())
-        })
+        self.run(
+            move |conn| Ok(Self::version_at(conn, "Patient", &id, to_micros(as_of))?.is_some()),
+        )
         .await
     }
 
@@ -416,19 +418,9 @@ impl ResourceStore for SqliteStore {
     ) -> StoreResult<Option<ResourceVersion>> {
         let (resource_type, id) = (resource_type.to_string(), id.to_string());
         self.run(move |conn| {
-            let sql = format!(
-                "SELECT rid, lu, body FROM resources INDEXED BY resources_by_id WHERE type = :type AND id = :id AND lu <= :as_of AND deleted = 0 AND {CURRENT_AT}"
-            );
-            let row: Option<(i64, i64, String)> = conn
-                .prepare_cached(&sql)
-                .map_err(db_err)?
-                .query_row(
-                    rusqlite::named_params! {":type": resource_type, ":id": id, ":as_of": to_micros(as_of)},
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()
-                .map_err(db_err)?;
-            let Some((rid, lu, body)) = row else {
+            let Some((rid, lu, body)) =
+                Self::version_at(conn, &resource_type, &id, to_micros(as_of))?
+            else {
                 return Ok(None);
             };
             let patients = conn
@@ -474,7 +466,12 @@ impl ResourceStore for SqliteStore {
     ) -> StoreResult<Option<Vec<String>>> {
         let id = group_id.to_string();
         let body = self
-            .run(move |conn| Self::current_body(conn, "Group", &id, to_micros(as_of)))
+            .run(move |conn| {
+                Ok(
+                    Self::version_at(conn, "Group", &id, to_micros(as_of))?
+                        .map(|(_, _, body)| body),
+                )
+            })
             .await?;
         let Some(body) = body else { return Ok(None) };
         let group: Value = serde_json::from_str(&body)?;
