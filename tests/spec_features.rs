@@ -35,17 +35,6 @@ fn exported_ids(manifest: &Value) -> BTreeMap<String, Vec<String>> {
     ids_by_type(&download_all(manifest))
 }
 
-/// `%`-encodes a `_typeFilter` value for a query string.
-fn encode(query: &str) -> String {
-    query
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            b => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 fn effective(r: &Value) -> &str {
     r["effectiveDateTime"].as_str().unwrap()
 }
@@ -66,8 +55,8 @@ fn type_filter_or_of_and_queries_over_get_and_post() {
     let second = "Observation?value-quantity=lt10".to_string();
     let path = format!(
         "/$export?_type=Observation,Condition&_typeFilter={}&_typeFilter={}",
-        encode(&first),
-        encode(&second)
+        percent_encode(&first),
+        percent_encode(&second)
     );
     let got = exported_ids(&server.export(&path));
     let want_obs = ids(&observations, |r| {
@@ -177,7 +166,7 @@ fn unusable_filters_are_rejected_or_reported_when_lenient() {
     ];
     let url = server.url(&format!(
         "/$export?_type=Observation&_typeFilter={}",
-        encode("Observation?foo=1&code=8867-4")
+        percent_encode("Observation?foo=1&code=8867-4")
     ));
     let kick = request("GET", &url, &lenient, None);
     assert_eq!(kick.status, 202, "{}", kick.body);

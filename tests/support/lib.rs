@@ -77,18 +77,29 @@ pub struct Server {
     pub base: String,
     pub dir: PathBuf,
     extra: Vec<String>,
+    log: Option<PathBuf>,
     child: Child,
 }
 
 impl Server {
     /// Starts a server over `dir/store.db` and `dir/exports` with extra `serve` arguments.
     pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        Self::start_with(dir, extra, None)
+    }
+
+    /// Like [`Server::start`], with the server's stderr (its log) written to `dir/server.log`.
+    pub fn start_logged(dir: &Path, extra: &[&str]) -> Server {
+        Self::start_with(dir, extra, Some(dir.join("server.log")))
+    }
+
+    fn start_with(dir: &Path, extra: &[&str], log: Option<PathBuf>) -> Server {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let (child, base) = spawn(dir, &extra);
+        let (child, base) = spawn(dir, &extra, log.as_deref());
         Server {
             base,
             dir: dir.to_path_buf(),
             extra,
+            log,
             child,
         }
     }
@@ -97,9 +108,15 @@ impl Server {
     pub fn crash_and_restart(&mut self) {
         self.child.kill().expect("kill server");
         self.child.wait().expect("reap server");
-        let (child, base) = spawn(&self.dir, &self.extra);
+        let (child, base) = spawn(&self.dir, &self.extra, self.log.as_deref());
         self.child = child;
         self.base = base;
+    }
+
+    /// What the server has logged so far (started with [`Server::start_logged`]).
+    pub fn log(&self) -> String {
+        let path = self.log.as_ref().expect("started with start_logged");
+        std::fs::read_to_string(path).expect("server log")
     }
 
     pub fn exports_dir(&self) -> PathBuf {
@@ -139,15 +156,28 @@ impl Drop for Server {
     }
 }
 
-fn spawn(dir: &Path, extra: &[String]) -> (Child, String) {
+fn spawn(dir: &Path, extra: &[String], log: Option<&Path>) -> (Child, String) {
+    // Without a log file the server's stderr is the test's: keep it to warnings and errors.
+    let level = if log.is_some() { "info" } else { "warn" };
+    let stderr = match log {
+        Some(path) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("server log file"),
+        ),
+        None => Stdio::inherit(),
+    };
     let mut child = Command::new(binary())
         .arg("serve")
         .args(["--addr", "127.0.0.1:0"])
         .args(["--db", dir.join("store.db").to_str().unwrap()])
         .args(["--output", dir.join("exports").to_str().unwrap()])
         .args(extra)
+        .env("RUST_LOG", level)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("start bulk-export serve");
     let stdout = child.stdout.take().expect("stdout");
@@ -208,6 +238,16 @@ impl Response {
             self.body
         );
     }
+}
+
+/// `%`-encodes every byte but ASCII letters, digits, `-`, `_` and `.`, for a query string.
+pub fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            b => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// Sends one request.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    export_aws::lambda_runtime::tracing::init_default_subscriber();
+    export_aws::logging::init();
     let service = Arc::new(AwsService::from_env().await?);
     lambda_http::run(service_fn(move |request| {
         let service = service.clone();

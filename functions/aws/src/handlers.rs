@@ -10,10 +10,10 @@ use crate::service::AwsService;
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_sdk_sfn::error::{ProvideErrorMetadata, SdkError};
 use bytes::Bytes;
-use export_core::Body;
 use export_core::engine::{ItemCursor, ItemOutcome};
 use export_core::fhir::time::now_millis;
 use export_core::ports::WorkItem;
+use export_core::{Body, StoreResult};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::time::Instant;
@@ -121,10 +121,12 @@ async fn work(service: &AwsService, record: &SqsMessage, deadline: Instant) -> H
     let budget = deadline
         .checked_sub(service.settings.worker_reserve)
         .unwrap_or_else(Instant::now);
+    let started = Instant::now();
     let outcome = exporter
         .export_item(&message.item, message.resume.clone(), Some(budget))
         .await;
     drop(beats);
+    log_item(&message, &outcome, started);
     match outcome {
         Ok(ItemOutcome::Continue(cursor)) => {
             let next = WorkMessage {
@@ -159,6 +161,25 @@ async fn work(service: &AwsService, record: &SqsMessage, deadline: Instant) -> H
             task_failure(service, &message.task_token, "WorkItemFailed", &diagnostics).await
         }
     }
+}
+
+/// The work item's line in the log (the worker's counterpart of the API's request line).
+fn log_item(message: &WorkMessage, outcome: &StoreResult<ItemOutcome>, started: Instant) {
+    let outcome = match outcome {
+        Ok(ItemOutcome::Continue(_)) => "continues",
+        Ok(ItemOutcome::Stopped) => "stopped",
+        Ok(ItemOutcome::Done) => "done",
+        Err(_) => "failed",
+    };
+    tracing::info!(
+        export_id = %message.item.job_id,
+        item = message.item.item,
+        resource_type = %message.item.resource_type,
+        resumed = message.resume.is_some(),
+        outcome,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "work item"
+    );
 }
 
 async fn coordinate(service: &AwsService, record: &SqsMessage) -> HandlerResult {

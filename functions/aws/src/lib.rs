@@ -7,6 +7,7 @@ pub mod dynamo;
 pub mod handlers;
 pub mod jobs;
 pub mod load;
+pub mod logging;
 pub mod output;
 pub mod resources;
 pub mod service;

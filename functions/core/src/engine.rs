@@ -129,19 +129,37 @@ impl Exporter {
             ),
             _ => None,
         };
-        for patient in params.patients.iter().flatten() {
-            if !resources.patient_exists(patient, now).await? {
-                return Err(ApiError::invalid(format!(
-                    "patient Patient/{patient} is not known to this server"
-                )));
+        let mut params = params;
+        if let Some(patients) = params.patients.take() {
+            // Strict handling refuses the first unusable id; lenient handling leaves each one out
+            // and says so in the error file (an empty list then exports nothing, never everything).
+            let mut kept = Vec::with_capacity(patients.len());
+            for patient in patients {
+                let problem = if !resources.patient_exists(&patient, now).await? {
+                    Some(format!(
+                        "patient Patient/{patient} is not known to this server"
+                    ))
+                } else {
+                    match (&members, &level) {
+                        (Some(members), ExportLevel::Group(group_id))
+                            if !members.contains(&patient) =>
+                        {
+                            Some(format!(
+                                "Patient/{patient} is not a member of Group/{group_id}"
+                            ))
+                        }
+                        _ => None,
+                    }
+                };
+                match problem {
+                    None => kept.push(patient),
+                    Some(problem) if params.lenient => params.warnings.push(format!(
+                        "{problem}; it was left out of the export (Prefer: handling=lenient)"
+                    )),
+                    Some(problem) => return Err(ApiError::invalid(problem)),
+                }
             }
-            if let (Some(members), ExportLevel::Group(group_id)) = (&members, &level)
-                && !members.contains(patient)
-            {
-                return Err(ApiError::invalid(format!(
-                    "Patient/{patient} is not a member of Group/{group_id}"
-                )));
-            }
+            params.patients = Some(kept);
         }
 
         let mut job = Job::new(new_id(), level, request_url, params, now);

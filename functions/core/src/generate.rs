@@ -55,6 +55,20 @@ impl Rng {
 const START_MICROS: i64 = 1_577_836_800_000_000; // 2020-01-01T00:00:00Z
 const SPAN_MICROS: i64 = 6 * 365 * 24 * 3600 * 1_000_000;
 
+/// Observation categories (http://terminology.hl7.org/CodeSystem/observation-category), the
+/// `k % 10`-th Observation of a patient getting the `k % 10`-th (none past the end).
+const OBSERVATION_CATEGORIES: &[&str] = &[
+    "vital-signs",
+    "laboratory",
+    "social-history",
+    "survey",
+    "exam",
+    "imaging",
+    "procedure",
+    "therapy",
+    "activity",
+];
+
 const LOINC: &[(&str, &str, &str)] = &[
     ("8302-2", "Body Height", "cm"),
     ("29463-7", "Body Weight", "kg"),
@@ -182,11 +196,15 @@ pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
             let (code, display, unit) = *rng.pick(LOINC);
             let lu = when(&mut rng);
             let mut obs = json!({"resourceType":"Observation","id":format!("obs-{pid}-{k}"),"meta":{"lastUpdated":lu},"status":"final",
-                "category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"vital-signs"}]}],
                 "code":{"coding":[{"system":"http://loinc.org","code":code,"display":display}],"text":display},
                 "subject":patient_ref,"encounter":{"reference":format!("Encounter/{}", encounters[k % 20])},
                 "effectiveDateTime":lu,"issued":lu,
                 "valueQuantity":{"value":(rng.below(20000) as f64) / 100.0,"unit":unit,"system":"http://unitsofmeasure.org","code":unit}});
+            // Categories vary (and one in ten Observations has none), so category filters select
+            // some Observations and leave others out.
+            if let Some(category) = OBSERVATION_CATEGORIES.get(k % 10) {
+                obs["category"] = json!([{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":category}]}]);
+            }
             obs["performer"] = json!([prac(&mut rng)]);
             sink("Observation", obs);
         }

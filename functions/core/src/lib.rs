@@ -5,6 +5,7 @@
 //! dispatch are ports ([`ports`]) implemented by the local adapters (SQLite, files) and the AWS
 //! adapters (DynamoDB, S3, Step Functions).
 
+pub mod accept;
 pub mod elements;
 pub mod engine;
 pub mod error;
@@ -19,6 +20,7 @@ pub mod organize;
 pub mod params;
 pub mod ports;
 pub mod provenance;
+pub mod request_log;
 pub mod router;
 pub mod runner;
 pub mod settings;

@@ -2,6 +2,7 @@
 //! validated against the Bulk Data IG. Everything unsupported is rejected, or, under
 //! `Prefer: handling=lenient`, ignored and reported in the manifest's error files.
 
+use crate::accept;
 use crate::elements::ElementSelection;
 use crate::error::ApiError;
 use crate::fhir::time::{Instant, format_instant, parse_instant};
@@ -135,7 +136,9 @@ impl KickoffHeaders {
     }
 }
 
-/// Checks the kick-off headers: `Prefer: respond-async` and an `Accept` that allows FHIR JSON.
+/// Checks the kick-off headers: `Prefer: respond-async`, and an `Accept` that names
+/// `application/fhir+json`, the only type the IG defines for a kick-off. Under
+/// `Prefer: handling=lenient` a missing or different `Accept` is read as `application/fhir+json`.
 pub fn check_kickoff_headers(headers: &KickoffHeaders) -> Result<(), ApiError> {
     if !headers.respond_async() {
         return Err(ApiError::invalid(
@@ -143,33 +146,18 @@ pub fn check_kickoff_headers(headers: &KickoffHeaders) -> Result<(), ApiError> {
         ));
     }
     let accept = headers.accept.as_deref().unwrap_or("").trim();
+    if headers.lenient() || accept::names(accept, accept::FHIR_JSON) {
+        return Ok(());
+    }
     if accept.is_empty() {
         return Err(ApiError::invalid(
             "the Accept header must be application/fhir+json for $export",
         ));
     }
-    let acceptable = accept.split(',').any(|media| {
-        let media = media
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        matches!(
-            media.as_str(),
-            "application/fhir+json"
-                | "application/json"
-                | "application/json+fhir"
-                | "application/*"
-                | "*/*"
-        )
-    });
-    if !acceptable {
-        return Err(ApiError::invalid(format!(
-            "Accept '{accept}' is not supported: $export answers with application/fhir+json"
-        )));
-    }
-    Ok(())
+    Err(ApiError::invalid(format!(
+        "Accept '{accept}' is not supported: a $export kick-off must send Accept: application/fhir+json \
+         (or Prefer: handling=lenient to have any Accept read as application/fhir+json)"
+    )))
 }
 
 /// Parses and validates the kick-off parameters.
@@ -552,5 +540,21 @@ mod tests {
         assert!(check_kickoff_headers(&h).is_err());
         h.accept = None;
         assert!(check_kickoff_headers(&h).is_err());
+        for accept in [
+            "*/*",
+            "application/json",
+            "application/*",
+            "application/fhir+json;q=0",
+        ] {
+            h.accept = Some(accept.into());
+            assert!(check_kickoff_headers(&h).is_err(), "{accept}");
+        }
+        h.accept = Some("application/json, application/fhir+json;q=0.9".into());
+        assert!(check_kickoff_headers(&h).is_ok());
+        h.prefer = vec!["respond-async".into(), "handling=lenient".into()];
+        for accept in [None, Some("*/*"), Some("application/xml")] {
+            h.accept = accept.map(String::from);
+            assert!(check_kickoff_headers(&h).is_ok(), "{accept:?}");
+        }
     }
 }

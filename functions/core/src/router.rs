@@ -5,16 +5,19 @@
 //! `GET metadata`; `GET|POST $export`, `Patient/$export`, `Group/{id}/$export`;
 //! `GET|DELETE $export-status/{id}`; `GET $export-output/{job}/{type}/{file}`.
 
+use crate::accept::{FHIR_JSON, resource_content_type};
 use crate::engine::{Exporter, JobView};
 use crate::error::ApiError;
 use crate::fhir::capability::capability_statement;
 use crate::fhir::outcome::{IssueCode, operation_outcome};
 use crate::fhir::time::now_millis;
 use crate::gzip::{accepts_gzip, gzip_stream};
+use crate::ids::new_id;
 use crate::params::{
     ExportLevel, KickoffHeaders, KickoffMethod, check_kickoff_headers, parse_kickoff,
 };
 use crate::ports::{ByteStream, Dispatcher};
+use crate::request_log::{LoggedStream, RequestRecord};
 use bytes::Bytes;
 use http::header::{
     ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_LOCATION,
@@ -25,8 +28,10 @@ use serde_json::Value;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-const FHIR_JSON: &str = "application/fhir+json";
 const FHIR_NDJSON: &str = "application/fhir+ndjson";
+
+/// Largest request body accepted (a kick-off `Parameters` resource).
+pub const MAX_BODY: usize = 8 * 1024 * 1024;
 
 /// A response body: small JSON in memory, or a file streamed from storage.
 pub enum Body {
@@ -47,8 +52,37 @@ enum Route {
     Kickoff(ExportLevel),
     Status(String),
     ManifestPage(String, usize),
-    Download(String),
+    Download { job: String, key: String },
 }
+
+impl Route {
+    /// The route as the request log names it, without the values the path carries.
+    fn template(&self) -> &'static str {
+        match self {
+            Route::Metadata => "/metadata",
+            Route::Kickoff(ExportLevel::System) => "/$export",
+            Route::Kickoff(ExportLevel::Patient) => "/Patient/$export",
+            Route::Kickoff(ExportLevel::Group(_)) => "/Group/{id}/$export",
+            Route::Status(_) => "/$export-status/{id}",
+            Route::ManifestPage(..) => "/$export-status/{id}/page/{n}",
+            Route::Download { .. } => "/$export-output/{id}/{type}/{file}",
+        }
+    }
+
+    /// The export a status, page or download request is about.
+    fn export_id(&self) -> Option<&str> {
+        match self {
+            Route::Status(id) | Route::ManifestPage(id, _) | Route::Download { job: id, .. } => {
+                Some(id)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The export a kick-off created, handed from the kick-off to the request log.
+#[derive(Clone)]
+struct ExportId(String);
 
 impl Api {
     /// `base_path` is where the FHIR API lives, e.g. `/fhir`.
@@ -60,15 +94,50 @@ impl Api {
         }
     }
 
-    /// Answers one request. Every error is an OperationOutcome.
+    /// Answers one request. Every error is an OperationOutcome, in the JSON flavour the request's
+    /// `Accept` asks for. Each response carries `X-Request-Id`, and each request gets one line in
+    /// the request log once its body is sent.
     pub async fn handle(&self, request: Request<Bytes>) -> Response<Body> {
-        match self.route(&request).await {
-            Ok(response) => response,
-            Err(error) => error_response(&error),
-        }
+        self.respond(request, None).await
     }
 
-    async fn route(&self, request: &Request<Bytes>) -> Result<Response<Body>, ApiError> {
+    /// Answers a request the transport already refused (e.g. a body over [`MAX_BODY`]) with
+    /// `error`, through the same log and headers as every other answer.
+    pub async fn refuse(&self, request: Request<Bytes>, error: ApiError) -> Response<Body> {
+        self.respond(request, Some(error)).await
+    }
+
+    async fn respond(&self, request: Request<Bytes>, refused: Option<ApiError>) -> Response<Body> {
+        let mut record = RequestRecord::new(new_id(), request.method());
+        let accept = request
+            .headers()
+            .get(ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let routed = self.route(&request);
+        if let Ok(route) = &routed {
+            record.route = format!("{}{}", self.base_path, route.template());
+            if let Some(id) = route.export_id() {
+                record.set_export_id(id);
+            }
+        }
+        let mut response = match (refused, routed) {
+            (Some(error), _) | (None, Err(error)) => Err(error),
+            (None, Ok(route)) => self.answer(route, &request).await,
+        }
+        .unwrap_or_else(|error| error_response(&error, accept.as_deref()));
+        if let Some(ExportId(id)) = response.extensions_mut().remove::<ExportId>() {
+            record.set_export_id(&id);
+        }
+        record.status = response.status().as_u16();
+        response
+            .headers_mut()
+            .insert("x-request-id", header(&record.request_id));
+        logged(response, record)
+    }
+
+    /// The route a request's path names.
+    fn route(&self, request: &Request<Bytes>) -> Result<Route, ApiError> {
         let path = request.uri().path();
         let Some(rest) = path.strip_prefix(&self.base_path) else {
             return Err(ApiError::not_found(format!(
@@ -86,7 +155,7 @@ impl Api {
             })
             .collect();
         let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-        let route = match segments.as_slice() {
+        Ok(match segments.as_slice() {
             ["metadata"] => Route::Metadata,
             ["$export"] => Route::Kickoff(ExportLevel::System),
             ["Patient", "$export"] => Route::Kickoff(ExportLevel::Patient),
@@ -96,19 +165,28 @@ impl Api {
                 Ok(n) => Route::ManifestPage(id.to_string(), n),
                 Err(_) => return Err(ApiError::not_found(format!("no manifest page {n}"))),
             },
-            ["$export-output", job, resource_type, file] => {
-                Route::Download(format!("{job}/{resource_type}/{file}"))
-            }
+            ["$export-output", job, resource_type, file] => Route::Download {
+                job: job.to_string(),
+                key: format!("{job}/{resource_type}/{file}"),
+            },
             _ => return Err(ApiError::not_found(format!("no FHIR endpoint at {path}"))),
-        };
+        })
+    }
+
+    async fn answer(
+        &self,
+        route: Route,
+        request: &Request<Bytes>,
+    ) -> Result<Response<Body>, ApiError> {
         let method = request.method();
+        let accept = request.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
         match (route, method) {
             (Route::Metadata, &Method::GET) => Ok(self.metadata(request)),
             (Route::Kickoff(level), &Method::GET | &Method::POST) => {
                 self.kickoff(request, level).await
             }
             (Route::Status(id), &Method::GET) => self.status(request, &id).await,
-            (Route::Status(id), &Method::DELETE) => self.cancel(&id).await,
+            (Route::Status(id), &Method::DELETE) => self.cancel(&id, accept).await,
             (Route::ManifestPage(id, n), &Method::GET) => {
                 let page = self
                     .exporter
@@ -119,11 +197,11 @@ impl Api {
                     })?;
                 Ok(json_response(StatusCode::OK, "application/json", &page))
             }
-            (Route::Download(key), &Method::GET) => self.download(request, &key).await,
+            (Route::Download { key, .. }, &Method::GET) => self.download(request, &key).await,
             _ => Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 IssueCode::NotSupported,
-                format!("method {method} is not allowed on {path}"),
+                format!("method {method} is not allowed on {}", request.uri().path()),
             )),
         }
     }
@@ -134,7 +212,8 @@ impl Api {
             env!("CARGO_PKG_VERSION"),
             "2026-11-22",
         );
-        json_response(StatusCode::OK, FHIR_JSON, &statement)
+        let accept = request.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
+        json_response(StatusCode::OK, resource_content_type(accept), &statement)
     }
 
     async fn kickoff(
@@ -212,6 +291,7 @@ impl Api {
         response
             .headers_mut()
             .insert("preference-applied", header(&applied.join(", ")));
+        response.extensions_mut().insert(ExportId(job.id));
         Ok(response)
     }
 
@@ -249,10 +329,11 @@ impl Api {
             }
             JobView::Failed { diagnostics } => {
                 let error = ApiError::internal(diagnostics);
+                let accept = request.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
                 if !view.separate_status {
                     return Err(error);
                 }
-                error_response(&error)
+                error_response(&error, accept)
             }
         };
         if view.separate_status {
@@ -276,7 +357,7 @@ impl Api {
         Ok(response)
     }
 
-    async fn cancel(&self, job_id: &str) -> Result<Response<Body>, ApiError> {
+    async fn cancel(&self, job_id: &str, accept: Option<&str>) -> Result<Response<Body>, ApiError> {
         if !self.exporter.mark_cancelled(job_id).await? {
             return Err(unknown_job(job_id));
         }
@@ -287,7 +368,11 @@ impl Api {
             IssueCode::Informational,
             &format!("export {job_id} was cancelled and its files deleted"),
         );
-        Ok(json_response(StatusCode::ACCEPTED, FHIR_JSON, &outcome))
+        Ok(json_response(
+            StatusCode::ACCEPTED,
+            resource_content_type(accept),
+            &outcome,
+        ))
     }
 
     /// Streams an export file; with `Accept-Encoding: gzip` it is gzipped on the fly.
@@ -393,9 +478,27 @@ fn json_response(status: StatusCode, content_type: &'static str, body: &Value) -
     response
 }
 
-/// The OperationOutcome response for an error.
-pub fn error_response(error: &ApiError) -> Response<Body> {
-    let mut response = json_response(error.status, FHIR_JSON, &error.outcome());
+/// A response whose body writes the request's log line once it is sent.
+fn logged(response: Response<Body>, record: RequestRecord) -> Response<Body> {
+    let (parts, body) = response.into_parts();
+    let body = match body {
+        Body::Full(bytes) => {
+            record.finish(bytes.len() as u64);
+            Body::Full(bytes)
+        }
+        Body::Stream(stream) => Body::Stream(Box::pin(LoggedStream::new(stream, record))),
+    };
+    Response::from_parts(parts, body)
+}
+
+/// The OperationOutcome response for an error, labelled as the request's `Accept` asks
+/// (see [`resource_content_type`]).
+pub fn error_response(error: &ApiError, accept: Option<&str>) -> Response<Body> {
+    let mut response = json_response(
+        error.status,
+        resource_content_type(accept),
+        &error.outcome(),
+    );
     if let Some(seconds) = error.retry_after {
         response
             .headers_mut()

@@ -5,9 +5,11 @@ use crate::dispatch::LocalDispatcher;
 use crate::files::FileOutput;
 use crate::sqlite::SqliteStore;
 use bytes::Bytes;
+use export_core::fhir::outcome::IssueCode;
 use export_core::fhir::time::now_millis;
 use export_core::ports::Dispatcher;
-use export_core::{Api, Body, Exporter, Ports, Settings};
+use export_core::router::MAX_BODY;
+use export_core::{Api, ApiError, Body, Exporter, Ports, Settings};
 use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
@@ -15,13 +17,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-/// Largest accepted request body (kick-off `Parameters`).
-const MAX_BODY: usize = 8 * 1024 * 1024;
 /// How often finished exports past their retention are deleted.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(30);
 
@@ -82,10 +81,10 @@ pub async fn serve(service: LocalService, listener: TcpListener) -> std::io::Res
         }
     });
     loop {
-        let (stream, peer) = listener.accept().await?;
+        let (stream, _) = listener.accept().await?;
         let api = service.api.clone();
         tokio::spawn(async move {
-            let handler = service_fn(move |request| handle(api.clone(), request, peer));
+            let handler = service_fn(move |request| handle(api.clone(), request));
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), handler)
                 .await
@@ -101,23 +100,23 @@ type ResponseBody = UnsyncBoxBody<Bytes, std::io::Error>;
 async fn handle(
     api: Arc<Api>,
     request: hyper::Request<Incoming>,
-    peer: SocketAddr,
 ) -> Result<hyper::Response<ResponseBody>, Infallible> {
     let (parts, body) = request.into_parts();
-    let started = std::time::Instant::now();
-    let (method, uri) = (parts.method.clone(), parts.uri.clone());
     let response = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => {
             api.handle(hyper::Request::from_parts(parts, collected.to_bytes()))
                 .await
         }
-        Err(_) => export_core::router::error_response(&export_core::ApiError::new(
-            http::StatusCode::PAYLOAD_TOO_LARGE,
-            export_core::fhir::outcome::IssueCode::Invalid,
-            format!("request body larger than {MAX_BODY} bytes"),
-        )),
+        Err(_) => {
+            let error = ApiError::new(
+                http::StatusCode::PAYLOAD_TOO_LARGE,
+                IssueCode::Invalid,
+                format!("request body larger than {MAX_BODY} bytes"),
+            );
+            api.refuse(hyper::Request::from_parts(parts, Bytes::new()), error)
+                .await
+        }
     };
-    tracing::info!(%peer, %method, %uri, status = response.status().as_u16(), ms = started.elapsed().as_millis() as u64, "request");
     let (parts, body) = response.into_parts();
     let body: ResponseBody = match body {
         Body::Full(bytes) => Full::new(bytes)

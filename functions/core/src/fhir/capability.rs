@@ -14,6 +14,8 @@ pub const KICKOFF_PARAMETERS: &[&str] = &[
     "_elements",
     "patient",
     "includeAssociatedData",
+    "organizeOutputBy",
+    "allowPartialManifests",
 ];
 
 const EXPORT_OPERATION: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export";
@@ -28,17 +30,29 @@ const GROUP_EXPORT_OPERATION: &str =
 /// system, Patient and Group level. Every resource type lists the search parameters its
 /// `_typeFilter` queries can use.
 pub fn capability_statement(base_url: &str, software_version: &str, published: &str) -> Value {
-    let export_op = |definition: &str| {
-        json!({"name": "export", "definition": definition,
+    let export_op = |name: &str, definition: &str| {
+        json!({"name": name, "definition": definition,
             "documentation": format!("Kick-off parameters: {}", KICKOFF_PARAMETERS.join(", "))})
     };
     let resources: Vec<Value> = RESOURCE_TYPES
         .iter()
         .map(|t| {
             let mut entry = json!({"type": t, "searchParam": search_params(t)});
+            // `export` is the operation's name in the IG; older clients and test suites look
+            // for the OperationDefinition ids `patient-export` and `group-export` as names.
             match *t {
-                "Patient" => entry["operation"] = json!([export_op(PATIENT_EXPORT_OPERATION)]),
-                "Group" => entry["operation"] = json!([export_op(GROUP_EXPORT_OPERATION)]),
+                "Patient" => {
+                    entry["operation"] = json!([
+                        export_op("export", PATIENT_EXPORT_OPERATION),
+                        export_op("patient-export", PATIENT_EXPORT_OPERATION)
+                    ])
+                }
+                "Group" => {
+                    entry["operation"] = json!([
+                        export_op("export", GROUP_EXPORT_OPERATION),
+                        export_op("group-export", GROUP_EXPORT_OPERATION)
+                    ])
+                }
                 _ => {}
             }
             entry
@@ -63,7 +77,7 @@ pub fn capability_statement(base_url: &str, software_version: &str, published: &
                 kick-off is answered 429 with Retry-After, except that the same client repeating an \
                 identical kick-off is sent to the running export.", KICKOFF_PARAMETERS.join(", ")),
             "resource": resources,
-            "operation": [export_op(EXPORT_OPERATION)]
+            "operation": [export_op("export", EXPORT_OPERATION)]
         }]
     })
 }

@@ -93,6 +93,8 @@ impl TypeFilters {
     pub fn parse(values: &[String], lenient: bool) -> Result<TypeFilters, FilterError> {
         let mut filters = TypeFilters::default();
         for value in values.iter().flat_map(|v| split_queries(v)) {
+            let whole = decoded_whole(value);
+            let value = whole.as_deref().unwrap_or(value);
             let (resource_type, query) = value.split_once('?').unwrap_or(("", ""));
             let resource_type = resource_type.trim();
             if !is_resource_type(resource_type) || query.trim().is_empty() {
@@ -185,6 +187,17 @@ fn split_queries(value: &str) -> Vec<&str> {
     out
 }
 
+/// A query whose `?` is itself percent-encoded (`Observation%3Fcode%3D...`: the whole query was
+/// encoded once more than the URL needs) is decoded as a whole, so it is read, not rejected.
+fn decoded_whole(value: &str) -> Option<String> {
+    if value.contains('?') {
+        return None;
+    }
+    let decoded = percent_decode_str(value).decode_utf8().ok()?;
+    let (resource_type, _) = decoded.split_once('?')?;
+    is_resource_type(resource_type.trim()).then(|| decoded.into_owned())
+}
+
 /// The (kind, expression) of search parameter `code` on `resource_type`.
 pub fn search_param(resource_type: &str, code: &str) -> Option<(ParamKind, &'static str)> {
     [resource_type, "DomainResource", "Resource"]
@@ -262,10 +275,9 @@ fn compile_criterion(resource_type: &str, pair: &str) -> Result<Criterion, Filte
     };
     let expression = Expression::parse(expression_text).map_err(FilterError)?;
 
-    let texts = split_values(raw_value)
-        .into_iter()
-        .map(|v| decode(&v))
-        .collect::<Result<Vec<_>, _>>()?;
+    // Decode first, then split: `%2C` is the comma that separates alternatives (the form clients
+    // such as smart-fetch send), and `\,` (`%5C%2C`) is the escape for a comma inside a value.
+    let texts = split_values(&decode(raw_value)?);
     if texts.iter().any(|t| t.is_empty()) {
         return Err(FilterError(format!("{name} has an empty value")));
     }
@@ -325,7 +337,8 @@ fn split_values(raw: &str) -> Vec<String> {
     out
 }
 
-/// Percent-decodes one part of a query (`+` is kept: it is a time zone sign in dates).
+/// Percent-decodes one name or value of a query after it was split at `&` and `=`, so encoded
+/// `%26` and `%3D` stay inside it (`+` is kept: it is a time zone sign in dates).
 fn decode(text: &str) -> Result<String, FilterError> {
     percent_decode_str(text)
         .decode_utf8()

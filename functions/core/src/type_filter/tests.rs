@@ -231,3 +231,105 @@ fn lists_search_params() {
             .any(|(c, _)| *c == "component-code-value-quantity")
     );
 }
+
+/// A value can reach `_typeFilter` raw (`a=b`, `a\,b`: the URL's own encoding is all there is) or
+/// with its inner query's names and values percent-encoded once more (smart-fetch, Epic, HAPI),
+/// where `%2C` separates alternatives and `%26`/`%3D` stay inside a value. Both must select the
+/// same Patients; a raw `&` inside a value cannot be told from a separator and must be an error,
+/// never an empty type.
+#[test]
+fn inner_query_encodings() {
+    let values = [
+        "a&b",
+        "a=b",
+        "a,b",
+        "a|b",
+        "a$b",
+        "a b",
+        "Zoë Ørsted",
+        "plain",
+    ];
+    let patient = |v: &str| {
+        json!({"resourceType": "Patient", "id": "p",
+            "identifier": [{"system": "urn:t", "value": v}]})
+    };
+    // (raw form or None when it cannot be written raw, encoded form, values expected to match)
+    let cases: &[(Option<&str>, &str, &[&str])] = &[
+        (None, "identifier=urn%3At%7Ca%26b", &["a&b"]),
+        (
+            Some("identifier=urn:t|a=b"),
+            "identifier=urn%3At%7Ca%3Db",
+            &["a=b"],
+        ),
+        (
+            Some(r"identifier=urn:t|a\,b"),
+            "identifier=urn%3At%7Ca%5C%2Cb",
+            &["a,b"],
+        ),
+        (
+            Some("identifier=urn:t|plain,urn:t|a$b"),
+            "identifier=urn%3At%7Cplain%2Curn%3At%7Ca%24b",
+            &["plain", "a$b"],
+        ),
+        (
+            Some("identifier=urn:t|a|b"),
+            "identifier=urn%3At%7Ca%7Cb",
+            &["a|b"],
+        ),
+        (
+            Some("identifier=urn:t|a b"),
+            "identifier=urn%3At%7Ca%20b",
+            &["a b"],
+        ),
+        (
+            Some("identifier=urn:t|Zoë Ørsted"),
+            "identifier=urn%3At%7CZo%C3%AB%20%C3%98rsted",
+            &["Zoë Ørsted"],
+        ),
+        (
+            Some("identifier:missing=false"),
+            "identifier%3Amissing=false",
+            &values,
+        ),
+    ];
+    for (raw, encoded, expected) in cases {
+        let mut forms = vec![format!("Patient?{encoded}")];
+        forms.extend(raw.map(|r| format!("Patient?{r}")));
+        for query in forms {
+            let filters = TypeFilters::parse(std::slice::from_ref(&query), false);
+            // A query whose `?` is encoded too (the whole query encoded once more) reads the same.
+            let whole =
+                percent_encoding::utf8_percent_encode(&query, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string();
+            let filters_whole = TypeFilters::parse(&[whole], false);
+            for filters in [filters, filters_whole] {
+                let filters = filters.unwrap_or_else(|e| panic!("{query}: {e:?}"));
+                for v in values {
+                    assert_eq!(
+                        filters.matches("Patient", &patient(v)),
+                        expected.contains(&v),
+                        "{query} on identifier {v:?}"
+                    );
+                }
+            }
+        }
+    }
+    // `Patient?identifier=urn:t|a&b`: `b` is not name=value, so the query is refused.
+    assert!(TypeFilters::parse(&["Patient?identifier=urn:t|a&b".into()], false).is_err());
+}
+
+/// smart-fetch's default Observation filter, after the URL's decoding.
+#[test]
+fn alternatives_encoded_as_percent_2c() {
+    let f = filter("Observation?category=social-history%2Cvital-signs%2Claboratory");
+    for (category, wanted) in [
+        ("vital-signs", true),
+        ("laboratory", true),
+        ("social-history", true),
+        ("imaging", false),
+    ] {
+        let mut o = observation();
+        o["category"][0]["coding"][0]["code"] = json!(category);
+        assert_eq!(f.matches("Observation", &o), wanted, "{category}");
+    }
+}
