@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project:
 #   formatting and clippy; the SAM template (`sam validate --lint`, cfn-lint 1.53.3) and the state
-#   machine (asl-validator); unit tests; end-to-end tests of the local server over HTTP; and the AWS
-#   deployment against moto's server (started here on 127.0.0.1 and stopped at the end).
+#   machine (asl-validator); unit tests; end-to-end tests of the local server over HTTP; the AWS
+#   deployment against moto's server (started here on 127.0.0.1 and stopped at the end); and the real
+#   bulk clients smart-fetch and cumulus-etl (from PyPI) against the local server.
 # Needs Rust, Python 3 with pip, and Node with npm; it installs the rest into .tools/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,12 @@ if ! cmp -s tests/requirements.txt "$TOOLS/venv/requirements.txt" 2>/dev/null; t
   python3 -m venv "$TOOLS/venv"
   "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check -r tests/requirements.txt
   cp tests/requirements.txt "$TOOLS/venv/requirements.txt"
+fi
+if ! cmp -s tests/clients/requirements.txt "$TOOLS/clients/requirements.txt" 2>/dev/null; then
+  rm -rf "$TOOLS/clients"
+  python3 -m venv "$TOOLS/clients"
+  "$TOOLS/clients/bin/pip" install --quiet --disable-pip-version-check -r tests/clients/requirements.txt
+  cp tests/clients/requirements.txt "$TOOLS/clients/requirements.txt"
 fi
 ASL_VALIDATOR=$TOOLS/node/node_modules/.bin/asl-validator
 if [ ! -x "$ASL_VALIDATOR" ]; then
@@ -57,3 +64,7 @@ cargo build --workspace --bins
 
 echo "== cargo test"
 cargo test --workspace --all-targets
+
+echo "== real bulk clients (smart-fetch, cumulus-etl) against bulk-export serve"
+python3 tests/clients/check_clients.py target/debug/bulk-export \
+  "$TOOLS/clients/bin/smart-fetch" "$TOOLS/clients/bin/cumulus-etl" "$TOOLS/clients-work"

@@ -54,7 +54,7 @@ impl Dispatcher for SfnDispatcher {
             .send()
             .await;
         if let Err(e) = stopped {
-            tracing::warn!(job = %job_id, error = ?e, "could not stop the execution; workers will stop on the cancelled status");
+            tracing::warn!(export_id = %job_id, error = ?e, "could not stop the execution; workers will stop on the cancelled status");
         }
         Ok(())
     }

@@ -156,7 +156,7 @@ async fn work(service: &AwsService, record: &SqsMessage, deadline: Instant) -> H
                 message.item.item, message.item.resource_type
             );
             if let Err(e) = exporter.fail(&job_id, &diagnostics).await {
-                tracing::error!(job = %job_id, error = %e, "could not mark the job failed");
+                tracing::error!(export_id = %job_id, error = %e, "could not mark the job failed");
             }
             task_failure(service, &message.task_token, "WorkItemFailed", &diagnostics).await
         }

@@ -437,3 +437,73 @@ async fn organized_partial_manifests_with_separate_status_match_the_local_mode()
     let expected = local_export(&resources, ExportLevel::Patient, params).await;
     assert_eq!(exported, expected, "identical to the local mode");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_api_lambda_follows_the_interop_rules_of_the_local_server() {
+    let resources = generated(3);
+    let mut aws = Deployment::create(|_| {}).await;
+    aws.load(resources.clone()).await;
+    aws.start_lambdas(Delivery::Once, None);
+
+    // Kick-off Accept: only application/fhir+json, unless lenient.
+    for accept in ["*/*", "application/json"] {
+        let r = aws
+            .call_with_headers("GET", "/fhir/$export", None, &[("accept", accept)])
+            .await;
+        assert_eq!(r.status, 400, "Accept {accept}: {}", r.body);
+        assert!(r.header("x-request-id").is_some());
+    }
+    let plain_json = aws
+        .call_with_headers(
+            "GET",
+            "/fhir/$export",
+            None,
+            &[("accept", "application/json")],
+        )
+        .await;
+    assert_eq!(
+        plain_json.header("content-type").as_deref(),
+        Some("application/json")
+    );
+
+    // smart-fetch's default Observation filter, encoded as it sends it, with lenient handling.
+    let categories = [
+        "social-history",
+        "vital-signs",
+        "imaging",
+        "laboratory",
+        "survey",
+        "exam",
+        "procedure",
+        "therapy",
+        "activity",
+    ];
+    let query = format!(
+        "/fhir/$export?_type=Observation&_typeFilter=Observation%3Fcategory%3D{}",
+        categories.join("%252C")
+    );
+    let kick = aws
+        .call_with_headers(
+            "GET",
+            &query,
+            None,
+            &[
+                ("accept", "*/*"),
+                ("prefer", "respond-async, handling=lenient"),
+            ],
+        )
+        .await;
+    assert_eq!(kick.status, 202, "{}", kick.body);
+    let exported = download(&aws.wait_for_manifest(&kick.status_path()).await);
+    let want = resources
+        .iter()
+        .filter(|r| r.resource_type == "Observation")
+        .filter(|r| {
+            r.json["category"][0]["coding"][0]["code"]
+                .as_str()
+                .is_some_and(|c| categories.contains(&c))
+        })
+        .count();
+    assert!(want > 0);
+    assert_eq!(exported["Observation"].len(), want);
+}

@@ -185,7 +185,7 @@ impl Exporter {
             self.ports.lock.release(&job.id).await.ok();
             return Err(e.into());
         }
-        tracing::info!(job = %job.id, level = ?job.level, "export accepted");
+        tracing::info!(export_id = %job.id, export_level = ?job.level, "export accepted");
         Ok((job, true))
     }
 
@@ -511,7 +511,7 @@ impl Exporter {
         job.completed_at = Some(now);
         job.expires_at = Some(now + self.settings.retention);
         if self.ports.jobs.update(&job, JobStatus::InProgress).await? {
-            tracing::info!(job = %job_id, "export completed");
+            tracing::info!(export_id = %job_id, "export completed");
         }
         self.ports.lock.release(job_id).await
     }
@@ -530,13 +530,13 @@ impl Exporter {
             job.completed_at = Some(now);
             job.expires_at = Some(now + self.settings.retention);
             if self.ports.jobs.update(&job, expected).await? {
-                tracing::warn!(job = %job_id, %diagnostics, "export failed");
+                tracing::warn!(export_id = %job_id, %diagnostics, "export failed");
             }
         }
         let deleted = self.ports.output.delete_job(job_id).await;
         self.ports.lock.release(job_id).await?;
         if let Err(e) = deleted {
-            tracing::warn!(job = %job_id, error = %e, "could not delete the files of a failed export");
+            tracing::warn!(export_id = %job_id, error = %e, "could not delete the files of a failed export");
         }
         Ok(())
     }
@@ -554,7 +554,7 @@ impl Exporter {
             let expected = job.status;
             job.status = JobStatus::Cancelled;
             if self.ports.jobs.update(&job, expected).await? {
-                tracing::info!(job = %job_id, "export cancelled");
+                tracing::info!(export_id = %job_id, "export cancelled");
                 return Ok(true);
             }
         }

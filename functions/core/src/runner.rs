@@ -21,7 +21,7 @@ pub async fn run_job(exporter: Arc<Exporter>, job_id: String) {
         Err(e) => exporter.fail(&job_id, &format!("export failed: {e}")).await,
     };
     if let Err(e) = outcome {
-        tracing::error!(job = %job_id, error = %e, "could not close the export");
+        tracing::error!(export_id = %job_id, error = %e, "could not close the export");
         exporter
             .fail(&job_id, &format!("export failed: {e}"))
             .await
@@ -91,7 +91,9 @@ async fn keep_lease(exporter: Arc<Exporter>, job_id: String) {
                 }
                 return;
             }
-            Err(e) => tracing::warn!(job = %job_id, error = %e, "could not renew the export lock"),
+            Err(e) => {
+                tracing::warn!(export_id = %job_id, error = %e, "could not renew the export lock")
+            }
         }
     }
 }

@@ -54,7 +54,7 @@ impl LocalService {
     pub async fn resume_interrupted(&self) -> export_core::StoreResult<usize> {
         let jobs = self.exporter.ports.jobs.active_jobs().await?;
         for job in &jobs {
-            tracing::info!(job = %job.id, "resuming an export interrupted by a restart");
+            tracing::info!(export_id = %job.id, "resuming an export interrupted by a restart");
             self.dispatcher.start(&job.id).await?;
         }
         Ok(jobs.len())
