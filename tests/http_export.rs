@@ -1,9 +1,10 @@
 //! End to end over HTTP: kick-off → poll → download → parse every line, at all three levels,
 //! compared with an independent reading of the R4 Patient compartment.
 
+use e2e_tests::oracle::*;
 use e2e_tests::*;
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 const PATIENTS: usize = 60;
 
@@ -12,57 +13,6 @@ fn setup(name: &str, extra: &[&str]) -> (Server, Vec<Value>) {
     let dir = scratch_dir(name);
     let data = generated_store(&dir, PATIENTS);
     (Server::start(&dir, extra), read_ndjson_dir(&data))
-}
-
-fn expected(resources: &[Value], keep: impl Fn(&Value) -> bool) -> BTreeMap<String, Vec<String>> {
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for r in resources.iter().filter(|r| keep(r)) {
-        out.entry(r["resourceType"].as_str().unwrap().to_string())
-            .or_default()
-            .push(r["id"].as_str().unwrap().to_string());
-    }
-    out.values_mut().for_each(|ids| ids.sort());
-    out
-}
-
-/// Adds the Provenance resources whose target is among the expected resources: Patient and Group
-/// exports carry the Provenance of what they export.
-fn with_provenance_of_targets(
-    resources: &[Value],
-    mut want: BTreeMap<String, Vec<String>>,
-) -> BTreeMap<String, Vec<String>> {
-    let exported: BTreeSet<String> = want
-        .iter()
-        .flat_map(|(t, ids)| ids.iter().map(move |id| format!("{t}/{id}")))
-        .collect();
-    let provenance = want.entry("Provenance".into()).or_default();
-    for r in resources
-        .iter()
-        .filter(|r| r["resourceType"] == "Provenance")
-    {
-        let about_export = r["target"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|t| exported.contains(t["reference"].as_str().unwrap()));
-        let id = r["id"].as_str().unwrap().to_string();
-        if about_export && !provenance.contains(&id) {
-            provenance.push(id);
-        }
-    }
-    provenance.sort();
-    want
-}
-
-fn in_compartment_of(
-    reference: &CompartmentReference,
-    r: &Value,
-    patients: &BTreeSet<String>,
-) -> bool {
-    reference
-        .patients_of(r)
-        .iter()
-        .any(|p| patients.contains(p))
 }
 
 fn assert_manifest_shape(manifest: &Value, request_suffix: &str) {

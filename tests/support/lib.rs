@@ -1,5 +1,7 @@
 //! Test support: run the real `bulk-export` binary and talk to it over HTTP.
 
+pub mod oracle;
+
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
