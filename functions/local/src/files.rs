@@ -102,3 +102,210 @@ impl OutputStore for FileOutput {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::TryStreamExt;
+
+    /// A fresh sandbox `<tmp>/<name>/s1/s2/` holding `exports/` (the output root) and, next to
+    /// it, a planted file the output store must never reach. The root is deep inside the sandbox,
+    /// so even a broken implementation following a few `..` stays inside it.
+    fn setup(name: &str) -> (PathBuf, FileOutput) {
+        let sandbox =
+            std::env::temp_dir().join(format!("bulk-export-files-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&sandbox);
+        let dir = sandbox.join("s1").join("s2");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("secret.ndjson"), "planted outside the output\n").unwrap();
+        let output = FileOutput::new(&dir.join("exports")).unwrap();
+        (dir, output)
+    }
+
+    fn cleanup(dir: PathBuf) {
+        std::fs::remove_dir_all(dir.parent().unwrap().parent().unwrap()).unwrap();
+    }
+
+    /// Keys that name something outside the output directory, or the directory itself.
+    const REJECTED: &[&str] = &[
+        "",
+        ".",
+        "./",
+        "./job/Patient/000-0000.ndjson",
+        "..",
+        "../",
+        "../secret.ndjson",
+        "../../etc/passwd",
+        "job/..",
+        "job/../..",
+        "job/../../secret.ndjson",
+        "job/Patient/../../../secret.ndjson",
+        "job/Patient/..",
+        "/",
+        "/etc/passwd",
+        "//etc/passwd",
+        "/tmp/../etc/passwd",
+    ];
+
+    #[test]
+    fn keys_that_could_leave_the_output_directory_are_refused() {
+        let (dir, output) = setup("rejected");
+        for key in REJECTED {
+            assert!(
+                output.path(key).is_err(),
+                "{key:?} was accepted as {:?}",
+                output.path(key)
+            );
+        }
+        cleanup(dir);
+    }
+
+    #[test]
+    fn normal_keys_map_under_the_output_directory() {
+        let (dir, output) = setup("accepted");
+        let root = dir.join("exports");
+        for (key, relative) in [
+            (
+                "0123abcd/Patient/000-0000.ndjson",
+                "0123abcd/Patient/000-0000.ndjson",
+            ),
+            (
+                "0123abcd/deleted-Observation/000-0001.ndjson",
+                "0123abcd/deleted-Observation/000-0001.ndjson",
+            ),
+            (
+                "0123abcd/by-Patient/003-0002.ndjson",
+                "0123abcd/by-Patient/003-0002.ndjson",
+            ),
+            (
+                "0123abcd/error/000-0000.ndjson",
+                "0123abcd/error/000-0000.ndjson",
+            ),
+            ("0123abcd", "0123abcd"),
+            // Dots inside a name are a name, not a step up.
+            ("job/..Patient/a..b.ndjson", "job/..Patient/a..b.ndjson"),
+            ("job/.../x", "job/.../x"),
+            // Empty and `.` steps inside a key add nothing.
+            ("job//Patient/x.ndjson", "job/Patient/x.ndjson"),
+            ("job/./Patient/x.ndjson", "job/Patient/x.ndjson"),
+            ("job/Patient/x.ndjson/", "job/Patient/x.ndjson"),
+        ] {
+            let path = output
+                .path(key)
+                .unwrap_or_else(|e| panic!("{key:?} refused: {e}"));
+            assert_eq!(path, root.join(relative), "{key:?}");
+        }
+        cleanup(dir);
+    }
+
+    /// Whatever the key, an accepted one stays inside the output directory: no `..`, no root.
+    #[test]
+    fn hostile_keys_are_refused_or_stay_inside() {
+        let (dir, output) = setup("hostile");
+        let root = dir.join("exports");
+        let hostile = [
+            "..\\..\\secret.ndjson",
+            "job\\..\\..\\secret.ndjson",
+            "%2e%2e/secret.ndjson",
+            "%2E%2E%2Fsecret.ndjson",
+            "..%2fsecret.ndjson",
+            "%252e%252e/secret.ndjson",
+            "job/\u{0}../secret.ndjson",
+            "job/..\u{0}/secret.ndjson",
+            "\u{c0}\u{ae}\u{c0}\u{ae}/secret.ndjson",
+            "\u{2025}/secret.ndjson",
+            "C:\\secret.ndjson",
+            "job/Patient/../../../../secret.ndjson",
+        ];
+        for key in REJECTED.iter().chain(hostile.iter()) {
+            if let Ok(path) = output.path(key) {
+                assert!(path.starts_with(&root), "{key:?} → {path:?}");
+                assert!(
+                    path.strip_prefix(&root)
+                        .unwrap()
+                        .components()
+                        .all(|c| matches!(c, Component::Normal(_))),
+                    "{key:?} → {path:?}"
+                );
+            }
+        }
+        cleanup(dir);
+    }
+
+    #[tokio::test]
+    async fn open_and_delete_never_reach_outside_the_output_directory() {
+        let (dir, output) = setup("io");
+        let secret = dir.join("secret.ndjson");
+        // Absolute keys are only given to `path` above: a broken implementation must not be
+        // handed `/` to delete.
+        for key in REJECTED.iter().filter(|k| !k.starts_with('/')) {
+            match output.open(key).await {
+                Err(_) | Ok(None) => {}
+                Ok(Some(stream)) => {
+                    let bytes: Vec<Bytes> = stream.try_collect().await.unwrap_or_default();
+                    panic!("{key:?} opened {} chunks", bytes.len());
+                }
+            }
+            assert!(output.delete_job(key).await.is_err(), "delete_job({key:?})");
+            assert!(
+                output.create_part(key).await.is_err(),
+                "create_part({key:?})"
+            );
+        }
+        assert_eq!(
+            std::fs::read_to_string(&secret).unwrap(),
+            "planted outside the output\n",
+            "the planted file is untouched"
+        );
+        assert!(
+            dir.join("exports").is_dir(),
+            "the output root is still there"
+        );
+
+        // A normal key round-trips, and delete_job removes that job only.
+        let mut part = output
+            .create_part("job-a/Patient/000-0000.ndjson")
+            .await
+            .unwrap();
+        part.write(Bytes::from_static(b"{\"resourceType\":\"Patient\"}\n"))
+            .await
+            .unwrap();
+        part.finish().await.unwrap();
+        let mut other = output
+            .create_part("job-b/Patient/000-0000.ndjson")
+            .await
+            .unwrap();
+        other.write(Bytes::from_static(b"x\n")).await.unwrap();
+        other.finish().await.unwrap();
+        let stream = output
+            .open("job-a/Patient/000-0000.ndjson")
+            .await
+            .unwrap()
+            .expect("written part");
+        let chunks: Vec<Bytes> = stream.try_collect().await.unwrap();
+        assert_eq!(chunks.concat(), b"{\"resourceType\":\"Patient\"}\n");
+        assert!(
+            output
+                .open("job-a/Patient/000-0001.ndjson")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        output.delete_job("job-a").await.unwrap();
+        assert!(
+            output
+                .open("job-a/Patient/000-0000.ndjson")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            output
+                .open("job-b/Patient/000-0000.ndjson")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        cleanup(dir);
+    }
+}
