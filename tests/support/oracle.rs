@@ -102,3 +102,48 @@ pub fn compartment_export(
         }),
     )
 }
+
+/// The `Type/id` of every resource in `want`.
+pub fn references(want: &BTreeMap<String, Vec<String>>) -> BTreeSet<String> {
+    want.iter()
+        .flat_map(|(t, ids)| ids.iter().map(move |id| format!("{t}/{id}")))
+        .collect()
+}
+
+/// `LatestProvenanceResources`: for each of the `exported` `Type/id`s, the Provenance about it
+/// with the latest `recorded` instant (compared as instants); sorted ids. Panics when two
+/// Provenance about one resource tie, since the data then has no single answer.
+pub fn latest_provenance(resources: &[Value], exported: &BTreeSet<String>) -> Vec<String> {
+    let recorded = |p: &Value| {
+        chrono::DateTime::parse_from_rfc3339(p["recorded"].as_str().expect("recorded"))
+            .unwrap_or_else(|e| panic!("{}: recorded is not an instant: {e}", p["id"]))
+    };
+    let mut latest: BTreeMap<&str, &Value> = BTreeMap::new();
+    for p in resources
+        .iter()
+        .filter(|r| r["resourceType"] == "Provenance")
+    {
+        for target in p["target"].as_array().unwrap() {
+            let target = target["reference"].as_str().unwrap();
+            if !exported.contains(target) {
+                continue;
+            }
+            match latest.get(target) {
+                Some(best) if recorded(best) > recorded(p) => {}
+                Some(best) if recorded(best) == recorded(p) => {
+                    panic!("{} and {} about {target} tie", best["id"], p["id"])
+                }
+                _ => {
+                    latest.insert(target, p);
+                }
+            }
+        }
+    }
+    let mut ids: Vec<String> = latest
+        .values()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
