@@ -108,8 +108,23 @@ impl Server {
 
     /// Kills the process abruptly (SIGKILL) and starts it again on the same data.
     pub fn crash_and_restart(&mut self) {
+        self.crash();
+        self.restart();
+    }
+
+    /// Kills the process abruptly (SIGKILL) and waits until it is gone; [`Server::restart`]
+    /// starts it again.
+    pub fn crash(&mut self) {
         self.child.kill().expect("kill server");
         self.child.wait().expect("reap server");
+    }
+
+    /// Starts the process again on the same data, after [`Server::crash`].
+    pub fn restart(&mut self) {
+        assert!(
+            self.child.try_wait().expect("server state").is_some(),
+            "restart after crash"
+        );
         let (child, base) = spawn(&self.dir, &self.extra, self.log.as_deref());
         self.child = child;
         self.base = base;
