@@ -205,6 +205,24 @@ fn large_types_are_split_into_deterministic_files() {
         expected(&data, |r| r["resourceType"] == "Observation"
             || r["resourceType"] == "Patient")
     );
+
+    // Deterministic: the same export again writes the same file names with the same bytes.
+    let files = |manifest: &Value| -> Vec<(String, String)> {
+        manifest["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                let url = o["url"].as_str().unwrap();
+                let job = url.split('/').rev().nth(2).unwrap();
+                let name = url[url.find(job).unwrap() + job.len()..].to_string();
+                (name, get(url).body)
+            })
+            .collect()
+    };
+    let again = server.export("/$export?_type=Observation,Patient");
+    assert_ne!(again["output"][0]["url"], manifest["output"][0]["url"]);
+    assert_eq!(files(&again), files(&manifest));
 }
 
 #[test]
