@@ -2,9 +2,10 @@
 //! `_typeFilter`, `_elements`, and how they fail. Expected results are computed here from the
 //! generated data with plain Rust predicates, independently of the server's search code.
 
+use e2e_tests::oracle::*;
 use e2e_tests::*;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 const PATIENTS: usize = 30;
 
@@ -220,14 +221,24 @@ fn deleted_urls(manifest: &Value) -> Vec<String> {
     urls
 }
 
-#[test]
-fn deleted_resources_are_listed_with_since_and_never_exported() {
-    let dir = scratch_dir("deleted");
+/// A store of 6 generated patients plus Group `cohort` (pat-000000, pat-000001, pat-000003),
+/// where, after the returned instant, Observations obs-pat-000000-0, obs-pat-000000-1 and
+/// obs-pat-000002-5 and Patient pat-000001 were deleted and obs-pat-000000-1 was loaded again.
+/// Returns the server, the instant, and the resources live now.
+fn store_with_deletions(name: &str) -> (Server, String, Vec<Value>) {
+    let dir = scratch_dir(name);
     let data_dir = generated_store(&dir, 6);
-    let data = read_ndjson_dir(&data_dir);
+    let mut data = read_ndjson_dir(&data_dir);
+    // A Group of three patients, one of whom is deleted below; loaded before the window.
+    let cohort = json!({"resourceType": "Group", "id": "cohort", "type": "person", "actual": true,
+        "member": [{"entity": {"reference": "Patient/pat-000000"}},
+                   {"entity": {"reference": "Patient/pat-000001"}},
+                   {"entity": {"reference": "Patient/pat-000003"}}]});
+    load_file(&dir, "cohort.ndjson", &format!("{cohort}\n"));
+    data.push(cohort);
+    std::thread::sleep(std::time::Duration::from_millis(20));
     let before_deletes = chrono_now();
     std::thread::sleep(std::time::Duration::from_millis(20));
-    // Delete three Observations and Patient pat-000001; then re-create one Observation.
     let deletes = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"request": {"method": "DELETE", "url": "Observation/obs-pat-000000-0"}},
         {"request": {"method": "DELETE", "url": "Observation/obs-pat-000000-1"}},
@@ -246,17 +257,43 @@ fn deleted_resources_are_listed_with_since_and_never_exported() {
         .remove("lastUpdated");
     recreated["status"] = json!("amended");
     load_file(&dir, "recreate.ndjson", &format!("{recreated}\n"));
-    let server = Server::start(&dir, &[]);
+    let gone = ["obs-pat-000000-0", "obs-pat-000002-5", "pat-000001"];
+    let live: Vec<Value> = data
+        .iter()
+        .filter(|r| !gone.contains(&r["id"].as_str().unwrap()))
+        .cloned()
+        .collect();
+    (Server::start(&dir, &[]), before_deletes, live)
+}
+
+fn of_types(types: &'static [&'static str]) -> impl Fn(&Value) -> bool {
+    move |r: &Value| types.contains(&r["resourceType"].as_str().unwrap())
+}
+
+/// What a `_since` export after the deletions outputs: the re-created Observation only.
+fn only_recreated() -> BTreeMap<String, Vec<String>> {
+    BTreeMap::from([(
+        "Observation".to_string(),
+        vec!["obs-pat-000000-1".to_string()],
+    )])
+}
+
+#[test]
+fn deleted_resources_are_listed_with_since_and_never_exported() {
+    let (server, before_deletes, live) = store_with_deletions("deleted");
+    let reference = CompartmentReference::load();
 
     // Without _since: deleted resources are simply absent; the re-created one is live.
     let manifest = server.export("/$export?_type=Observation,Patient");
     assert!(manifest["deleted"].as_array().unwrap().is_empty());
     let got = exported_ids(&manifest);
-    let observations = &got["Observation"];
-    assert!(!observations.contains(&"obs-pat-000000-0".to_string()));
-    assert!(!observations.contains(&"obs-pat-000002-5".to_string()));
-    assert!(observations.contains(&"obs-pat-000000-1".to_string()));
-    assert_eq!(observations.len(), of_type(&data, "Observation").len() - 2);
+    assert_same_ids(
+        &got,
+        &expected(&live, of_types(&["Observation", "Patient"])),
+        "system",
+    );
+    assert!(got["Observation"].contains(&"obs-pat-000000-1".to_string()));
+    assert!(!got["Observation"].contains(&"obs-pat-000000-0".to_string()));
     assert!(!got["Patient"].contains(&"pat-000001".to_string()));
 
     // With _since: the deletions in the window, as DELETE Bundles; output has only what changed.
@@ -269,9 +306,7 @@ fn deleted_resources_are_listed_with_since_and_never_exported() {
             "Patient/pat-000001"
         ]
     );
-    let got = exported_ids(&manifest);
-    assert_eq!(got.len(), 1, "{got:?}");
-    assert_eq!(got["Observation"], vec!["obs-pat-000000-1"]);
+    assert_eq!(exported_ids(&manifest), only_recreated());
 
     // Patient level: a deleted Patient's compartment is gone, other deletions are listed.
     let manifest = server.export(&format!("/Patient/$export?_since={before_deletes}"));
@@ -282,17 +317,47 @@ fn deleted_resources_are_listed_with_since_and_never_exported() {
             "Observation/obs-pat-000002-5"
         ]
     );
-    let all = exported_ids(&server.export("/Patient/$export?_type=Observation"));
+    assert_eq!(exported_ids(&manifest), only_recreated());
+    let live_patients = all_patients(&live);
+    assert!(!live_patients.contains("pat-000001"));
+    let got = exported_ids(&server.export("/Patient/$export?_type=Observation,Patient"));
+    let want = expected(&live, |r| {
+        of_types(&["Observation", "Patient"])(r) && in_compartment_of(&reference, r, &live_patients)
+    });
     assert!(
-        !all["Observation"]
+        !want["Observation"]
             .iter()
             .any(|id| id.starts_with("obs-pat-000001-"))
     );
-    assert!(
-        all["Observation"]
-            .iter()
-            .any(|id| id.starts_with("obs-pat-000002-"))
+    assert_same_ids(&got, &want, "Patient level");
+}
+
+#[test]
+fn group_exports_list_their_members_deletions_with_since() {
+    let (server, before_deletes, _) = store_with_deletions("deleted-group");
+    // The deletions in the members' compartments: not obs-pat-000002-5; the deleted member
+    // Patient itself, which the Group still lists, is.
+    let manifest = server.export(&format!("/Group/cohort/$export?_since={before_deletes}"));
+    assert_eq!(
+        deleted_urls(&manifest),
+        vec!["Observation/obs-pat-000000-0", "Patient/pat-000001"]
     );
+    assert_eq!(exported_ids(&manifest), only_recreated());
+}
+
+#[test]
+#[ignore = "product bug: a Group export still carries the compartment of a deleted member \
+            (Group.member is read without checking the patient is live at the transaction time)"]
+fn a_deleted_patient_leaves_group_exports() {
+    let (server, _, live) = store_with_deletions("deleted-member");
+    let reference = CompartmentReference::load();
+    let members: BTreeSet<String> = ["pat-000000".to_string(), "pat-000003".to_string()].into();
+    let got = exported_ids(&server.export("/Group/cohort/$export?_type=Observation,Patient"));
+    let want = expected(&live, |r| {
+        of_types(&["Observation", "Patient"])(r) && in_compartment_of(&reference, r, &members)
+    });
+    assert_eq!(want["Patient"], ["pat-000000", "pat-000003"]);
+    assert_same_ids(&got, &want, "Group cohort");
 }
 
 /// Now as a FHIR instant, for `_since`.

@@ -147,3 +147,24 @@ pub fn latest_provenance(resources: &[Value], exported: &BTreeSet<String>) -> Ve
     ids.dedup();
     ids
 }
+
+/// Asserts two `type → ids` maps are equal, naming only what differs.
+#[track_caller]
+pub fn assert_same_ids(
+    got: &BTreeMap<String, Vec<String>>,
+    want: &BTreeMap<String, Vec<String>>,
+    what: &str,
+) {
+    if got == want {
+        return;
+    }
+    let flat = |m: &BTreeMap<String, Vec<String>>| -> BTreeSet<String> { references(m) };
+    let (got_refs, want_refs) = (flat(got), flat(want));
+    let extra: Vec<&String> = got_refs.difference(&want_refs).collect();
+    let missing: Vec<&String> = want_refs.difference(&got_refs).collect();
+    panic!(
+        "{what}: {} unexpected {extra:?}; {} missing {missing:?}",
+        extra.len(),
+        missing.len()
+    );
+}
