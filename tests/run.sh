@@ -61,6 +61,10 @@ echo "moto on $MOTO_ENDPOINT"
 
 echo "== build the binaries the end-to-end tests drive"
 cargo build --workspace --bins
+# The AWS tests also run `bulk-export load --dynamodb-table`, which needs the aws feature; the copy
+# survives `cargo test` rebuilding the plain binary.
+cargo build -p bulk-export --features aws --bin bulk-export
+cp target/debug/bulk-export target/debug/bulk-export-aws
 
 echo "== cargo test"
 cargo test --workspace --all-targets

@@ -11,7 +11,6 @@ use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent
 use aws_sdk_sfn::error::{ProvideErrorMetadata, SdkError};
 use bytes::Bytes;
 use export_core::engine::{ItemCursor, ItemOutcome};
-use export_core::fhir::time::now_millis;
 use export_core::ports::WorkItem;
 use export_core::{Body, StoreResult};
 use serde::{Deserialize, Serialize};
@@ -250,13 +249,9 @@ async fn heartbeat(
                 if let Err(e) = sfn.send_task_heartbeat().task_token(&token).send().await {
                     tracing::warn!(error = ?e, "heartbeat not accepted");
                 }
-                let lease = exporter.settings.lock_lease;
-                exporter
-                    .ports
-                    .lock
-                    .renew(&job_id, lease, now_millis())
-                    .await
-                    .ok();
+                if let Err(e) = exporter.renew_lease(&job_id).await {
+                    tracing::warn!(export_id = %job_id, error = %e, "could not renew the export lock");
+                }
             }
         }
     };

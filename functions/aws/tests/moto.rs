@@ -5,13 +5,14 @@ mod support;
 
 use bulk_export_local::files::FileOutput;
 use bulk_export_local::sqlite::SqliteStore;
+use e2e_tests::oracle::{all_patients, compartment_export, expected, group_members};
 use export_core::engine::Ports;
 use export_core::fhir::time::now_millis;
 use export_core::params::{ExportLevel, ExportParams};
 use export_core::ports::{JobStore, NewResource};
 use export_core::{Exporter, Settings, runner};
-use serde_json::json;
-use std::collections::BTreeMap;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use support::*;
@@ -21,6 +22,7 @@ async fn local_export(
     resources: &[NewResource],
     level: ExportLevel,
     params: ExportParams,
+    settings: &Settings,
 ) -> BTreeMap<String, Vec<String>> {
     let dir = std::env::temp_dir().join(format!(
         "aws-vs-local-{}-{}",
@@ -37,7 +39,11 @@ async fn local_export(
         lock: store.clone(),
         output,
     };
-    let exporter = Arc::new(Exporter::new(ports, Settings::default()));
+    let settings = Settings {
+        page_delay: Duration::ZERO,
+        ..settings.clone()
+    };
+    let exporter = Arc::new(Exporter::new(ports, settings));
     let job = exporter
         .kickoff(level, params, "local".into())
         .await
@@ -55,13 +61,94 @@ async fn local_export(
     out
 }
 
+/// The generated resources as the oracle reads them (deletions left out, and what they delete).
+fn live_values(resources: &[NewResource]) -> Vec<Value> {
+    let deleted: BTreeSet<(String, String)> = resources
+        .iter()
+        .filter(|r| r.deleted)
+        .map(|r| (r.resource_type.clone(), r.id.clone()))
+        .collect();
+    resources
+        .iter()
+        .filter(|r| !deleted.contains(&(r.resource_type.clone(), r.id.clone())))
+        .map(|r| r.json.clone())
+        .collect()
+}
+
+/// `type → sorted ids` of downloaded lines (see [`download`]).
+fn ids_of(exported: &BTreeMap<String, Vec<String>>) -> BTreeMap<String, Vec<String>> {
+    exported
+        .iter()
+        .map(|(t, lines)| {
+            let mut ids: Vec<String> = lines
+                .iter()
+                .map(|l| {
+                    let v: Value = serde_json::from_str(l).unwrap();
+                    v["id"].as_str().unwrap().to_string()
+                })
+                .collect();
+            ids.sort();
+            (t.clone(), ids)
+        })
+        .collect()
+}
+
+/// A manifest page's files: object path and count (presigned URLs differ on every poll).
+fn files(page: &Value) -> Vec<(String, u64)> {
+    page["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let url = e["url"].as_str().unwrap();
+            (
+                url.split('?').next().unwrap().to_string(),
+                e["count"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Asserts two `type → lines` maps are equal, printing where they differ rather than both maps.
+fn assert_same_lines(
+    got: &BTreeMap<String, Vec<String>>,
+    want: &BTreeMap<String, Vec<String>>,
+    label: &str,
+) {
+    if got == want {
+        return;
+    }
+    let counts = |m: &BTreeMap<String, Vec<String>>| {
+        m.iter()
+            .map(|(t, l)| format!("{t}:{}", l.len()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let first_difference = got
+        .iter()
+        .flat_map(|(t, lines)| lines.iter().map(move |l| (t, l)))
+        .find(|(t, l)| !want.get(*t).is_some_and(|w| w.contains(l)))
+        .map(|(t, l)| format!("{t}: {}", &l[..l.len().min(300)]));
+    panic!(
+        "{label}\n got:  {}\n want: {}\n first line only in got: {first_difference:?}",
+        counts(got),
+        counts(want)
+    );
+}
+
 fn job_id_of(status_path: &str) -> String {
     status_path.rsplit('/').next().unwrap().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn exports_at_all_three_levels_match_the_local_mode() {
+async fn exports_at_all_three_levels_match_the_oracle_and_the_local_mode() {
     let resources = generated(6);
+    let data = live_values(&resources);
+    let oracle = [
+        expected(&data, |_| true),
+        compartment_export(&data, &all_patients(&data), None),
+        compartment_export(&data, &group_members(&data, "group-0"), Some("group-0")),
+    ];
     let mut aws = Deployment::create(|_| {}).await;
     aws.load(resources.clone()).await;
     aws.start_lambdas(Delivery::Once, None);
@@ -78,22 +165,30 @@ async fn exports_at_all_three_levels_match_the_local_mode() {
             ExportLevel::Group("group-0".into()),
         ),
     ];
-    for (path, level) in cases {
+    for ((path, level), want) in cases.into_iter().zip(oracle) {
         let kick = aws.kickoff(path).await;
         assert_eq!(kick.status, 202, "{path}: {}", kick.body);
         let manifest = aws.wait_for_manifest(&kick.status_path()).await;
         assert_eq!(manifest["requiresAccessToken"], false);
         assert!(manifest["request"].as_str().unwrap().ends_with(path));
         let exported = download(&manifest);
-        let expected = local_export(&resources, level, ExportParams::default()).await;
+        assert_eq!(ids_of(&exported), want, "{path}: the oracle");
+        let expected = local_export(
+            &resources,
+            level,
+            ExportParams::default(),
+            &aws.settings.export,
+        )
+        .await;
         assert_eq!(
             exported.keys().collect::<Vec<_>>(),
             expected.keys().collect::<Vec<_>>(),
             "{path}: types"
         );
-        assert_eq!(
-            exported, expected,
-            "{path}: content identical to the local mode"
+        assert_same_lines(
+            &exported,
+            &expected,
+            &format!("{path}: content identical to the local mode"),
         );
         assert_eq!(
             aws.wait_for_execution(&job_id_of(&kick.status_path()))
@@ -109,7 +204,9 @@ async fn exports_at_all_three_levels_match_the_local_mode() {
     let kick = aws.call("POST", "/fhir/Patient/$export", Some(&body)).await;
     assert_eq!(kick.status, 202, "{}", kick.body);
     let exported = download(&aws.wait_for_manifest(&kick.status_path()).await);
-    assert_eq!(exported["Patient"].len(), 1);
+    let mut want = compartment_export(&data, &BTreeSet::from(["pat-000002".into()]), None);
+    want.retain(|t, _| t == "Patient" || t == "Observation");
+    assert_eq!(ids_of(&exported), want);
     assert_eq!(exported["Observation"].len(), 150);
 }
 
@@ -144,28 +241,39 @@ async fn cancel_deletes_objects_and_frees_the_lock() {
     let status = kick.status_path();
     let job = job_id_of(&status);
     aws.start_lambdas(Delivery::Once, None);
-    // Let some work happen, then cancel mid-export.
-    for _ in 0..200 {
-        if aws.work_handled.load(std::sync::atomic::Ordering::Relaxed) >= 2 {
-            break;
+    // Cancel mid-export: once parts are in S3 and while the execution still runs.
+    let started = std::time::Instant::now();
+    let before = loop {
+        let objects = aws.objects(&job).await;
+        if objects.len() >= 2 {
+            break objects;
         }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no parts were written"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    assert_eq!(aws.execution_status(&job).await, "RUNNING");
     let cancel = aws.call("DELETE", &status, None).await;
     assert_eq!(cancel.status, 202, "{}", cancel.body);
     aws.call("GET", &status, None).await.assert_outcome(404);
-    assert_eq!(
-        aws.kickoff("/fhir/Patient/$export?_type=Patient")
-            .await
-            .status,
-        202,
-        "lock free after cancel"
-    );
-    aws.wait_for_execution(&job).await;
+    let next = aws.kickoff("/fhir/Patient/$export?_type=Patient").await;
+    assert_eq!(next.status, 202, "lock free after cancel");
+
+    // Once every worker has stopped, nothing of the cancelled job is left, though it had files.
+    aws.wait_until_quiet(&job).await;
+    assert!(!before.is_empty());
+    let after = aws.objects(&job).await;
     assert!(
-        aws.objects(&job).await.is_empty(),
-        "a cancelled job's objects are deleted"
+        after.is_empty(),
+        "a cancelled job's objects are deleted: {after:?}"
     );
+    aws.call("GET", &status, None).await.assert_outcome(404);
+    // The next export is unaffected by the cancelled one's late workers.
+    let manifest = aws.wait_for_manifest(&next.status_path()).await;
+    assert_eq!(download(&manifest)["Patient"].len(), 4);
+    assert!(aws.objects(&job).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -215,14 +323,25 @@ async fn duplicated_and_continued_work_messages_never_duplicate_a_line() {
         assert!(entry["count"].as_u64().unwrap() <= 25);
     }
     let exported = download(&manifest);
-    let expected = local_export(&resources, ExportLevel::Patient, ExportParams::default()).await;
-    assert_eq!(
-        exported, expected,
-        "exact lines after continuations and duplicate deliveries"
+    let expected = local_export(
+        &resources,
+        ExportLevel::Patient,
+        ExportParams::default(),
+        &aws.settings.export,
+    )
+    .await;
+    assert_same_lines(
+        &exported,
+        &expected,
+        "exact lines after continuations and duplicate deliveries",
     );
+    let parts = manifest["output"].as_array().unwrap().len();
+    let continuations = aws.continuations.load(std::sync::atomic::Ordering::SeqCst);
+    // Every part but each item's last ends an invocation, so almost every part is followed by a
+    // continuation message (some items have a single part).
     assert!(
-        aws.work_handled.load(std::sync::atomic::Ordering::Relaxed) > 40,
-        "continuations happened"
+        continuations * 2 > parts,
+        "{continuations} continuations for {parts} parts"
     );
 }
 
@@ -316,26 +435,41 @@ async fn load_imports_files_into_dynamodb_and_reports_bad_lines() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn type_filter_elements_and_deletions_match_the_local_mode() {
+async fn type_filter_elements_and_deletions_match_the_oracle_and_the_local_mode() {
     let mut resources = generated(3);
     let before_deletes = now_millis();
     tokio::time::sleep(Duration::from_millis(5)).await;
     let now = now_millis();
-    for (t, id) in [
+    let deletions = [
         ("Observation", "obs-pat-000000-3"),
         ("Condition", "cond-pat-000001-0"),
         ("Patient", "pat-000002"),
-    ] {
+    ];
+    for (t, id) in deletions {
         resources.push(export_core::load::deletion(t, id, now));
     }
+    let data = live_values(&resources);
     let mut aws = Deployment::create(|_| {}).await;
     aws.load(resources.clone()).await;
     aws.start_lambdas(Delivery::Once, None);
 
     let since = export_core::fhir::time::format_instant(before_deletes);
+    let codes = ["8867-4", "2339-0"];
+    let has_code = |r: &Value| {
+        r["code"]["coding"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| codes.contains(&c["code"].as_str().unwrap_or("")))
+    };
+    let after_since = |r: &Value| r["meta"]["lastUpdated"].as_str().unwrap() > since.as_str();
+    let live_patients = all_patients(&data);
+    let reference = e2e_tests::CompartmentReference::load();
+    let deleted_url = |(t, id): &(&str, &str)| format!("{t}/{id}");
+    // (path, level and parameters for the local mode, the oracle's outputs, its deleted urls)
     let cases = [
         (
-            "/fhir/$export?_type=Observation,Condition&_typeFilter=Observation%3Fcode%3D8867-4,2339-0&_elements=Condition.code",
+            "/fhir/$export?_type=Observation,Condition&_typeFilter=Observation%3Fcode%3D8867-4,2339-0&_elements=Condition.code".to_string(),
             ExportLevel::System,
             ExportParams {
                 types: Some(vec!["Observation".into(), "Condition".into()]),
@@ -343,47 +477,103 @@ async fn type_filter_elements_and_deletions_match_the_local_mode() {
                 elements: vec!["Condition.code".into()],
                 ..ExportParams::default()
             },
+            expected(&data, |r| {
+                r["resourceType"] == "Condition" || (r["resourceType"] == "Observation" && has_code(r))
+            }),
+            vec![],
         ),
         (
-            &*format!("/fhir/$export?_since={since}"),
+            format!("/fhir/$export?_since={since}"),
             ExportLevel::System,
             ExportParams {
                 since: Some(before_deletes),
                 ..ExportParams::default()
             },
+            expected(&data, after_since),
+            deletions.iter().map(deleted_url).collect(),
         ),
         (
-            &*format!("/fhir/Patient/$export?_since={since}"),
+            format!("/fhir/Patient/$export?_since={since}"),
             ExportLevel::Patient,
             ExportParams {
                 since: Some(before_deletes),
                 ..ExportParams::default()
             },
+            expected(&data, |r| {
+                after_since(r) && e2e_tests::oracle::in_compartment_of(&reference, r, &live_patients)
+            }),
+            // A deleted Patient's own deletion is not listed at Patient level (its compartment is gone).
+            deletions[..2].iter().map(deleted_url).collect(),
         ),
         (
-            "/fhir/Patient/$export",
+            "/fhir/Patient/$export".to_string(),
             ExportLevel::Patient,
             ExportParams::default(),
+            compartment_export(&data, &live_patients, None),
+            vec![],
         ),
     ];
-    for (path, level, params) in cases {
-        let kick = aws.kickoff(path).await;
+    for (path, level, params, want, want_deleted) in cases {
+        let kick = aws.kickoff(&path).await;
         assert_eq!(kick.status, 202, "{path}: {}", kick.body);
         let exported = download(&aws.wait_for_manifest(&kick.status_path()).await);
-        let expected = local_export(&resources, level, params).await;
-        assert_eq!(exported, expected, "{path}: identical to the local mode");
+        let mut deleted: Vec<String> = exported
+            .get("Bundle")
+            .into_iter()
+            .flatten()
+            .map(|line| {
+                let bundle: Value = serde_json::from_str(line).unwrap();
+                assert_eq!(bundle["type"], "transaction");
+                assert_eq!(bundle["entry"][0]["request"]["method"], "DELETE");
+                bundle["entry"][0]["request"]["url"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        deleted.sort();
+        let mut want_deleted = want_deleted;
+        want_deleted.sort();
+        assert_eq!(deleted, want_deleted, "{path}: deleted");
+        let mut outputs = exported.clone();
+        outputs.remove("Bundle");
+        assert_eq!(ids_of(&outputs), want, "{path}: the oracle");
+        for line in outputs.get("Condition").into_iter().flatten() {
+            if path.contains("_elements") {
+                let condition: Value = serde_json::from_str(line).unwrap();
+                let keys: BTreeSet<&str> = condition
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .map(String::as_str)
+                    .collect();
+                assert_eq!(
+                    keys,
+                    BTreeSet::from(["resourceType", "id", "meta", "code", "subject"]),
+                    "Condition.code plus the mandatory subject"
+                );
+                assert!(line.contains("SUBSETTED"));
+            }
+        }
+        let expected = local_export(&resources, level, params, &aws.settings.export).await;
+        assert_same_lines(
+            &exported,
+            &expected,
+            &format!("{path}: identical to the local mode"),
+        );
     }
-    // The cases really exercised something: filtered, trimmed and deleted lines exist.
-    let kick = aws.kickoff(&format!("/fhir/$export?_since={since}")).await;
-    let exported = download(&aws.wait_for_manifest(&kick.status_path()).await);
-    assert_eq!(exported["Bundle"].len(), 3, "{exported:?}");
-    assert!(!exported.contains_key("Observation"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn organized_partial_manifests_with_separate_status_match_the_local_mode() {
+async fn organized_partial_manifests_with_separate_status_match_the_oracle_and_the_local_mode() {
     let resources = generated(3);
-    let mut aws = Deployment::create(|_| {}).await;
+    // Small files written slowly, so polls see the export running with some files finished.
+    let mut aws = Deployment::create(|s| {
+        s.export.max_file_resources = 150;
+        s.export.page_size = 50;
+        s.export.page_delay = Duration::from_millis(100);
+    })
+    .await;
     aws.load(resources.clone()).await;
     aws.start_lambdas(Delivery::Once, None);
     let prefer = [("Prefer", "respond-async, separate-export-status")];
@@ -403,18 +593,35 @@ async fn organized_partial_manifests_with_separate_status_match_the_local_mode()
     );
     let status_path = kick.status_path();
     let started = std::time::Instant::now();
+    let mut partial: Option<Value> = None;
     let mut manifest = loop {
         let r = aws.call("GET", &status_path, None).await;
         assert_eq!(r.status, 200, "{}", r.body);
         match r.header("x-export-status").as_deref() {
             Some("200 OK") => break r.json(),
+            Some("202 Accepted") if !r.body.is_empty() => {
+                let page = r.json();
+                if let Some(first) = &partial {
+                    assert_eq!(files(first), files(&page), "a shown page never changes");
+                }
+                partial = Some(page);
+            }
             Some("202 Accepted") => {}
             other => panic!("X-Export-Status {other:?}: {}", r.body),
         }
         assert!(started.elapsed() < Duration::from_secs(240));
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(manifest["outputOrganizedBy"], "Patient");
+    // A running export's poll listed finished files; the completed status shows that same page,
+    // now linked to the next one, and its files stay as they were.
+    let partial = partial.expect("a poll while running showed a partial manifest");
+    assert!(!partial["output"].as_array().unwrap().is_empty());
+    assert_eq!(files(&manifest), files(&partial));
+    assert!(
+        manifest["link"][0]["url"].is_string(),
+        "later files are on a next page"
+    );
     // Gather every page's files.
     let mut outputs = Vec::new();
     loop {
@@ -428,14 +635,67 @@ async fn organized_partial_manifests_with_separate_status_match_the_local_mode()
             .to_string();
         manifest = aws.call("GET", &path, None).await.json();
     }
+    // Blocks, read in manifest order: each holds exactly its patient's compartment.
+    let data = live_values(&resources);
+    let reference = e2e_tests::CompartmentReference::load();
+    let mut blocks: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for entry in &outputs {
+        for line in fetch_lines(entry["url"].as_str().unwrap()) {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if v["resourceType"] == "Parameters" {
+                let patient = v["parameter"][0]["valueReference"]["reference"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("Patient/")
+                    .to_string();
+                current = Some(patient);
+                continue;
+            }
+            let patient = current.clone().expect("a file starts with a header");
+            blocks.entry(patient).or_default().insert(format!(
+                "{}/{}",
+                v["resourceType"].as_str().unwrap(),
+                v["id"].as_str().unwrap()
+            ));
+        }
+    }
+    let want: BTreeMap<String, BTreeSet<String>> = all_patients(&data)
+        .into_iter()
+        .map(|p| {
+            let members = data
+                .iter()
+                .filter(|r| reference.patients_of(r).contains(&p))
+                .map(|r| {
+                    format!(
+                        "{}/{}",
+                        r["resourceType"].as_str().unwrap(),
+                        r["id"].as_str().unwrap()
+                    )
+                })
+                .collect();
+            (p, members)
+        })
+        .collect();
+    assert_eq!(
+        blocks, want,
+        "one block per patient holding its compartment"
+    );
+
     let all = json!({"output": outputs, "deleted": [], "outputOrganizedBy": "Patient"});
     let exported = download(&all);
     let params = ExportParams {
         organize_by: Some("Patient".into()),
         ..ExportParams::default()
     };
-    let expected = local_export(&resources, ExportLevel::Patient, params).await;
-    assert_eq!(exported, expected, "identical to the local mode");
+    let expected = local_export(
+        &resources,
+        ExportLevel::Patient,
+        params,
+        &aws.settings.export,
+    )
+    .await;
+    assert_same_lines(&exported, &expected, "identical to the local mode");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -506,4 +766,250 @@ async fn the_api_lambda_follows_the_interop_rules_of_the_local_server() {
         .count();
     assert!(want > 0);
     assert_eq!(exported["Observation"].len(), want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn simultaneous_kickoffs_take_the_dynamodb_lock_once() {
+    let aws = Arc::new(Deployment::create(|_| {}).await);
+    aws.load(generated(1)).await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let (aws, barrier) = (aws.clone(), barrier.clone());
+            tokio::spawn(async move {
+                // Eight clients (different credentials), so none is sent to another's export.
+                let token = format!("Bearer client-{i}");
+                barrier.wait().await;
+                aws.call_with_headers("GET", "/fhir/$export", None, &[("authorization", &token)])
+                    .await
+            })
+        })
+        .collect();
+    let mut accepted = 0;
+    for call in calls {
+        let response = call.await.unwrap();
+        match response.status {
+            202 => accepted += 1,
+            _ => {
+                response.assert_outcome(429);
+                assert!(response.header("retry-after").is_some());
+            }
+        }
+    }
+    assert_eq!(accepted, 1, "exactly one kick-off takes the lock");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_that_loses_its_lease_fails() {
+    // Slow workers, so the export runs while its lease is taken over.
+    let mut aws = Deployment::create(|s| {
+        s.export.page_size = 20;
+        s.export.page_delay = Duration::from_millis(200);
+    })
+    .await;
+    aws.load(generated(2)).await;
+    aws.start_lambdas(Delivery::Once, None);
+    let kick = aws.kickoff("/fhir/$export").await;
+    let status = kick.status_path();
+    let job = job_id_of(&status);
+    let started = std::time::Instant::now();
+    while aws.objects(&job).await.is_empty()
+        && aws.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no work started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Another export takes the lock as if the lease had run out.
+    let lease = aws.service.exporter.settings.lock_lease;
+    let later = now_millis() + chrono::Duration::from_std(lease * 2).unwrap();
+    let lock = aws.service.exporter.ports.lock.clone();
+    assert!(lock.acquire("intruder", lease, later).await.unwrap());
+    // The next heartbeat finds the lease gone and fails the job.
+    let failed = aws.wait_for_failure(&status).await;
+    failed.assert_outcome(500);
+    assert!(
+        failed.body.contains("lost its lock lease"),
+        "{}",
+        failed.body
+    );
+    aws.wait_until_quiet(&job).await;
+    assert!(
+        aws.objects(&job).await.is_empty(),
+        "a failed job's files are deleted"
+    );
+    assert_eq!(
+        lock.holder(later).await.unwrap().as_deref(),
+        Some("intruder"),
+        "failing never frees a lock the job no longer holds"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn until_associated_provenance_and_group_patients_match_the_oracle() {
+    let resources = generated(5);
+    let data = live_values(&resources);
+    let mut aws = Deployment::create(|_| {}).await;
+    aws.load(resources.clone()).await;
+    aws.start_lambdas(Delivery::Once, None);
+
+    // _until: what was last updated up to then.
+    let until = "2023-06-30T00:00:00Z";
+    let kick = aws
+        .kickoff(&format!(
+            "/fhir/$export?_type=Observation,Patient&_until={until}"
+        ))
+        .await;
+    let exported = ids_of(&download(&aws.wait_for_manifest(&kick.status_path()).await));
+    let want = expected(&data, |r| {
+        (r["resourceType"] == "Observation" || r["resourceType"] == "Patient")
+            && r["meta"]["lastUpdated"].as_str().unwrap() <= "2023-06-30T00:00:00.000Z"
+    });
+    assert!(
+        want["Observation"].len()
+            < data
+                .iter()
+                .filter(|r| r["resourceType"] == "Observation")
+                .count()
+    );
+    assert_eq!(exported, want, "_until");
+
+    // includeAssociatedData at system level: the Patients and every Provenance about them.
+    let kick = aws
+        .kickoff("/fhir/$export?_type=Patient&includeAssociatedData=RelevantProvenanceResources")
+        .await;
+    let exported = ids_of(&download(&aws.wait_for_manifest(&kick.status_path()).await));
+    let patients: BTreeSet<String> = all_patients(&data)
+        .iter()
+        .map(|p| format!("Patient/{p}"))
+        .collect();
+    let want = expected(&data, |r| {
+        r["resourceType"] == "Patient"
+            || (r["resourceType"] == "Provenance"
+                && r["target"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|t| patients.contains(t["reference"].as_str().unwrap())))
+    });
+    assert!(
+        want.contains_key("Provenance"),
+        "the data has Provenance about Patients"
+    );
+    assert_eq!(exported, want, "includeAssociatedData");
+
+    // Group with a patient parameter: that member's compartment only.
+    let members = group_members(&data, "group-0");
+    let member = members.iter().next().unwrap().clone();
+    let body = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "patient", "valueReference": {"reference": format!("Patient/{member}")}}]});
+    let kick = aws
+        .call("POST", "/fhir/Group/group-0/$export", Some(&body))
+        .await;
+    assert_eq!(kick.status, 202, "{}", kick.body);
+    let exported = ids_of(&download(&aws.wait_for_manifest(&kick.status_path()).await));
+    assert_eq!(
+        exported,
+        compartment_export(&data, &BTreeSet::from([member]), Some("group-0")),
+        "Group with patient"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_gzip_output_objects_are_plain_ndjson() {
+    let resources = generated(1);
+    let data = live_values(&resources);
+    let mut aws = Deployment::create(|s| s.gzip_output = false).await;
+    aws.load(resources).await;
+    aws.start_lambdas(Delivery::Once, None);
+    let kick = aws.kickoff("/fhir/$export").await;
+    let manifest = aws.wait_for_manifest(&kick.status_path()).await;
+    let mut got: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for entry in manifest["output"].as_array().unwrap() {
+        let response = ureq::get(entry["url"].as_str().unwrap())
+            .set("Accept-Encoding", "gzip")
+            .call()
+            .unwrap();
+        assert_eq!(response.header("content-encoding"), None, "stored as it is");
+        let body = response.into_string().unwrap();
+        assert!(body.ends_with('\n'));
+        for line in body.lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            got.entry(v["resourceType"].as_str().unwrap().to_string())
+                .or_default()
+                .push(v["id"].as_str().unwrap().to_string());
+        }
+    }
+    got.values_mut().for_each(|ids| ids.sort());
+    assert_eq!(got, expected(&data, |_| true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_load_command_fills_the_dynamodb_table() {
+    let mut aws = Deployment::create(|_| {}).await;
+    let dir = std::env::temp_dir().join(format!("aws-load-cli-{}", export_core::ids::new_id()));
+    let data_dir = dir.join("data");
+    // `bulk-export` built with `--features aws`, copied aside by tests/run.sh so that `cargo test`
+    // rebuilding the plain binary does not replace it.
+    let binary = e2e_tests::binary().with_file_name("bulk-export-aws");
+    assert!(
+        binary.exists(),
+        "{} is missing: tests/run.sh builds it (cargo build -p bulk-export --features aws)",
+        binary.display()
+    );
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&binary)
+            .args(args)
+            .env("AWS_ENDPOINT_URL", endpoint())
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "bulk-export {args:?}: {text}");
+        text
+    };
+    run(&[
+        "generate",
+        "--patients",
+        "2",
+        "--out",
+        data_dir.to_str().unwrap(),
+        "--seed",
+        "4",
+    ]);
+    let report = run(&[
+        "load",
+        "--dynamodb-table",
+        &aws.settings.resources_table,
+        "--shards",
+        &aws.settings.shards.to_string(),
+        data_dir.to_str().unwrap(),
+    ]);
+    assert!(report.contains("into DynamoDB table"), "{report}");
+    let data = e2e_tests::read_ndjson_dir(&data_dir);
+    aws.start_lambdas(Delivery::Once, None);
+    let kick = aws.kickoff("/fhir/$export").await;
+    let exported = ids_of(&download(&aws.wait_for_manifest(&kick.status_path()).await));
+    assert_eq!(exported, expected(&data, |_| true));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The harness's own check: a handler runs in a spawned task, and its panic must still fail the
+/// test that is waiting for the export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[should_panic(expected = "the worker panicked on purpose")]
+async fn a_panic_inside_a_lambda_handler_fails_the_test() {
+    let mut aws = Deployment::create(|_| {}).await;
+    aws.load(generated(1)).await;
+    aws.start_lambdas(Delivery::Panic, None);
+    let kick = aws.kickoff("/fhir/$export?_type=Patient").await;
+    aws.wait_for_manifest(&kick.status_path()).await;
 }

@@ -189,6 +189,27 @@ impl Exporter {
         Ok((job, true))
     }
 
+    /// Renews a running job's lease on the export lock. `Ok(false)` means the lease was lost
+    /// (it ran out and another export took the lock): the job is then failed rather than run
+    /// beside the other export. The local runner and the AWS workers' heartbeats both call this.
+    pub async fn renew_lease(&self, job_id: &str) -> StoreResult<bool> {
+        let lease = self.settings.lock_lease;
+        if self.ports.lock.renew(job_id, lease, now_millis()).await? {
+            return Ok(true);
+        }
+        let still_active = self
+            .ports
+            .jobs
+            .get(job_id)
+            .await?
+            .is_some_and(|j| j.status.is_active());
+        if still_active {
+            self.fail(job_id, "the export lost its lock lease to another export")
+                .await?;
+        }
+        Ok(false)
+    }
+
     /// The active job holding the lock, if it has the same fingerprint as `job`.
     async fn identical_running(&self, job: &Job, now: Instant) -> StoreResult<Option<Job>> {
         let Some(holder) = self.ports.lock.holder(now).await? else {
@@ -455,9 +476,7 @@ impl Exporter {
             if page.next.is_some() {
                 cursor = page.next;
             }
-            if !self.settings.page_delay.is_zero() {
-                tokio::time::sleep(self.settings.page_delay).await;
-            }
+            self.pause_after_page().await;
             if last_job_check.elapsed() >= std::time::Duration::from_millis(500) {
                 last_job_check = std::time::Instant::now();
                 if !self.still_active(&item.job_id).await? {
@@ -786,6 +805,14 @@ impl Exporter {
             patients,
             deleted: item.deleted,
         })
+    }
+
+    /// The pause tests ask for between pages (`Settings::page_delay`), so they can act while an
+    /// export runs.
+    pub(crate) async fn pause_after_page(&self) {
+        if !self.settings.page_delay.is_zero() {
+            tokio::time::sleep(self.settings.page_delay).await;
+        }
     }
 
     /// Closes a part and records it; `continues` says its last resource block goes on in the next.

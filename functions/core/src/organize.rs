@@ -205,6 +205,7 @@ impl Exporter {
                         open.push(&line).await?;
                         at.store = Some(position);
                     }
+                    self.pause_after_page().await;
                     if !page.more {
                         break;
                     }

@@ -3,7 +3,6 @@
 
 use crate::engine::{Exporter, ItemOutcome};
 use crate::error::{StoreError, StoreResult};
-use crate::fhir::time::now_millis;
 use crate::job::JobStatus;
 use std::sync::Arc;
 use tokio::task::JoinSet;
@@ -60,37 +59,14 @@ async fn run_items(exporter: &Arc<Exporter>, job_id: &str) -> StoreResult<bool> 
     Ok(job.is_some_and(|j| j.status == JobStatus::InProgress))
 }
 
-/// Renews the export lock while the job runs; if the lease is lost, the job fails rather than
-/// run beside another export.
+/// Renews the export lock while the job runs (see [`Exporter::renew_lease`]).
 async fn keep_lease(exporter: Arc<Exporter>, job_id: String) {
-    let lease = exporter.settings.lock_lease;
-    let mut tick = tokio::time::interval(lease / 4);
+    let mut tick = tokio::time::interval(exporter.settings.lock_lease / 4);
     loop {
         tick.tick().await;
-        match exporter
-            .ports
-            .lock
-            .renew(&job_id, lease, now_millis())
-            .await
-        {
+        match exporter.renew_lease(&job_id).await {
             Ok(true) => {}
-            Ok(false) => {
-                let still_active = exporter
-                    .ports
-                    .jobs
-                    .get(&job_id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|j| j.status.is_active());
-                if still_active {
-                    exporter
-                        .fail(&job_id, "the export lost its lock lease")
-                        .await
-                        .ok();
-                }
-                return;
-            }
+            Ok(false) => return,
             Err(e) => {
                 tracing::warn!(export_id = %job_id, error = %e, "could not renew the export lock")
             }

@@ -12,6 +12,7 @@ use export_aws::{AwsService, AwsSettings, handlers};
 use export_core::Settings;
 use export_core::fhir::time::now_millis;
 use export_core::ports::{NewResource, ResourceStore};
+use futures_util::FutureExt;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -54,6 +55,8 @@ pub enum Delivery {
     Once,
     /// Every work message handed to the worker twice (a duplicate delivery).
     Twice,
+    /// The worker panics: the harness must fail the test (it checks itself with this).
+    Panic,
 }
 
 /// One isolated deployment in moto (names carry a unique prefix).
@@ -64,7 +67,15 @@ pub struct Deployment {
     pub coordinator_queue: String,
     pub state_machine_arn: String,
     running: Arc<AtomicBool>,
+    /// Work messages whose handler has finished.
     pub work_handled: Arc<AtomicUsize>,
+    /// Work messages that continued an item (carried a resume cursor), handled.
+    pub continuations: Arc<AtomicUsize>,
+    /// Messages received and not yet finished, on both queues.
+    pub in_flight: Arc<AtomicUsize>,
+    /// Panics inside handlers (assertions of the harness included): they run in spawned tasks,
+    /// so they are collected here and re-raised in the test by [`Deployment::check`].
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
     pollers: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -153,6 +164,9 @@ impl Deployment {
             state_machine_arn,
             running: Arc::new(AtomicBool::new(true)),
             work_handled: Arc::new(AtomicUsize::new(0)),
+            continuations: Arc::new(AtomicUsize::new(0)),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            failures: Arc::new(std::sync::Mutex::new(Vec::new())),
             pollers: Vec::new(),
         }
     }
@@ -173,28 +187,48 @@ impl Deployment {
     pub fn start_lambdas(&mut self, delivery: Delivery, worker_service: Option<Arc<AwsService>>) {
         let sqs = aws_sdk_sqs::Client::new(&self.sdk);
         let worker = worker_service.unwrap_or_else(|| self.service.clone());
-        let handled = self.work_handled.clone();
+        let (handled, continuations) = (self.work_handled.clone(), self.continuations.clone());
+        let watch = Watch {
+            running: self.running.clone(),
+            in_flight: self.in_flight.clone(),
+            failures: self.failures.clone(),
+        };
         self.pollers.push(tokio::spawn(poll(
             sqs.clone(),
             self.settings.work_queue_url.clone(),
-            self.running.clone(),
+            watch.clone(),
             move |event| {
-                let (worker, handled) = (worker.clone(), handled.clone());
+                let (worker, handled, continuations) =
+                    (worker.clone(), handled.clone(), continuations.clone());
                 async move {
+                    assert!(delivery != Delivery::Panic, "the worker panicked on purpose");
                     let deadline = Instant::now() + Duration::from_secs(900);
-                    // Duplicate an item's first message and first continuation (duplicating every hop
-                    // of a continuation chain would grow the number of chains exponentially).
                     let body: Value =
                         serde_json::from_str(event.records[0].body.as_deref().unwrap_or("{}"))
                             .unwrap_or_default();
+                    // Duplicate an item's first message and first continuation (duplicating every hop
+                    // of a continuation chain would grow the number of chains exponentially). The
+                    // two copies run at the same time, as two Lambdas would.
                     let early =
                         body["resume"].is_null() || body["resume"]["next_seq"].as_u64() <= Some(1);
-                    if delivery == Delivery::Twice && early {
-                        let first = handlers::worker(&worker, event.clone(), deadline).await;
-                        assert!(first.batch_item_failures.is_empty());
+                    let response = if delivery == Delivery::Twice && early {
+                        let (first, second) = tokio::join!(
+                            handlers::worker(&worker, event.clone(), deadline),
+                            handlers::worker(&worker, event, deadline)
+                        );
+                        assert!(
+                            first.batch_item_failures.is_empty(),
+                            "a duplicate delivery failed"
+                        );
+                        second
+                    } else {
+                        handlers::worker(&worker, event, deadline).await
+                    };
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    if !body["resume"].is_null() {
+                        continuations.fetch_add(1, Ordering::SeqCst);
                     }
-                    handled.fetch_add(1, Ordering::Relaxed);
-                    handlers::worker(&worker, event, deadline).await
+                    response
                 }
             },
         )));
@@ -202,12 +236,66 @@ impl Deployment {
         self.pollers.push(tokio::spawn(poll(
             sqs,
             self.coordinator_queue.clone(),
-            self.running.clone(),
+            watch,
             move |event| {
                 let coordinator = coordinator.clone();
                 async move { handlers::coordinator(&coordinator, event).await }
             },
         )));
+    }
+
+    /// Fails the test if a handler panicked.
+    pub fn check(&self) {
+        let failures = self.failures.lock().unwrap();
+        assert!(
+            failures.is_empty(),
+            "a Lambda handler failed:\n{}",
+            failures.join("\n")
+        );
+    }
+
+    /// Waits until nothing is left to do: no handler running, both queues empty (visible and in
+    /// flight) and the job's execution ended, for a few polls in a row. Checks on S3 or DynamoDB
+    /// made after this see everything the workers will ever write.
+    pub async fn wait_until_quiet(&self, job_id: &str) {
+        let sqs = aws_sdk_sqs::Client::new(&self.sdk);
+        let started = Instant::now();
+        let mut quiet_polls = 0;
+        while quiet_polls < 5 {
+            self.check();
+            let mut queued = 0;
+            for queue in [&self.settings.work_queue_url, &self.coordinator_queue] {
+                let attributes = sqs
+                    .get_queue_attributes()
+                    .queue_url(queue)
+                    .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+                    .send()
+                    .await
+                    .expect("queue attributes");
+                for name in [
+                    aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages,
+                    aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+                ] {
+                    queued += attributes
+                        .attributes()
+                        .and_then(|a| a.get(&name))
+                        .and_then(|n| n.parse::<usize>().ok())
+                        .unwrap_or(0);
+                }
+            }
+            let busy = self.in_flight.load(Ordering::SeqCst);
+            let running = self.execution_status(job_id).await == "RUNNING";
+            if queued == 0 && busy == 0 && !running {
+                quiet_polls += 1;
+            } else {
+                quiet_polls = 0;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "not quiet after 300 s: {queued} queued, {busy} running, execution running: {running}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Sends an HTTP API (payload v2) event, built from a file in `events/`, to the API handler.
@@ -272,6 +360,7 @@ impl Deployment {
     pub async fn wait_for_manifest(&self, status_path: &str) -> Value {
         let started = Instant::now();
         loop {
+            self.check();
             let r = self.call("GET", status_path, None).await;
             match r.status {
                 200 => return serde_json::from_str(&r.body).unwrap(),
@@ -299,6 +388,7 @@ impl Deployment {
     pub async fn wait_for_failure(&self, status_path: &str) -> ApiResponse {
         let started = Instant::now();
         loop {
+            self.check();
             let r = self.call("GET", status_path, None).await;
             if r.status >= 400 {
                 return r;
@@ -354,6 +444,7 @@ impl Deployment {
 
     pub async fn wait_for_execution(&self, job_id: &str) -> String {
         for _ in 0..3000 {
+            self.check();
             let status = self.execution_status(job_id).await;
             if status != "RUNNING" {
                 return status;
@@ -390,12 +481,24 @@ impl Drop for Deployment {
         for poller in &self.pollers {
             poller.abort();
         }
+        if !std::thread::panicking() {
+            self.check();
+        }
     }
 }
 
+/// What the pollers share with the test: whether to go on, what runs, what failed.
+#[derive(Clone)]
+struct Watch {
+    running: Arc<AtomicBool>,
+    in_flight: Arc<AtomicUsize>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
 /// Receives messages and hands each to `handler` as a one-record SQS event, like an event source
-/// mapping with batch size 1; a message reported in `batchItemFailures` stays for a retry.
-async fn poll<F, Fut>(sqs: aws_sdk_sqs::Client, queue: String, running: Arc<AtomicBool>, handler: F)
+/// mapping with batch size 1; a message reported in `batchItemFailures` stays for a retry. A
+/// handler that panics is recorded in `watch.failures` (and its message left for a retry).
+async fn poll<F, Fut>(sqs: aws_sdk_sqs::Client, queue: String, watch: Watch, handler: F)
 where
     F: Fn(SqsEvent) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = export_aws::aws_lambda_events::event::sqs::SqsBatchResponse>
@@ -406,7 +509,7 @@ where
     // Like Lambda, messages are handled as they arrive, up to a concurrency limit: a slow
     // invocation never holds back the messages behind it (their heartbeat clocks are running).
     let slots = Arc::new(tokio::sync::Semaphore::new(16));
-    while running.load(Ordering::Relaxed) {
+    while watch.running.load(Ordering::Relaxed) {
         let free = slots.available_permits().min(10);
         if free == 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -425,6 +528,7 @@ where
         };
         for message in out.messages.unwrap_or_default() {
             let slot = slots.clone().acquire_owned().await.expect("semaphore open");
+            watch.in_flight.fetch_add(1, Ordering::SeqCst);
             let mut record = SqsMessage::default();
             record.message_id = message.message_id.clone();
             record.receipt_handle = message.receipt_handle.clone();
@@ -432,18 +536,33 @@ where
             record.event_source = Some("aws:sqs".into());
             let mut event = SqsEvent::default();
             event.records = vec![record];
-            let (handler, sqs, queue) = (handler.clone(), sqs.clone(), queue.clone());
+            let (handler, sqs, queue, watch) =
+                (handler.clone(), sqs.clone(), queue.clone(), watch.clone());
             tokio::spawn(async move {
                 let _slot = slot;
-                let response = handler(event).await;
-                if response.batch_item_failures.is_empty() {
-                    sqs.delete_message()
-                        .queue_url(&queue)
-                        .receipt_handle(message.receipt_handle.unwrap_or_default())
-                        .send()
-                        .await
-                        .ok();
+                let outcome = std::panic::AssertUnwindSafe(handler(event))
+                    .catch_unwind()
+                    .await;
+                match outcome {
+                    Ok(response) if response.batch_item_failures.is_empty() => {
+                        sqs.delete_message()
+                            .queue_url(&queue)
+                            .receipt_handle(message.receipt_handle.unwrap_or_default())
+                            .send()
+                            .await
+                            .ok();
+                    }
+                    Ok(_) => {}
+                    Err(panic) => {
+                        let text = panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "a handler panicked".into());
+                        watch.failures.lock().unwrap().push(text);
+                    }
                 }
+                watch.in_flight.fetch_sub(1, Ordering::SeqCst);
             });
         }
     }
@@ -501,6 +620,21 @@ pub fn generated(patients: usize) -> Vec<NewResource> {
     out
 }
 
+/// The lines of one file, downloaded through its presigned URL. Objects are stored gzipped, so
+/// presigned downloads are compressed too; the last line must be complete.
+pub fn fetch_lines(url: &str) -> Vec<String> {
+    let response = ureq::get(url).call().expect("download");
+    assert_eq!(response.header("content-encoding"), Some("gzip"), "{url}");
+    let mut body = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::MultiGzDecoder::new(response.into_reader()),
+        &mut body,
+    )
+    .expect("gzip body");
+    assert!(body.ends_with('\n'), "{url}: last line complete");
+    body.lines().map(String::from).collect()
+}
+
 /// Downloads every output and deleted file of a manifest through its presigned URL; returns
 /// type → lines (sorted), checking counts and that every line is complete JSON of its type.
 pub fn download(manifest: &Value) -> BTreeMap<String, Vec<String>> {
@@ -518,17 +652,7 @@ pub fn download(manifest: &Value) -> BTreeMap<String, Vec<String>> {
             url.contains("X-Amz-Signature=") && url.contains("X-Amz-Expires=300"),
             "presigned URL: {url}"
         );
-        // Objects are stored gzipped, so presigned downloads are compressed too.
-        let response = ureq::get(url).call().expect("download");
-        assert_eq!(response.header("content-encoding"), Some("gzip"), "{url}");
-        let mut body = String::new();
-        std::io::Read::read_to_string(
-            &mut flate2::read::MultiGzDecoder::new(response.into_reader()),
-            &mut body,
-        )
-        .expect("gzip body");
-        assert!(body.ends_with('\n'));
-        let lines: Vec<String> = body.lines().map(String::from).collect();
+        let lines = fetch_lines(url);
         assert_eq!(
             lines.len() as u64,
             entry["count"].as_u64().unwrap(),
