@@ -333,3 +333,99 @@ fn alternatives_encoded_as_percent_2c() {
         assert_eq!(f.matches("Observation", &o), wanted, "{category}");
     }
 }
+
+/// `:above` on a uri matches a search value the resource's uri is a prefix of.
+#[test]
+fn uri_above() {
+    let v = json!({"resourceType": "ValueSet", "url": "http://example.org/vs"});
+    assert!(passes("ValueSet?url:above=http://example.org/vs/a/b", &v));
+    assert!(passes("ValueSet?url:above=http://example.org/vs", &v));
+    assert!(!passes("ValueSet?url:above=http://example.org/other", &v));
+    assert!(!passes("ValueSet?url:below=http://example.org/vs/a", &v));
+}
+
+/// A Timing's events and its bounds are date ranges like a Period.
+#[test]
+fn timing_ranges() {
+    let m = json!({"resourceType": "MedicationRequest", "status": "active",
+        "dosageInstruction": [{"timing": {"event": ["2021-03-01T08:00:00Z", "2021-03-05T08:00:00Z"]}}]});
+    assert!(passes("MedicationRequest?date=2021-03-01", &m));
+    assert!(passes("MedicationRequest?date=2021-03-05", &m));
+    assert!(!passes("MedicationRequest?date=2021-03-03", &m));
+    assert!(!passes("MedicationRequest?date=2021-04", &m));
+    // A date parameter whose element is a whole Timing (`ServiceRequest.occurrence[x]`).
+    let timed = json!({"resourceType": "ServiceRequest", "status": "active", "intent": "order",
+        "subject": {"reference": "Patient/p1"},
+        "occurrenceTiming": {"event": ["2021-01-10", "2021-01-20T12:00:00Z"]}});
+    assert!(passes("ServiceRequest?occurrence=2021-01-10", &timed));
+    assert!(passes("ServiceRequest?occurrence=gt2021-01-15", &timed));
+    assert!(!passes("ServiceRequest?occurrence=2021-01-15", &timed));
+    assert!(!passes("ServiceRequest?occurrence=gt2021-02", &timed));
+}
+
+/// A time without a zone is read as UTC, in the search value and in the resource.
+#[test]
+fn zone_less_times_are_utc() {
+    let o = observation(); // effective 2020-06-15T08:30:00Z
+    assert!(passes("Observation?date=2020-06-15T08:30:00", &o));
+    assert!(!passes("Observation?date=2020-06-15T10:30:00", &o));
+    assert!(passes("Observation?date=gt2020-06-15T08:29:59", &o));
+    let local = json!({"resourceType": "Observation", "status": "final", "code": {},
+        "effectiveDateTime": "2020-06-15T23:30:00"});
+    assert!(passes("Observation?date=2020-06-15", &local));
+    assert!(!passes("Observation?date=2020-06-16", &local));
+}
+
+#[test]
+fn profile_security_and_source() {
+    let o = json!({"resourceType": "Observation", "status": "final", "code": {},
+        "meta": {"profile": ["http://hl7.org/fhir/us/core/StructureDefinition/us-core-vital-signs"],
+                 "security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"}],
+                 "source": "http://example.org/ehr#abc"}});
+    assert!(passes(
+        "Observation?_profile=http://hl7.org/fhir/us/core/StructureDefinition/us-core-vital-signs",
+        &o
+    ));
+    assert!(!passes(
+        "Observation?_profile=http://hl7.org/fhir/StructureDefinition/vitalsigns",
+        &o
+    ));
+    assert!(passes(
+        "Observation?_security=http://terminology.hl7.org/CodeSystem/v3-Confidentiality|R",
+        &o
+    ));
+    assert!(!passes("Observation?_security=N", &o));
+    assert!(passes("Observation?_source=http://example.org/ehr#abc", &o));
+    assert!(!passes("Observation?_source=http://example.org/other", &o));
+}
+
+/// What the README says is rejected: `_has`, `_count`, `:in`, token `:below`.
+#[test]
+fn rejects_has_count_in_and_token_below() {
+    for q in [
+        "Observation?_has:Observation:patient:code=1234",
+        "Observation?_count=10",
+        "Observation?code:in=http://example.org/vs",
+        "Observation?code:below=http://snomed.info/sct|123",
+        "Observation?_summary=true",
+        "Observation?_elements=status",
+        "Observation?code:of-type=x",
+    ] {
+        let e = TypeFilters::parse(&[q.to_string()], false).unwrap_err();
+        assert!(
+            e.0.contains(
+                q.split('?')
+                    .nth(1)
+                    .unwrap()
+                    .split(['=', ':'])
+                    .next()
+                    .unwrap()
+            ) || e.0.contains("modifier"),
+            "{q}: {e:?}"
+        );
+        // Under lenient handling the criterion is dropped and reported.
+        let lenient = TypeFilters::parse(&[q.to_string()], true).unwrap();
+        assert_eq!(lenient.warnings.len(), 1, "{q}");
+        assert!(lenient.matches("Observation", &observation()), "{q}");
+    }
+}
