@@ -201,7 +201,10 @@ impl Deployment {
                 let (worker, handled, continuations) =
                     (worker.clone(), handled.clone(), continuations.clone());
                 async move {
-                    assert!(delivery != Delivery::Panic, "the worker panicked on purpose");
+                    assert!(
+                        delivery != Delivery::Panic,
+                        "the worker panicked on purpose"
+                    );
                     let deadline = Instant::now() + Duration::from_secs(900);
                     let body: Value =
                         serde_json::from_str(event.records[0].body.as_deref().unwrap_or("{}"))
