@@ -36,6 +36,24 @@ fn exported_ids(manifest: &Value) -> BTreeMap<String, Vec<String>> {
     ids_by_type(&download_all(manifest))
 }
 
+/// Lower case without the accents of the generated names, for string search's case- and
+/// accent-insensitive matching.
+fn fold(text: &str) -> String {
+    text.to_lowercase()
+        .chars()
+        .map(|c| match c {
+            'à' | 'á' | 'â' | 'ä' | 'ã' | 'å' => 'a',
+            'è' | 'é' | 'ê' | 'ë' => 'e',
+            'ì' | 'í' | 'î' | 'ï' => 'i',
+            'ò' | 'ó' | 'ô' | 'ö' | 'õ' => 'o',
+            'ù' | 'ú' | 'û' | 'ü' => 'u',
+            'ç' => 'c',
+            'ñ' => 'n',
+            other => other,
+        })
+        .collect()
+}
+
 fn effective(r: &Value) -> &str {
     r["effectiveDateTime"].as_str().unwrap()
 }
@@ -72,22 +90,45 @@ fn type_filter_or_of_and_queries_over_get_and_post() {
     );
     assert_eq!(got.len(), 2);
 
-    // POST, Patient level: a string prefix, a token, and a date prefix.
+    // POST, Patient level: a token, a date prefix, and a string prefix (case- and
+    // accent-insensitive: `MU` finds Müller).
+    let patients = of_type(&data, "Patient");
+    let female_before_1975 =
+        |r: &Value| r["gender"] == "female" && r["birthDate"].as_str().unwrap() < "1975";
+    let family = |r: &Value| r["name"][0]["family"].as_str().unwrap().to_string();
+    // A prefix of one of those patients' family names that leaves some of them out, preferring
+    // a name with an accent.
+    let mut families: Vec<String> = patients
+        .iter()
+        .filter(|r| female_before_1975(r))
+        .map(family)
+        .collect();
+    families.sort_by_key(|f| f.is_ascii());
+    let prefix_of = |f: &str| fold(f).chars().take(2).collect::<String>().to_uppercase();
+    let with_prefix = |prefix: &str| {
+        ids(&patients, |r| {
+            female_before_1975(r) && fold(&family(r)).starts_with(&prefix.to_lowercase())
+        })
+    };
+    let all_matching = ids(&patients, female_before_1975);
+    let prefix = families
+        .iter()
+        .map(|f| prefix_of(f))
+        .find(|p| with_prefix(p).len() < all_matching.len())
+        .expect("a family prefix that leaves some matching patients out");
     let body = json!({"resourceType": "Parameters", "parameter": [
         {"name": "_type", "valueString": "Patient,Observation"},
-        {"name": "_typeFilter", "valueString": "Patient?gender=female&birthdate=lt1975"},
+        {"name": "_typeFilter",
+         "valueString": format!("Patient?gender=female&birthdate=lt1975&family={prefix}")},
         {"name": "_typeFilter", "valueString": "Observation?code:not=8867-4&subject:missing=false"}]});
     let kick = server.kickoff_post("/Patient/$export", &body);
     assert_eq!(kick.status, 202, "{}", kick.body);
     let got = exported_ids(&wait_for_manifest(
         &kick.header("content-location").unwrap(),
     ));
-    let patients = of_type(&data, "Patient");
-    assert_eq!(
-        got["Patient"],
-        ids(&patients, |r| r["gender"] == "female"
-            && r["birthDate"].as_str().unwrap() < "1975")
-    );
+    let want = with_prefix(&prefix);
+    assert!(!want.is_empty(), "{prefix}");
+    assert_eq!(got["Patient"], want, "family={prefix}");
     assert_eq!(got["Observation"], ids(&observations, |r| !heart(r)));
 }
 
@@ -129,18 +170,50 @@ fn elements_keep_selected_and_mandatory_elements_and_tag_subsetted() {
             .collect();
         assert_eq!(keys, ["resourceType", "id", "meta", "name", "gender"]);
     }
-    // Condition was not named: whole, untagged, byte-for-byte the stored resource.
+    // Condition was not named: whole, untagged, byte-for-byte the stored resource: the loaded
+    // resource (plus the versionId the load gave it), in the very bytes an export without
+    // _elements writes.
     let stored = of_type(&data, "Condition");
+    assert_eq!(files["Condition"].len(), stored.len());
     for condition in &files["Condition"] {
         assert!(condition["meta"].get("tag").is_none());
-        let original = stored.iter().find(|c| c["id"] == condition["id"]).unwrap();
-        assert_eq!(condition["code"], original["code"]);
-        assert_eq!(condition["subject"], original["subject"]);
+        let mut original = stored
+            .iter()
+            .find(|c| c["id"] == condition["id"])
+            .unwrap()
+            .clone();
+        original["meta"]["versionId"] = json!("1");
+        assert_eq!(condition, &original);
     }
+    let plain = server.export("/$export?_type=Condition");
+    assert_eq!(
+        raw_lines(&manifest, "Condition"),
+        raw_lines(&plain, "Condition")
+    );
     assert_eq!(
         files["Observation"].len(),
         of_type(&data, "Observation").len()
     );
+}
+
+/// The lines of a manifest's files of `resource_type`, as downloaded, sorted.
+fn raw_lines(manifest: &Value, resource_type: &str) -> Vec<String> {
+    let mut lines: Vec<String> = manifest["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["type"] == resource_type)
+        .flat_map(|o| {
+            get(o["url"].as_str().unwrap())
+                .body
+                .lines()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(!lines.is_empty(), "no {resource_type} lines");
+    lines.sort();
+    lines
 }
 
 #[test]
@@ -165,25 +238,64 @@ fn unusable_filters_are_rejected_or_reported_when_lenient() {
         ("Accept", "application/fhir+json"),
         ("Prefer", "respond-async, handling=lenient"),
     ];
-    let url = server.url(&format!(
-        "/$export?_type=Observation&_typeFilter={}",
-        percent_encode("Observation?foo=1&code=8867-4")
-    ));
-    let kick = request("GET", &url, &lenient, None);
+    // Under lenient handling an unusable criterion is dropped from its query, not the query
+    // from the filter nor the filter from the type: three queries whose results tell these apart.
+    let queries = [
+        "Observation?foo=1&code=http://loinc.org|8867-4",
+        "Observation?code:text=glucose&value-quantity=lt10",
+        "Observation?code=2093-3",
+    ];
+    let observations = of_type(&data, "Observation");
+    let code = |r: &Value| r["code"]["coding"][0]["code"].as_str().unwrap().to_string();
+    let heart = ids(&observations, |r| code(r) == "8867-4");
+    let low = ids(&observations, |r| {
+        r["valueQuantity"]["value"].as_f64().unwrap() < 10.0
+    });
+    let cholesterol = ids(&observations, |r| code(r) == "2093-3");
+    let union = |sets: &[&Vec<String>]| -> Vec<String> {
+        let all: BTreeSet<String> = sets.iter().flat_map(|s| s.iter().cloned()).collect();
+        all.into_iter().collect()
+    };
+    let want = union(&[&heart, &low, &cholesterol]);
+    for (what, other) in [
+        ("the first query dropped", union(&[&low, &cholesterol])),
+        ("the second query dropped", union(&[&heart, &cholesterol])),
+        ("both queries dropped", cholesterol.clone()),
+        ("the filter dropped", ids(&observations, |_| true)),
+    ] {
+        assert_ne!(
+            want, other,
+            "the data cannot tell the criterion from {what}"
+        );
+    }
+    let path = format!(
+        "/$export?_type=Observation{}",
+        queries
+            .iter()
+            .map(|q| format!("&_typeFilter={}", percent_encode(q)))
+            .collect::<String>()
+    );
+    server.kickoff(&path).assert_outcome(400);
+    let kick = request("GET", &server.url(&path), &lenient, None);
     assert_eq!(kick.status, 202, "{}", kick.body);
     let manifest = wait_for_manifest(&kick.header("content-location").unwrap());
     let errors = manifest["error"].as_array().unwrap();
     assert_eq!(errors.len(), 1);
-    let outcome = get(errors[0]["url"].as_str().unwrap()).body;
-    assert!(outcome.contains("foo"), "{outcome}");
+    let lines: Vec<Value> = get(errors[0]["url"].as_str().unwrap())
+        .body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let diagnostics: Vec<&str> = lines
+        .iter()
+        .map(|l| l["issue"][0]["diagnostics"].as_str().unwrap())
+        .collect();
+    assert_eq!(diagnostics.len(), 2, "{diagnostics:?}");
+    assert!(diagnostics[0].contains("foo"), "{diagnostics:?}");
+    assert!(diagnostics[1].contains(":text"), "{diagnostics:?}");
     let got = exported_ids(&manifest);
-    assert_eq!(
-        got["Observation"],
-        ids(
-            &of_type(&data, "Observation"),
-            |r| r["code"]["coding"][0]["code"] == "8867-4"
-        )
-    );
+    assert_eq!(got.keys().collect::<Vec<_>>(), ["Observation"]);
+    assert_eq!(got["Observation"], want);
 }
 
 fn load_file(dir: &std::path::Path, name: &str, content: &str) {
@@ -448,32 +560,28 @@ fn provenance_follows_the_exported_resources() {
     assert_eq!(got, ids(&provenance, about_encounters));
     assert!(got.contains(&"prov-extra-old".to_string()));
 
-    // Latest = the most recently recorded one per Encounter.
+    // Latest = for each exported Encounter, the Provenance about it recorded last.
     let got = provenance_of(
         &server.export("/$export?_type=Encounter&includeAssociatedData=LatestProvenanceResources"),
     );
-    let want = ids(&provenance, |p| {
-        about_encounters(p) && p["id"] != "prov-extra-old" && p["id"] != "prov-pat-000000-1"
-    });
+    let encounters = expected(&data, |r| r["resourceType"] == "Encounter");
+    let want = latest_provenance(&data, &references(&encounters));
+    // The extra records make one Encounter have three Provenance: Latest keeps fewer than
+    // Relevant.
+    assert!(want.len() < ids(&provenance, about_encounters).len());
     assert_eq!(got, want);
 
     // The same at Group level, where Provenance is found through the target index.
     let got = provenance_of(&server.export(
         "/Group/group-0/$export?_type=Encounter&includeAssociatedData=LatestProvenanceResources",
     ));
-    let of_members = |p: &Value| {
-        targets_of(p).iter().any(|t| {
-            members
-                .iter()
-                .any(|m| t.starts_with(&format!("Encounter/enc-{m}-")))
-        })
-    };
-    let want_group: Vec<String> = want
-        .iter()
-        .filter(|id| of_members(provenance.iter().find(|p| p["id"] == id.as_str()).unwrap()))
-        .cloned()
-        .collect();
-    assert!(want_group.contains(&"prov-extra-new".to_string()));
+    let reference = CompartmentReference::load();
+    let member_set: BTreeSet<String> = members.iter().cloned().collect();
+    let member_encounters = expected(&data, |r| {
+        r["resourceType"] == "Encounter" && in_compartment_of(&reference, r, &member_set)
+    });
+    let want_group = latest_provenance(&data, &references(&member_encounters));
+    assert!(!want_group.is_empty() && want_group.len() < want.len());
     assert_eq!(got, want_group);
 
     server
@@ -616,25 +724,29 @@ fn partial_manifests_list_finished_files_and_never_change() {
     get(&format!("{location}/page/99")).assert_outcome(404);
 }
 
-#[test]
-fn organize_output_by_patient_writes_resource_blocks() {
-    let dir = scratch_dir("organize");
-    let data = read_ndjson_dir(&generated_store(&dir, 6));
-    // Small files, so every patient's block is cut across several.
-    let server = Server::start(&dir, &["--max-file-resources", "120"]);
-    let reference = CompartmentReference::load();
-    let manifest = server.export("/Patient/$export?organizeOutputBy=Patient");
-    assert_eq!(manifest["outputOrganizedBy"], "Patient");
-    let entries = manifest["output"].as_array().unwrap();
-    assert!(entries.len() > 6);
+/// The blocks of an organized export, read from its files in manifest order.
+struct Blocks {
+    /// Patient id → the `(type, id)` of the resources of its block (without the Patient).
+    content: BTreeMap<String, Vec<(String, String)>>,
+    /// Patient id → how many fresh blocks (a header then the Patient) it has.
+    starts: BTreeMap<String, usize>,
+    /// Headers that continue a block cut at the end of the previous file.
+    continuations: usize,
+}
 
-    // Read the files in manifest order and rebuild the blocks.
-    let mut blocks: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-    let mut starts: BTreeMap<String, usize> = BTreeMap::new();
-    let mut continuations = 0;
+/// Reads an organized manifest's files, checking the block structure on the way: every file starts
+/// with a header; a fresh block is a header, then its Patient; a continued block repeats the header
+/// of the block the previous file (whose entry names this one in `continuesInFile`) ended with.
+fn read_blocks(manifest: &Value, max_lines: usize) -> Blocks {
+    assert_eq!(manifest["outputOrganizedBy"], "Patient");
+    let mut blocks = Blocks {
+        content: BTreeMap::new(),
+        starts: BTreeMap::new(),
+        continuations: 0,
+    };
     let mut previous_last: Option<String> = None;
     let mut previous_continues: Option<String> = None;
-    for entry in entries {
+    for entry in manifest["output"].as_array().unwrap() {
         assert!(
             entry.get("type").is_none(),
             "organized entries have no type"
@@ -646,9 +758,13 @@ fn organize_output_by_patient_writes_resource_blocks() {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(lines.len() as u64, entry["count"].as_u64().unwrap());
-        assert!(lines.len() <= 120);
+        assert!(lines.len() <= max_lines);
         let mut current: Option<String> = None;
+        let mut patient_line = None;
         for (i, line) in lines.iter().enumerate() {
+            if Some(i) == patient_line {
+                continue;
+            }
             if line["resourceType"] == "Parameters" {
                 assert_eq!(line["parameter"][0]["name"], "header");
                 let patient = line["parameter"][0]["valueReference"]["reference"]
@@ -660,24 +776,19 @@ fn organize_output_by_patient_writes_resource_blocks() {
                 let continued = i == 0 && previous_continues.as_deref() == Some(url);
                 if continued {
                     assert_eq!(previous_last.as_deref(), Some(patient.as_str()));
-                    continuations += 1;
+                    blocks.continuations += 1;
                 } else {
-                    *starts.entry(patient.clone()).or_default() += 1;
+                    *blocks.starts.entry(patient.clone()).or_default() += 1;
                     // A fresh block starts with the Patient itself.
                     assert_eq!(lines[i + 1]["resourceType"], "Patient");
                     assert_eq!(lines[i + 1]["id"], patient.as_str());
+                    patient_line = Some(i + 1);
                 }
                 current = Some(patient);
                 continue;
             }
             let patient = current.clone().expect("a file starts with a header");
-            assert!(
-                reference.patients_of(line).contains(&patient),
-                "{} {} is in the compartment of {patient}",
-                line["resourceType"],
-                line["id"]
-            );
-            blocks.entry(patient).or_default().push((
+            blocks.content.entry(patient).or_default().push((
                 line["resourceType"].as_str().unwrap().to_string(),
                 line["id"].as_str().unwrap().to_string(),
             ));
@@ -685,16 +796,31 @@ fn organize_output_by_patient_writes_resource_blocks() {
         previous_last = current;
         previous_continues = entry["continuesInFile"].as_str().map(String::from);
     }
-    assert!(continuations > 0, "blocks were cut and continued");
+    blocks
+}
 
-    // Each patient has one block holding exactly its compartment.
-    let patients: Vec<String> = ids(&data, |r| r["resourceType"] == "Patient");
-    assert_eq!(starts.keys().cloned().collect::<Vec<_>>(), patients);
-    assert!(starts.values().all(|n| *n == 1));
-    for patient in &patients {
+/// Asserts each of `patients` has exactly one block, holding the resources of `data` that `in_block`
+/// selects for it (besides the Patient itself), and that no other patient has one.
+fn assert_blocks(
+    blocks: &Blocks,
+    data: &[Value],
+    patients: &BTreeSet<String>,
+    in_block: impl Fn(&Value, &str) -> bool,
+) {
+    assert_eq!(
+        blocks.starts.keys().cloned().collect::<BTreeSet<_>>(),
+        *patients
+    );
+    assert!(
+        blocks.starts.values().all(|n| *n == 1),
+        "{:?}",
+        blocks.starts
+    );
+    for patient in patients {
         let mut want: Vec<(String, String)> = data
             .iter()
-            .filter(|r| reference.patients_of(r).contains(patient))
+            .filter(|r| !(r["resourceType"] == "Patient" && r["id"] == patient.as_str()))
+            .filter(|r| in_block(r, patient))
             .map(|r| {
                 (
                     r["resourceType"].as_str().unwrap().to_string(),
@@ -703,12 +829,258 @@ fn organize_output_by_patient_writes_resource_blocks() {
             })
             .collect();
         want.sort();
-        let mut got = blocks[patient].clone();
+        let mut got = blocks.content.get(patient).cloned().unwrap_or_default();
         got.sort();
+        assert!(got.len() > 100, "{patient}'s block is a real compartment");
         assert_eq!(got, want, "block of {patient}");
     }
+}
+
+#[test]
+fn organize_output_by_patient_writes_resource_blocks() {
+    let dir = scratch_dir("organize");
+    let mut data = read_ndjson_dir(&generated_store(&dir, 6));
+    let trio = json!({"resourceType": "Group", "id": "trio", "type": "person", "actual": true,
+        "member": [{"entity": {"reference": "Patient/pat-000001"}},
+                   {"entity": {"reference": "Patient/pat-000002"}},
+                   {"entity": {"reference": "Patient/pat-000004"}}]});
+    load_file(&dir, "trio.ndjson", &format!("{trio}\n"));
+    data.push(trio);
+    // Small files, so every patient's block is cut across several.
+    let server = Server::start(&dir, &["--max-file-resources", "120"]);
+    let reference = CompartmentReference::load();
+    let in_compartment =
+        |r: &Value, patient: &str| reference.patients_of(r).iter().any(|p| p == patient);
+    let patients = all_patients(&data);
+
+    // Patient level: each patient's block holds its compartment (Provenance by target, which is
+    // outside it, is not associated).
+    let manifest = server.export("/Patient/$export?organizeOutputBy=Patient");
+    assert!(manifest["output"].as_array().unwrap().len() > 6);
+    let blocks = read_blocks(&manifest, 120);
+    assert!(blocks.continuations > 0, "blocks were cut and continued");
+    assert_blocks(&blocks, &data, &patients, in_compartment);
+
+    // System level: the same blocks; what is in no patient's compartment is left out.
+    let manifest = server.export("/$export?organizeOutputBy=Patient");
+    let blocks = read_blocks(&manifest, 120);
+    assert_blocks(&blocks, &data, &patients, in_compartment);
+    let listed: BTreeSet<&str> = blocks
+        .content
+        .values()
+        .flatten()
+        .map(|(t, _)| t.as_str())
+        .collect();
+    for outside in ["Practitioner", "Organization", "Location", "ResearchStudy"] {
+        assert!(!listed.contains(outside), "{outside} is in no compartment");
+    }
+
+    // Group level: the members' blocks only, without the Group itself.
+    let members = group_members(&data, "trio");
+    let manifest = server.export("/Group/trio/$export?organizeOutputBy=Patient");
+    let blocks = read_blocks(&manifest, 120);
+    assert_blocks(&blocks, &data, &members, |r, patient| {
+        !(r["resourceType"] == "Group" && r["id"] == "trio") && in_compartment(r, patient)
+    });
 
     server
         .kickoff("/Patient/$export?organizeOutputBy=Encounter")
         .assert_outcome(400);
+}
+
+/// `meta.lastUpdated`.
+fn last_updated(r: &Value) -> &str {
+    r["meta"]["lastUpdated"].as_str().unwrap()
+}
+
+/// What a Patient or Group export with `_type=Encounter,Provenance` holds: the Encounters of the
+/// patients' compartments that `encounter_kept` keeps, the Provenance of the compartments, and
+/// the Provenance about those Encounters, with every Provenance itself also passing
+/// `provenance_kept` (the window).
+fn encounters_and_their_provenance(
+    data: &[Value],
+    patients: &BTreeSet<String>,
+    encounter_kept: impl Fn(&Value) -> bool,
+    provenance_kept: impl Fn(&Value) -> bool,
+) -> BTreeMap<String, Vec<String>> {
+    let reference = CompartmentReference::load();
+    let encounters = expected(data, |r| {
+        r["resourceType"] == "Encounter"
+            && in_compartment_of(&reference, r, patients)
+            && encounter_kept(r)
+    });
+    let exported = references(&encounters);
+    let mut want = encounters;
+    want.insert(
+        "Provenance".into(),
+        ids(data, |r| {
+            r["resourceType"] == "Provenance"
+                && provenance_kept(r)
+                && (in_compartment_of(&reference, r, patients)
+                    || targets_of(r).iter().any(|t| exported.contains(t)))
+        }),
+    );
+    want
+}
+
+#[test]
+fn provenance_by_target_follows_the_targets_type_filter_and_since() {
+    let (server, data) = setup("provenance-target-rules");
+    let by_id = |id: &str| data.iter().find(|r| r["id"] == id).unwrap();
+    let members = group_members(&data, "group-0");
+    let everyone = all_patients(&data);
+    assert!(members.len() < everyone.len());
+    // Provenance about an Encounter of a member of group-0 (prov-<patient>-1 is about
+    // enc-<patient>-0); the cut and the instant below are chosen among them, so both levels
+    // have Provenance on both sides.
+    let about_encounter: Vec<&Value> = data
+        .iter()
+        .filter(|r| r["resourceType"] == "Provenance")
+        .filter(|p| targets_of(p)[0].starts_with("Encounter/"))
+        .filter(|p| {
+            let encounter = by_id(&targets_of(p)[0]["Encounter/".len()..]);
+            let patient = &encounter["subject"]["reference"].as_str().unwrap()["Patient/".len()..];
+            members.contains(patient)
+        })
+        .collect();
+    let target_of = |p: &Value| by_id(&targets_of(p)[0]["Encounter/".len()..]);
+    let start = |e: &Value| e["period"]["start"].as_str().unwrap()[..10].to_string();
+
+    // _typeFilter on Encounter: the Provenance of a filtered-out Encounter stays out.
+    let mut starts: Vec<String> = about_encounter
+        .iter()
+        .map(|p| start(target_of(p)))
+        .collect();
+    starts.sort();
+    let cut = starts[starts.len() / 2].clone();
+    assert!(about_encounter.iter().any(|p| start(target_of(p)) < cut));
+    assert!(about_encounter.iter().any(|p| start(target_of(p)) >= cut));
+    let filter = percent_encode(&format!("Encounter?date=ge{cut}"));
+    for (level, patients) in [("/Patient", &everyone), ("/Group/group-0", &members)] {
+        let got = exported_ids(&server.export(&format!(
+            "{level}/$export?_type=Encounter,Provenance&_typeFilter={filter}"
+        )));
+        let want = encounters_and_their_provenance(&data, patients, |e| start(e) >= cut, |_| true);
+        assert_same_ids(&got, &want, &format!("{level} with _typeFilter"));
+    }
+
+    // _since: a Provenance in the window about an Encounter outside it stays out. The instant
+    // leaves such a Provenance, and one about an Encounter in the window.
+    let since = about_encounter
+        .iter()
+        .map(|p| last_updated(p).to_string())
+        .filter(|s| {
+            let in_window = |r: &Value| last_updated(r) > s.as_str();
+            about_encounter
+                .iter()
+                .any(|p| in_window(p) && !in_window(target_of(p)))
+                && about_encounter
+                    .iter()
+                    .any(|p| in_window(p) && in_window(target_of(p)))
+        })
+        .min()
+        .expect("an instant that tells the target's window apart");
+    let in_window = |r: &Value| last_updated(r) > since.as_str();
+    for (level, patients) in [("/Patient", &everyone), ("/Group/group-0", &members)] {
+        let got = exported_ids(&server.export(&format!(
+            "{level}/$export?_type=Encounter,Provenance&_since={since}"
+        )));
+        let want = encounters_and_their_provenance(&data, patients, in_window, in_window);
+        assert_same_ids(&got, &want, &format!("{level} with _since={since}"));
+    }
+}
+
+#[test]
+fn provenance_by_target_uses_the_target_at_the_transaction_time() {
+    let dir = scratch_dir("provenance-transaction-time");
+    let data = read_ndjson_dir(&generated_store(&dir, 10));
+    let allergy = |id: &str, criticality: &str| {
+        json!({"resourceType": "AllergyIntolerance", "id": id, "criticality": criticality,
+            "patient": {"reference": "Patient/pat-000000"}})
+    };
+    let provenance = |id: &str, target: &str| {
+        json!({"resourceType": "Provenance", "id": id, "recorded": "2025-06-01T00:00:00Z",
+            "target": [{"reference": format!("AllergyIntolerance/{target}")}],
+            "agent": [{"who": {"reference": "Practitioner/prac-0"}}]})
+    };
+    // Loaded last, these Provenance are the last pages the export reads.
+    load_file(
+        &dir,
+        "before.ndjson",
+        &[
+            allergy("allergy-pass", "high"),
+            allergy("allergy-fail", "low"),
+            provenance("prov-about-pass", "allergy-pass"),
+            provenance("prov-about-fail", "allergy-fail"),
+            provenance("prov-about-late", "allergy-late"),
+        ]
+        .map(|r| r.to_string())
+        .join("\n"),
+    );
+    // One resource per page, 80 ms each: the export reads for about two seconds.
+    let server = Server::start(&dir, &["--page-size", "1", "--page-delay-ms", "80"]);
+    let path = format!(
+        "/Patient/$export?_type=AllergyIntolerance,Provenance&_typeFilter={}",
+        percent_encode("AllergyIntolerance?criticality=high")
+    );
+    let kick = server.kickoff(&path);
+    assert_eq!(kick.status, 202, "{}", kick.body);
+    let location = kick.header("content-location").unwrap();
+    // While it runs: allergy-pass stops passing the filter, allergy-fail starts to, and
+    // allergy-late appears.
+    load_file(
+        &dir,
+        "during.ndjson",
+        &[
+            allergy("allergy-pass", "low"),
+            allergy("allergy-fail", "high"),
+            allergy("allergy-late", "high"),
+        ]
+        .map(|r| r.to_string())
+        .join("\n"),
+    );
+    let poll = get(&location);
+    assert_eq!(
+        poll.status, 202,
+        "the export was still running after the writes"
+    );
+    assert!(
+        poll.header("x-progress").unwrap().starts_with("0/"),
+        "no item had finished: {:?}",
+        poll.header("x-progress")
+    );
+    let reference = CompartmentReference::load();
+    let everyone = all_patients(&data);
+    let compartment_provenance = ids(&data, |r| {
+        r["resourceType"] == "Provenance" && in_compartment_of(&reference, r, &everyone)
+    });
+    let want = |allergy: &str, about: &str| {
+        let mut provenance = compartment_provenance.clone();
+        provenance.push(about.to_string());
+        provenance.sort();
+        BTreeMap::from([
+            ("AllergyIntolerance".to_string(), vec![allergy.to_string()]),
+            ("Provenance".to_string(), provenance),
+        ])
+    };
+    // As at the transaction time: allergy-pass (its old version) and its Provenance only.
+    let manifest = wait_for_manifest(&location);
+    let got = download_all(&manifest);
+    assert_eq!(got["AllergyIntolerance"][0]["criticality"], "high");
+    assert_same_ids(
+        &ids_by_type(&got),
+        &want("allergy-pass", "prov-about-pass"),
+        "as at the transaction time",
+    );
+    // A new export sees the new state.
+    let got = exported_ids(&server.export(&path));
+    let mut now = want("allergy-fail", "prov-about-fail");
+    now.get_mut("AllergyIntolerance")
+        .unwrap()
+        .push("allergy-late".into());
+    now.get_mut("Provenance")
+        .unwrap()
+        .push("prov-about-late".into());
+    now.values_mut().for_each(|ids| ids.sort());
+    assert_same_ids(&got, &now, "after the writes");
 }
