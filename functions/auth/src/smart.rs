@@ -81,9 +81,6 @@ impl TokenService {
         let client_id = unverified_issuer(assertion).ok_or_else(|| {
             OAuthError::invalid_client("the assertion has no iss (the client id)")
         })?;
-        if let Err(wait) = self.limiter.check(&client_id) {
-            return Err(OAuthError::slow_down(wait));
-        }
         let client = self
             .ports
             .clients
@@ -111,6 +108,11 @@ impl TokenService {
         };
         let claims = jwt::verify(assertion, &keys).map_err(OAuthError::invalid_client)?;
         check_assertion(&claims, &client_id, token_url, now)?;
+        // Counted only once the client is proven: anyone can send assertions naming a client,
+        // and they must not use up its allowance.
+        if let Err(wait) = self.limiter.check(&client_id) {
+            return Err(OAuthError::slow_down(wait));
+        }
         let jti = claims["jti"].as_str().unwrap_or_default();
         let exp = jwt::seconds(&claims, "exp").unwrap_or(now);
         let first = self
