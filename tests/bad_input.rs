@@ -299,7 +299,7 @@ fn bad_requests_get_operation_outcomes() {
             vec![],
             None,
             404,
-            "no export file 0123/Patient/000-0000.ndjson",
+            "no export 0123: it never existed",
         ),
         (
             "download path traversal",
@@ -308,7 +308,7 @@ fn bad_requests_get_operation_outcomes() {
             vec![],
             None,
             404,
-            "no export file ../../etc/passwd/x",
+            "no export ../../etc: it never existed",
         ),
         (
             "unknown route",

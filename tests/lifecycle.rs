@@ -135,15 +135,21 @@ fn simultaneous_kickoffs_get_exactly_one_202() {
     let dir = scratch_dir("concurrency");
     generated_store(&dir, 6);
     let server = Arc::new(Server::start(&dir, &SLOW));
+    // Eight different clients, each with its own access token.
+    let tokens: Arc<Vec<String>> = Arc::new(
+        (0..8)
+            .map(|i| server.client_token(&format!("client-{i}"), "system/*.read"))
+            .collect(),
+    );
     let barrier = Arc::new(Barrier::new(8));
     let handles: Vec<_> = (0..8)
         .map(|i| {
-            let (server, barrier) = (server.clone(), barrier.clone());
+            let (server, barrier, tokens) = (server.clone(), barrier.clone(), tokens.clone());
             std::thread::spawn(move || {
                 barrier.wait();
                 // Eight different clients: only one of them gets the lock.
                 let path = ["/$export", "/Patient/$export", "/Group/group-0/$export"][i % 3];
-                let token = format!("Bearer client-{i}");
+                let token = format!("Bearer {}", tokens[i]);
                 let mut headers = KICKOFF_HEADERS.to_vec();
                 headers.push(("Authorization", &token));
                 request("GET", &server.url(path), &headers, None)
@@ -398,21 +404,20 @@ fn expired_exports_are_swept_without_a_poll() {
     get(&server.url(&url[url.find("/$export-output/").unwrap()..])).assert_outcome(404);
 }
 
-/// The periodic sweep of a server that keeps running: 30 s (`EXPIRY_SWEEP`), too slow for the
-/// suite, so it runs only on request (`cargo test -p e2e-tests --test lifecycle -- --ignored`).
+/// The periodic sweep of a server that keeps running (every 30 s by default; every second here).
 #[test]
-#[ignore = "waits for the 30 s expiry sweep; a hidden `serve --expiry-sweep-secs` would make it fast"]
 fn a_running_server_sweeps_expired_exports() {
     let dir = scratch_dir("sweep-periodic");
     generated_store(&dir, 2);
-    let server = Server::start(&dir, &["--retention-secs", "1"]);
+    // The periodic sweep (not the one at start) must delete the files: every second here.
+    let server = Server::start(&dir, &["--retention-secs", "1", "--expiry-sweep-secs", "1"]);
     let kicked_off = SystemTime::now();
     let kick = server.kickoff("/Patient/$export");
     let location = kick.header("content-location").unwrap();
     poll_to_completion(&location, kicked_off);
     let job_dir = server.exports_dir().join(job_id(&location));
     existing_files(&job_dir);
-    wait_until_empty(&job_dir, Duration::from_secs(40));
+    wait_until_empty(&job_dir, Duration::from_secs(10));
     get(&location).assert_outcome(404);
 }
 
@@ -487,8 +492,12 @@ fn the_same_client_repeating_a_kickoff_is_sent_to_its_running_export() {
     let dir = scratch_dir("repeat");
     generated_store(&dir, 20);
     let server = Server::start(&dir, &SLOW);
+    let tokens: std::collections::BTreeMap<&str, String> = ["alice", "bob"]
+        .into_iter()
+        .map(|c| (c, server.client_token(c, "system/*.read")))
+        .collect();
     let as_client = |client: &str, path: &str| {
-        let token = format!("Bearer {client}");
+        let token = format!("Bearer {}", tokens[client]);
         let mut headers = KICKOFF_HEADERS.to_vec();
         headers.push(("Authorization", &token));
         request("GET", &server.url(path), &headers, None)

@@ -1,6 +1,7 @@
 //! Test support: run the real `bulk-export` binary and talk to it over HTTP.
 
 pub mod oracle;
+pub mod smart;
 
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -257,6 +258,12 @@ impl Response {
     }
 }
 
+/// A number unique in this test process (for ids that must not repeat).
+pub fn unique() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// `%`-encodes every byte but ASCII letters, digits, `-`, `_` and `.`, for a query string.
 pub fn percent_encode(text: &str) -> String {
     text.bytes()
@@ -278,7 +285,10 @@ pub fn request(
     for (name, value) in headers {
         req = req.set(name, value);
     }
-    if body.is_some() {
+    let has_type = headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("content-type"));
+    if body.is_some() && !has_type {
         req = req.set("Content-Type", "application/fhir+json");
     }
     let result = match body {

@@ -13,11 +13,10 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_dynamodb::config::Credentials;
 use export_aws::dynamo::DynamoTable;
 use export_aws::{AwsService, AwsSettings};
-use export_core::Settings;
 use export_core::fhir::time::now_millis;
 use export_core::params::{ExportLevel, ExportParams};
 use export_core::ports::ResourceStore;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -51,28 +50,12 @@ async fn sdk(endpoint: &str) -> SdkConfig {
         .await
 }
 
-fn settings(prefix: &str) -> AwsSettings {
-    AwsSettings {
-        resources_table: format!("{prefix}-resources"),
-        jobs_table: format!("{prefix}-jobs"),
-        bucket: format!("{prefix}-exports"),
-        state_machine_arn: String::new(),
-        work_queue_url: String::new(),
-        shards: 4,
-        url_expiry: Duration::from_secs(300),
-        gzip_output: true,
-        worker_reserve: Duration::from_secs(60),
-        heartbeat_every: Duration::from_secs(60),
-        export: Settings::default(),
-    }
-}
-
 /// Creates the tables and bucket, loads the data, plans a job, and runs the export in a child.
 async fn run(endpoint: &str, resources: usize) {
     let sdk = sdk(endpoint).await;
     let prefix = format!("bench{}", std::process::id());
     let ddb = aws_sdk_dynamodb::Client::new(&sdk);
-    for table in ["resources", "jobs"] {
+    for table in ["resources", "jobs", "auth"] {
         DynamoTable::create(&ddb, &format!("{prefix}-{table}"))
             .await
             .expect("create table");
@@ -87,7 +70,9 @@ async fn run(endpoint: &str, resources: usize) {
         .send()
         .await
         .expect("bucket");
-    let service = AwsService::new(&sdk, settings(&prefix));
+    let service = AwsService::new(&sdk, AwsSettings::named(&prefix))
+        .await
+        .expect("service");
 
     let started = Instant::now();
     let now = now_millis();
@@ -134,7 +119,9 @@ async fn export_job(spec: &str) {
         words.next().unwrap(),
         words.next().unwrap(),
     );
-    let service = AwsService::new(&sdk(endpoint).await, settings(prefix));
+    let service = AwsService::new(&sdk(endpoint).await, AwsSettings::named(prefix))
+        .await
+        .expect("service");
     let exporter = &service.exporter;
     let items = exporter.ports.jobs.items(job_id).await.expect("items");
     let cpu_before = cpu_seconds();

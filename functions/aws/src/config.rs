@@ -22,6 +22,18 @@ pub struct AwsSettings {
     /// How often a worker sends Step Functions heartbeats and renews the export lock.
     pub heartbeat_every: Duration,
     pub export: Settings,
+    /// The table of clients, users, memberships, API key hashes and used assertion ids.
+    pub auth_table: String,
+    /// The KMS key that signs tokens (ECC_NIST_P256); without one, an ephemeral key (tests, and
+    /// functions that never sign).
+    pub signing_key_id: Option<String>,
+    /// The `iss` of the tokens the service signs: its public URL.
+    pub issuer: String,
+    /// Whether requests need credentials. Always on when read from the Lambda environment; tests
+    /// that do not exercise authentication turn it off.
+    pub enforce_auth: bool,
+    /// OpenID issuers whose user tokens are accepted (Cognito by default).
+    pub trusted_issuers: Vec<export_auth::oidc::TrustedIssuer>,
 }
 
 fn var(name: &str) -> Result<String, String> {
@@ -38,10 +50,35 @@ fn number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
 }
 
 impl AwsSettings {
+    /// Settings for resources named `<prefix>-resources`, `-jobs`, `-auth` and `-exports`, with
+    /// authentication off and an ephemeral signing key: tests and benchmarks against emulators.
+    pub fn named(prefix: &str) -> Self {
+        AwsSettings {
+            resources_table: format!("{prefix}-resources"),
+            jobs_table: format!("{prefix}-jobs"),
+            bucket: format!("{prefix}-exports"),
+            state_machine_arn: String::new(),
+            work_queue_url: String::new(),
+            shards: 4,
+            url_expiry: Duration::from_secs(300),
+            gzip_output: true,
+            worker_reserve: Duration::from_secs(60),
+            heartbeat_every: Duration::from_secs(60),
+            export: Settings::default(),
+            auth_table: format!("{prefix}-auth"),
+            signing_key_id: None,
+            issuer: "https://abc123.execute-api.us-east-1.amazonaws.com".into(),
+            enforce_auth: false,
+            trusted_issuers: Vec::new(),
+        }
+    }
+
     /// Reads `RESOURCES_TABLE`, `JOBS_TABLE`, `EXPORT_BUCKET`, `STATE_MACHINE_ARN`,
     /// `WORK_QUEUE_URL`, and optional `SHARDS`, `URL_EXPIRY_SECONDS`, `GZIP_OUTPUT`,
     /// `MAX_FILE_BYTES`, `MAX_FILE_RESOURCES`, `RETENTION_DAYS` (or `RETENTION_SECONDS`),
-    /// `LOCK_LEASE_SECONDS`, `WORKER_RESERVE_MS`.
+    /// `LOCK_LEASE_SECONDS`, `WORKER_RESERVE_MS`; for authentication `AUTH_TABLE`,
+    /// `SIGNING_KEY_ID`, `PUBLIC_URL`, `PRESIGNED_MANIFESTS`, and the trusted OpenID issuer
+    /// `OIDC_ISSUER`, `OIDC_AUDIENCE`, `OIDC_JWKS_URL` (Cognito's, by default in the template).
     pub fn from_env() -> Result<Self, String> {
         let defaults = Settings::default();
         Ok(AwsSettings {
@@ -55,7 +92,19 @@ impl AwsSettings {
             gzip_output: std::env::var("GZIP_OUTPUT").map_or(true, |v| v != "false"),
             worker_reserve: Duration::from_millis(number("WORKER_RESERVE_MS", 60_000)?),
             heartbeat_every: Duration::from_secs(60),
+            auth_table: var("AUTH_TABLE")?,
+            signing_key_id: std::env::var("SIGNING_KEY_ID")
+                .ok()
+                .filter(|k| !k.is_empty()),
+            issuer: std::env::var("PUBLIC_URL").unwrap_or_default(),
+            // The deployment cannot turn authentication off: no variable is read for it.
+            enforce_auth: true,
+            trusted_issuers: trusted_issuers()?,
             export: Settings {
+                // Manifests list the API's download route, which checks the token and redirects
+                // to a fresh presigned URL; PRESIGNED_MANIFESTS=true lists presigned URLs instead.
+                requires_access_token: std::env::var("PRESIGNED_MANIFESTS")
+                    .map_or(true, |v| v != "true"),
                 max_file_bytes: number("MAX_FILE_BYTES", defaults.max_file_bytes)?,
                 max_file_resources: number("MAX_FILE_RESOURCES", defaults.max_file_resources)?,
                 retention: match std::env::var("RETENTION_SECONDS") {
@@ -67,4 +116,20 @@ impl AwsSettings {
             },
         })
     }
+}
+
+/// The OpenID issuer of `OIDC_ISSUER` / `OIDC_AUDIENCE` / `OIDC_JWKS_URL`, if set.
+fn trusted_issuers() -> Result<Vec<export_auth::oidc::TrustedIssuer>, String> {
+    use export_auth::oidc::{IssuerKeys, TrustedIssuer};
+    let issuer = std::env::var("OIDC_ISSUER").unwrap_or_default();
+    if issuer.is_empty() {
+        return Ok(Vec::new());
+    }
+    let jwks = std::env::var("OIDC_JWKS_URL")
+        .unwrap_or_else(|_| format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/')));
+    Ok(vec![TrustedIssuer {
+        audience: var("OIDC_AUDIENCE")?,
+        issuer,
+        keys: IssuerKeys::Url(jwks),
+    }])
 }

@@ -55,7 +55,7 @@ pub async fn api(
 ) -> lambda_http::Response<lambda_http::Body> {
     let (parts, body) = request.into_parts();
     let request = http::Request::from_parts(parts, Bytes::copy_from_slice(body.as_ref()));
-    let (parts, body) = service.api.handle(request).await.into_parts();
+    let (parts, body) = service.gateway.handle(request).await.into_parts();
     let body = match body {
         Body::Full(bytes) => match String::from_utf8(bytes.to_vec()) {
             Ok(text) => lambda_http::Body::Text(text),

@@ -1,11 +1,13 @@
 //! The AWS deployment of the FHIR Bulk Data export service: DynamoDB resource and job stores
 //! (with the export lock), S3 output, Step Functions dispatch, and the Lambda handlers.
 
+pub mod auth_store;
 pub mod config;
 pub mod dispatch;
 pub mod dynamo;
 pub mod handlers;
 pub mod jobs;
+pub mod kms;
 pub mod load;
 pub mod logging;
 pub mod output;

@@ -239,6 +239,11 @@ impl OutputStore for S3Output {
         Ok(None)
     }
 
+    /// A fresh presigned URL, for the API's checked download route to redirect to.
+    async fn redirect_url(&self, key: &str) -> StoreResult<Option<String>> {
+        self.download_url(key, "").await.map(Some)
+    }
+
     /// Deletes a job's objects and aborts its unfinished multipart uploads.
     async fn delete_job(&self, job_id: &str) -> StoreResult<()> {
         let prefix = format!("{job_id}/");

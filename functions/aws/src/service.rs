@@ -1,19 +1,27 @@
 //! The AWS wiring: the core engine and router over the DynamoDB, S3 and Step Functions adapters.
 
+use crate::auth_store::DynamoAuthStore;
 use crate::config::AwsSettings;
 use crate::dispatch::SfnDispatcher;
 use crate::dynamo::DynamoTable;
 use crate::jobs::DynamoJobStore;
+use crate::kms::KmsSigner;
 use crate::output::S3Output;
 use crate::resources::DynamoResourceStore;
 use aws_config::SdkConfig;
+use export_auth::jwks::HttpJwksFetcher;
+use export_auth::ports::{AuthPorts, Signer};
+use export_auth::signer::LocalSigner;
+use export_auth::{AuthConfig, Authenticator};
 use export_core::{Api, Exporter, Ports};
+use export_gateway::Gateway;
 use std::sync::Arc;
 
 /// Everything a function needs, built once per Lambda container.
 pub struct AwsService {
     pub exporter: Arc<Exporter>,
-    pub api: Api,
+    pub gateway: Gateway,
+    pub auth_store: Arc<DynamoAuthStore>,
     pub sfn: aws_sdk_sfn::Client,
     pub sqs: aws_sdk_sqs::Client,
     pub resources: Arc<DynamoResourceStore>,
@@ -26,7 +34,7 @@ pub async fn sdk_config() -> SdkConfig {
 }
 
 impl AwsService {
-    pub fn new(sdk: &SdkConfig, settings: AwsSettings) -> Self {
+    pub async fn new(sdk: &SdkConfig, settings: AwsSettings) -> Result<Self, String> {
         let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
         // Path-style addressing works with every endpoint, including emulators.
         let s3 = aws_sdk_s3::Client::from_conf(
@@ -54,17 +62,49 @@ impl AwsService {
             lock: jobs,
             output,
         };
-        let exporter = Arc::new(Exporter::new(ports, settings.export.clone()));
+        let mut export_settings = settings.export.clone();
+        export_settings.requires_access_token &= settings.enforce_auth;
+        let exporter = Arc::new(Exporter::new(ports, export_settings));
         let dispatcher = Arc::new(SfnDispatcher::new(sfn.clone(), &settings.state_machine_arn));
-        let api = Api::new(exporter.clone(), dispatcher, "/fhir");
-        AwsService {
+        let api = Api::new(exporter.clone(), dispatcher, "/fhir", settings.enforce_auth);
+
+        let auth_store = Arc::new(DynamoAuthStore::new(DynamoTable::new(
+            aws_sdk_dynamodb::Client::new(sdk),
+            &settings.auth_table,
+        )));
+        let signer: Arc<dyn Signer> = match &settings.signing_key_id {
+            Some(key) => Arc::new(
+                KmsSigner::new(aws_sdk_kms::Client::new(sdk), key)
+                    .await
+                    .map_err(|e| format!("the signing key: {e}"))?,
+            ),
+            None => Arc::new(LocalSigner::generate().0),
+        };
+        let auth_ports = AuthPorts {
+            clients: auth_store.clone(),
+            replay: auth_store.clone(),
+            users: auth_store.clone(),
+            memberships: auth_store.clone(),
+            api_keys: auth_store.clone(),
+            signer,
+            fetcher: Arc::new(HttpJwksFetcher),
+        };
+        let config = AuthConfig {
+            enforce: settings.enforce_auth,
+            issuer: settings.issuer.clone(),
+            trusted_issuers: settings.trusted_issuers.clone(),
+        };
+        let authenticator =
+            Authenticator::new(config, auth_ports, export_core::fhir::is_resource_type);
+        Ok(AwsService {
             exporter,
-            api,
+            gateway: Gateway::new(Arc::new(api), Arc::new(authenticator)),
+            auth_store,
             sfn,
             sqs,
             resources,
             settings,
-        }
+        })
     }
 
     /// The resource store alone (for loading data), from the environment's SDK configuration.
@@ -76,6 +116,6 @@ impl AwsService {
     /// From the Lambda environment.
     pub async fn from_env() -> Result<Self, String> {
         let settings = AwsSettings::from_env()?;
-        Ok(Self::new(&sdk_config().await, settings))
+        Self::new(&sdk_config().await, settings).await
     }
 }

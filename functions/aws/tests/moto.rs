@@ -282,7 +282,11 @@ async fn a_failing_worker_fails_the_job_and_frees_the_lock() {
     aws.load(generated(1)).await;
     let mut broken = aws.settings.clone();
     broken.bucket = "no-such-bucket".into();
-    let broken_worker = Arc::new(export_aws::AwsService::new(&aws.sdk, broken));
+    let broken_worker = Arc::new(
+        export_aws::AwsService::new(&aws.sdk, broken)
+            .await
+            .expect("service"),
+    );
     aws.start_lambdas(Delivery::Once, Some(broken_worker));
 
     let kick = aws.kickoff("/fhir/$export").await;
@@ -773,12 +777,20 @@ async fn simultaneous_kickoffs_take_the_dynamodb_lock_once() {
     let aws = Arc::new(Deployment::create(|_| {}).await);
     aws.load(generated(1)).await;
     let barrier = Arc::new(tokio::sync::Barrier::new(8));
-    let calls: Vec<_> = (0..8)
-        .map(|i| {
+    let mut tokens = Vec::new();
+    for i in 0..8 {
+        tokens.push(
+            aws.client_token(&format!("client-{i}"), "system/*.rs")
+                .await,
+        );
+    }
+    let calls: Vec<_> = tokens
+        .into_iter()
+        .map(|token| {
             let (aws, barrier) = (aws.clone(), barrier.clone());
             tokio::spawn(async move {
                 // Eight clients (different credentials), so none is sent to another's export.
-                let token = format!("Bearer client-{i}");
+                let token = format!("Bearer {token}");
                 barrier.wait().await;
                 aws.call_with_headers("GET", "/fhir/$export", None, &[("authorization", &token)])
                     .await

@@ -101,9 +101,10 @@ impl Exporter {
         Ok(self.kickoff_for(level, params, request_url, "").await?.0)
     }
 
-    /// Accepts a kick-off: checks the Group and patients, takes the export lock, stores the job.
-    /// When the lock is held by an identical kick-off of the same `client` (the credentials it
-    /// sent), that running job is returned instead of `429`; the flag says whether the job is new.
+    /// Accepts a kick-off: checks the Group and patients, takes the export lock, stores the job
+    /// as `client`'s (the authenticated principal's id). When the lock is held by an identical
+    /// kick-off of the same client, that running job is returned instead of `429`; the flag says
+    /// whether the job is new.
     pub async fn kickoff_for(
         &self,
         level: ExportLevel,
@@ -164,6 +165,7 @@ impl Exporter {
 
         let mut job = Job::new(new_id(), level, request_url, params, now);
         job.fingerprint = Some(fingerprint);
+        job.owner = Some(client.to_string());
         if !self
             .ports
             .lock
@@ -236,10 +238,24 @@ impl Exporter {
                     .group_members(group_id, as_of)
                     .await?
                     .unwrap_or_default();
-                Some(match &job.params.patients {
+                let members: Vec<String> = match &job.params.patients {
                     Some(wanted) => members.into_iter().filter(|m| wanted.contains(m)).collect(),
                     None => members,
-                })
+                };
+                // A member whose Patient is deleted (or absent) at the transaction time has no
+                // compartment to export, as at Patient level.
+                let targets: Vec<(String, String)> = members
+                    .iter()
+                    .map(|m| ("Patient".to_string(), m.clone()))
+                    .collect();
+                let current = resources.resources_at(&targets, as_of).await?;
+                Some(
+                    members
+                        .into_iter()
+                        .zip(current)
+                        .filter_map(|(member, version)| version.map(|_| member))
+                        .collect(),
+                )
             }
         };
         let listed = match patient_set {
@@ -647,7 +663,13 @@ impl Exporter {
                 } else {
                     let parts = self.sorted_parts(job_id, |_| true).await?;
                     let urls = self.urls(&parts, base_url).await?;
-                    manifest(&job, &parts, &urls, None)
+                    manifest(
+                        &job,
+                        &parts,
+                        &urls,
+                        None,
+                        self.settings.requires_access_token,
+                    )
                 };
                 JobView::Completed {
                     manifest,
@@ -717,7 +739,13 @@ impl Exporter {
         let urls = self.urls(&parts, base_url).await?;
         let next = (page + 1 < job.manifest_pages.len())
             .then(|| format!("{base_url}/$export-status/{}/page/{}", job.id, page + 1));
-        Ok(manifest(job, &parts, &urls, next.as_deref()))
+        Ok(manifest(
+            job,
+            &parts,
+            &urls,
+            next.as_deref(),
+            self.settings.requires_access_token,
+        ))
     }
 
     /// A job's recorded parts that `keep` selects, in manifest order.
@@ -741,7 +769,10 @@ impl Exporter {
     async fn urls(&self, parts: &[PartRecord], base_url: &str) -> StoreResult<Vec<String>> {
         let mut urls = Vec::with_capacity(parts.len());
         for part in parts {
-            urls.push(self.ports.output.download_url(&part.key, base_url).await?);
+            urls.push(match self.settings.requires_access_token {
+                true => format!("{base_url}/$export-output/{}", part.key),
+                false => self.ports.output.download_url(&part.key, base_url).await?,
+            });
         }
         Ok(urls)
     }
@@ -853,9 +884,10 @@ impl Exporter {
         self.ports.jobs.record_part(&record).await
     }
 
-    /// Lenient handling: one OperationOutcome line per ignored parameter, in the manifest's `error`.
+    /// The manifest's `error` file: one OperationOutcome line per parameter ignored under lenient
+    /// handling and per other warning (severity `warning`), and per note (`information`).
     async fn write_error_file(&self, job: &Job) -> StoreResult<()> {
-        let messages: Vec<String> = job
+        let warnings = job
             .params
             .ignored
             .iter()
@@ -865,14 +897,19 @@ impl Exporter {
                 )
             })
             .chain(job.params.warnings.iter().cloned())
-            .collect();
+            .map(|m| operation_outcome("warning", IssueCode::NotSupported, &m));
+        let notes = job
+            .params
+            .notes
+            .iter()
+            .map(|m| operation_outcome("information", IssueCode::Informational, m));
+        let messages: Vec<serde_json::Value> = warnings.chain(notes).collect();
         if messages.is_empty() {
             return Ok(());
         }
         let mut body = Vec::new();
-        for message in &messages {
-            let outcome = operation_outcome("warning", IssueCode::NotSupported, message);
-            serde_json::to_writer(&mut body, &outcome)?;
+        for outcome in &messages {
+            serde_json::to_writer(&mut body, outcome)?;
             body.push(b'\n');
         }
         let key = format!("{}/OperationOutcome/error-0000.ndjson", job.id);

@@ -1,33 +1,8 @@
 //! Unguessable ids: a job id is the only key to its status and files.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
-
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A 128-bit random id as 32 lowercase hex digits.
-///
-/// `RandomState` is seeded from the operating system's randomness; two independently keyed
-/// SipHash outputs over a counter and the clock give 128 unpredictable bits without another crate.
+/// A 128-bit random id from the operating system's random source, as 32 lowercase hex digits.
 pub fn new_id() -> String {
-    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let half = |state: RandomState| {
-        let mut h = state.build_hasher();
-        h.write_u64(count);
-        h.write_u128(nanos);
-        h.finish()
-    };
-    format!(
-        "{:016x}{:016x}",
-        half(RandomState::new()),
-        half(RandomState::new())
-    )
+    export_auth::random::hex_id()
 }
 
 /// A stable 64-bit FNV-1a digest as 16 hex digits: the same input gives the same digest in every

@@ -69,6 +69,10 @@ pub struct Job {
     /// Who asked for what: the same client repeating an identical kick-off is sent to this job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// The principal that started the export (`client:<id>`, `local-admin`): only it may see,
+    /// cancel or download it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// With `allowPartialManifests`: the part keys of each manifest page, fixed once shown.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub manifest_pages: Vec<Vec<String>>,
@@ -96,6 +100,7 @@ impl Job {
             error: None,
             items_total: 0,
             fingerprint: None,
+            owner: None,
             manifest_pages: Vec::new(),
         }
     }

@@ -20,7 +20,6 @@ pub mod organize;
 pub mod params;
 pub mod ports;
 pub mod provenance;
-pub mod request_log;
 pub mod router;
 pub mod runner;
 pub mod settings;

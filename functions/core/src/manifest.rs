@@ -28,9 +28,16 @@ pub fn sort_parts(parts: &mut [PartRecord]) {
     parts.sort_by(|a, b| (&a.resource_type, &a.key).cmp(&(&b.resource_type, &b.key)));
 }
 
-/// The manifest of a job's parts; `urls[i]` is the download URL of `parts[i]`, and `next` the
-/// URL of the following manifest page (`allowPartialManifests`).
-pub fn manifest(job: &Job, parts: &[PartRecord], urls: &[String], next: Option<&str>) -> Value {
+/// The manifest of a job's parts; `urls[i]` is the download URL of `parts[i]`, `next` the URL of
+/// the following manifest page (`allowPartialManifests`), and `requires_access_token` whether the
+/// URLs need the client's token.
+pub fn manifest(
+    job: &Job,
+    parts: &[PartRecord],
+    urls: &[String],
+    next: Option<&str>,
+    requires_access_token: bool,
+) -> Value {
     let entry = |(p, url): (&PartRecord, &String)| json!({"type": p.resource_type, "url": url, "count": p.count});
     let organized = job.params.organize_by.is_some();
     let output: Vec<Value> = parts
@@ -69,7 +76,7 @@ pub fn manifest(job: &Job, parts: &[PartRecord], urls: &[String], next: Option<&
     let mut manifest = json!({
         "transactionTime": format_instant(job.transaction_time),
         "request": job.request_url,
-        "requiresAccessToken": false,
+        "requiresAccessToken": requires_access_token,
         "output": output,
         "deleted": deleted,
         "error": error,

@@ -66,6 +66,10 @@ pub struct ExportParams {
     /// Other problems handled leniently (criteria left out), reported like `ignored`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Information for the client (e.g. that its scopes narrowed the export), reported in the
+    /// error file with severity `information`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 impl ExportParams {

@@ -275,6 +275,11 @@ pub trait OutputStore: Send + Sync {
     async fn download_url(&self, key: &str, base_url: &str) -> StoreResult<String>;
     /// The file's bytes, when this server serves downloads itself.
     async fn open(&self, key: &str) -> StoreResult<Option<ByteStream>>;
+    /// Where to send a client whose download route is checked by this server but whose bytes
+    /// come from storage (a fresh presigned URL); `None` when [`OutputStore::open`] serves them.
+    async fn redirect_url(&self, _key: &str) -> StoreResult<Option<String>> {
+        Ok(None)
+    }
     /// Deletes every file of a job.
     async fn delete_job(&self, job_id: &str) -> StoreResult<()>;
 }

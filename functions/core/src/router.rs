@@ -1,9 +1,12 @@
 //! The FHIR HTTP API as one function, `http::Request -> http::Response`, shared by the local server
-//! and the API Lambda.
+//! and the API Lambda (behind the gateway, which authenticates and logs each request).
 //!
 //! Routes (below the base path, `/fhir` by default):
 //! `GET metadata`; `GET|POST $export`, `Patient/$export`, `Group/{id}/$export`;
 //! `GET|DELETE $export-status/{id}`; `GET $export-output/{job}/{type}/{file}`.
+//!
+//! Everything but `metadata` needs a principal with FHIR scopes. An export belongs to the principal
+//! that started it: to anyone else its status, pages and files do not exist (404, not 403).
 
 use crate::accept::{FHIR_JSON, resource_content_type};
 use crate::engine::{Exporter, JobView};
@@ -12,16 +15,15 @@ use crate::fhir::capability::capability_statement;
 use crate::fhir::outcome::{IssueCode, operation_outcome};
 use crate::fhir::time::now_millis;
 use crate::gzip::{accepts_gzip, gzip_stream};
-use crate::ids::new_id;
 use crate::params::{
-    ExportLevel, KickoffHeaders, KickoffMethod, check_kickoff_headers, parse_kickoff,
+    ExportLevel, ExportParams, KickoffHeaders, KickoffMethod, check_kickoff_headers, parse_kickoff,
 };
 use crate::ports::{ByteStream, Dispatcher};
-use crate::request_log::{LoggedStream, RequestRecord};
 use bytes::Bytes;
+use export_auth::{AuthFailure, Principal, Scopes};
 use http::header::{
-    ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_LOCATION,
-    CONTENT_TYPE, EXPIRES, HOST, RETRY_AFTER, VARY,
+    ACCEPT, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_TYPE,
+    EXPIRES, HOST, LOCATION, RETRY_AFTER, VARY, WWW_AUTHENTICATE,
 };
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use serde_json::Value;
@@ -44,6 +46,18 @@ pub struct Api {
     exporter: Arc<Exporter>,
     dispatcher: Arc<dyn Dispatcher>,
     base_path: String,
+    /// Whether clients need tokens (the CapabilityStatement then declares the token endpoint).
+    secured: bool,
+}
+
+/// What the router tells the request log about a request it answered (a response extension):
+/// the route template, and the export and file it was about.
+#[derive(Debug, Clone, Default)]
+pub struct RouteInfo {
+    pub route: String,
+    pub export_id: Option<String>,
+    /// `<type>/<file>` of a download.
+    pub file: Option<String>,
 }
 
 /// The route a path names.
@@ -80,60 +94,69 @@ impl Route {
     }
 }
 
-/// The export a kick-off created, handed from the kick-off to the request log.
-#[derive(Clone)]
-struct ExportId(String);
-
 impl Api {
-    /// `base_path` is where the FHIR API lives, e.g. `/fhir`.
-    pub fn new(exporter: Arc<Exporter>, dispatcher: Arc<dyn Dispatcher>, base_path: &str) -> Self {
+    /// `base_path` is where the FHIR API lives, e.g. `/fhir`; `secured` says whether its clients
+    /// need tokens.
+    pub fn new(
+        exporter: Arc<Exporter>,
+        dispatcher: Arc<dyn Dispatcher>,
+        base_path: &str,
+        secured: bool,
+    ) -> Self {
         Api {
             exporter,
             dispatcher,
             base_path: base_path.trim_end_matches('/').to_string(),
+            secured,
         }
     }
 
-    /// Answers one request. Every error is an OperationOutcome, in the JSON flavour the request's
-    /// `Accept` asks for. Each response carries `X-Request-Id`, and each request gets one line in
-    /// the request log once its body is sent.
-    pub async fn handle(&self, request: Request<Bytes>) -> Response<Body> {
-        self.respond(request, None).await
+    /// The base path, e.g. `/fhir`.
+    pub fn base_path(&self) -> &str {
+        &self.base_path
     }
 
-    /// Answers a request the transport already refused (e.g. a body over [`MAX_BODY`]) with
-    /// `error`, through the same log and headers as every other answer.
-    pub async fn refuse(&self, request: Request<Bytes>, error: ApiError) -> Response<Body> {
-        self.respond(request, Some(error)).await
+    /// Whether a request counts against its principal's rate limit (kick-offs and status
+    /// polls; downloads do not, a manifest may list hundreds of files).
+    pub fn is_rate_limited(&self, request: &Request<Bytes>) -> bool {
+        matches!(
+            self.route(request),
+            Ok(Route::Kickoff(_) | Route::Status(_) | Route::ManifestPage(..))
+        )
     }
 
-    async fn respond(&self, request: Request<Bytes>, refused: Option<ApiError>) -> Response<Body> {
-        let mut record = RequestRecord::new(new_id(), request.method());
-        let accept = request
-            .headers()
-            .get(ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .map(String::from);
-        let routed = self.route(&request);
+    /// Whether a request may be answered without a principal (the CapabilityStatement).
+    pub fn is_public(&self, request: &Request<Bytes>) -> bool {
+        matches!(self.route(request), Ok(Route::Metadata))
+    }
+
+    /// Answers one request for `principal` (`None` only for public routes). Every error is an
+    /// OperationOutcome, in the JSON flavour the request's `Accept` asks for. The response
+    /// carries a [`RouteInfo`] extension for the request log.
+    pub async fn handle(
+        &self,
+        request: &Request<Bytes>,
+        principal: Option<&Principal>,
+    ) -> Response<Body> {
+        let accept = request.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
+        let mut info = RouteInfo::default();
+        let routed = self.route(request);
         if let Ok(route) = &routed {
-            record.route = format!("{}{}", self.base_path, route.template());
-            if let Some(id) = route.export_id() {
-                record.set_export_id(id);
-            }
+            info.route = format!("{}{}", self.base_path, route.template());
+            info.export_id = route.export_id().map(String::from);
         }
-        let mut response = match (refused, routed) {
-            (Some(error), _) | (None, Err(error)) => Err(error),
-            (None, Ok(route)) => self.answer(route, &request).await,
-        }
-        .unwrap_or_else(|error| error_response(&error, accept.as_deref()));
-        if let Some(ExportId(id)) = response.extensions_mut().remove::<ExportId>() {
-            record.set_export_id(&id);
-        }
-        record.status = response.status().as_u16();
+        let answered = match routed {
+            Err(error) => Err(error),
+            Ok(Route::Metadata) if request.method() == Method::GET => Ok(self.metadata(request)),
+            Ok(Route::Metadata) => Err(method_not_allowed(request)),
+            Ok(route) => match principal {
+                Some(principal) => self.answer(route, request, principal, &mut info).await,
+                None => return unauthorized_response(&AuthFailure::Missing, accept),
+            },
+        };
+        let mut response = answered.unwrap_or_else(|error| error_response(&error, accept));
+        response.extensions_mut().insert(info);
         response
-            .headers_mut()
-            .insert("x-request-id", header(&record.request_id));
-        logged(response, record)
     }
 
     /// The route a request's path names.
@@ -177,13 +200,26 @@ impl Api {
         &self,
         route: Route,
         request: &Request<Bytes>,
+        principal: &Principal,
+        info: &mut RouteInfo,
     ) -> Result<Response<Body>, ApiError> {
         let method = request.method();
         let accept = request.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
+        let Some(scopes) = principal.fhir_scopes() else {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                IssueCode::Forbidden,
+                "this credential cannot use the FHIR Bulk Data API: it needs a SMART Backend Services access token",
+            ));
+        };
+        if let Some(id) = route.export_id() {
+            self.owned_job(id, principal).await?;
+        }
         match (route, method) {
-            (Route::Metadata, &Method::GET) => Ok(self.metadata(request)),
             (Route::Kickoff(level), &Method::GET | &Method::POST) => {
-                self.kickoff(request, level).await
+                let response = self.kickoff(request, level, principal, &scopes).await?;
+                info.export_id = response.extensions().get::<ExportId>().map(|e| e.0.clone());
+                Ok(response)
             }
             (Route::Status(id), &Method::GET) => self.status(request, &id).await,
             (Route::Status(id), &Method::DELETE) => self.cancel(&id, accept).await,
@@ -197,29 +233,49 @@ impl Api {
                     })?;
                 Ok(json_response(StatusCode::OK, "application/json", &page))
             }
-            (Route::Download { key, .. }, &Method::GET) => self.download(request, &key).await,
-            _ => Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                IssueCode::NotSupported,
-                format!("method {method} is not allowed on {}", request.uri().path()),
-            )),
+            (Route::Download { key, .. }, &Method::GET) => {
+                info.file = key.split_once('/').map(|(_, file)| file.to_string());
+                self.download(request, &key).await
+            }
+            _ => Err(method_not_allowed(request)),
         }
     }
 
     fn metadata(&self, request: &Request<Bytes>) -> Response<Body> {
+        let base = self.base_url(request);
+        let token_url = self
+            .secured
+            .then(|| format!("{}/auth/token", self.origin(&base)));
         let statement = capability_statement(
-            &self.base_url(request),
+            &base,
             env!("CARGO_PKG_VERSION"),
             "2026-11-22",
+            token_url.as_deref(),
         );
         let accept = request.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
         json_response(StatusCode::OK, resource_content_type(accept), &statement)
+    }
+
+    /// The job `id` if `principal` may see it: its owner does, and the local administrator sees
+    /// every export. To anyone else it does not exist.
+    async fn owned_job(&self, id: &str, principal: &Principal) -> Result<(), ApiError> {
+        let job = self.exporter.ports.jobs.get(id).await?;
+        let visible = job.is_some_and(|job| {
+            *principal == Principal::LocalAdmin || job.owner.as_deref() == Some(&principal.id())
+        });
+        if visible {
+            Ok(())
+        } else {
+            Err(unknown_job(id))
+        }
     }
 
     async fn kickoff(
         &self,
         request: &Request<Bytes>,
         level: ExportLevel,
+        principal: &Principal,
+        scopes: &Scopes,
     ) -> Result<Response<Body>, ApiError> {
         let headers = KickoffHeaders {
             prefer: request
@@ -245,7 +301,7 @@ impl Api {
             form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
                 .map(|(k, v)| (k.into_owned(), v.into_owned()))
                 .collect();
-        let params = parse_kickoff(
+        let mut params = parse_kickoff(
             &level,
             method,
             &query,
@@ -253,14 +309,10 @@ impl Api {
             &headers,
             now_millis(),
         )?;
-        let client = request
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+        limit_to_scopes(&mut params, scopes)?;
         let (job, is_new) = self
             .exporter
-            .kickoff_for(level, params, self.request_url(request), client)
+            .kickoff_for(level, params, self.request_url(request), &principal.id())
             .await?;
         if is_new && let Err(e) = self.dispatcher.start(&job.id).await {
             self.exporter
@@ -387,13 +439,15 @@ impl Api {
             .downloadable_part(key)
             .await?
             .ok_or_else(gone)?;
-        let stream = self
-            .exporter
-            .ports
-            .output
-            .open(&part.key)
-            .await?
-            .ok_or_else(gone)?;
+        let output = &self.exporter.ports.output;
+        let Some(stream) = output.open(&part.key).await? else {
+            // Storage that serves files itself (S3): send the client there, with a fresh
+            // short-lived URL, now that its token and ownership are checked.
+            let url = output.redirect_url(&part.key).await?.ok_or_else(gone)?;
+            let mut response = empty(StatusCode::TEMPORARY_REDIRECT);
+            response.headers_mut().insert(LOCATION, header(&url));
+            return Ok(response);
+        };
         let gzip = request
             .headers()
             .get(ACCEPT_ENCODING)
@@ -413,6 +467,11 @@ impl Api {
             headers.insert(CONTENT_LENGTH, header(&part.bytes.to_string()));
         }
         Ok(response)
+    }
+
+    /// The scheme and host of a base URL (`https://example.org` of `https://example.org/fhir`).
+    fn origin<'a>(&self, base_url: &'a str) -> &'a str {
+        base_url.strip_suffix(&self.base_path).unwrap_or(base_url)
     }
 
     /// The absolute FHIR base URL as the client sees it (scheme and host from the request).
@@ -453,6 +512,58 @@ impl Api {
     }
 }
 
+fn method_not_allowed(request: &Request<Bytes>) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        IssueCode::NotSupported,
+        format!(
+            "method {} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+/// The export a kick-off created, handed from the kick-off to the request log.
+#[derive(Clone)]
+struct ExportId(String);
+
+/// Narrows a kick-off to what the client's scopes allow: a `_type` beyond them is refused, and
+/// without `_type` only the granted types are exported (the error file says so).
+fn limit_to_scopes(params: &mut ExportParams, scopes: &Scopes) -> Result<(), ApiError> {
+    let Some(granted) = scopes.types() else {
+        return Ok(());
+    };
+    match &params.types {
+        Some(types) => {
+            let refused: Vec<&str> = types
+                .iter()
+                .map(String::as_str)
+                .filter(|t| !scopes.allows(t))
+                .collect();
+            if !refused.is_empty() {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    IssueCode::Forbidden,
+                    format!(
+                        "_type asks for {} beyond the access token's scopes ({})",
+                        refused.join(", "),
+                        scopes.to_scope_string()
+                    ),
+                ));
+            }
+        }
+        None => {
+            params.types = Some(granted.iter().cloned().collect());
+            params.notes.push(format!(
+                "the access token's scopes allow only {}; other resource types were not exported",
+                granted.iter().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn unknown_job(job_id: &str) -> ApiError {
     ApiError::not_found(format!(
         "no export {job_id}: it never existed, was cancelled, or has expired"
@@ -478,17 +589,25 @@ fn json_response(status: StatusCode, content_type: &'static str, body: &Value) -
     response
 }
 
-/// A response whose body writes the request's log line once it is sent.
-fn logged(response: Response<Body>, record: RequestRecord) -> Response<Body> {
-    let (parts, body) = response.into_parts();
-    let body = match body {
-        Body::Full(bytes) => {
-            record.finish(bytes.len() as u64);
-            Body::Full(bytes)
-        }
-        Body::Stream(stream) => Body::Stream(Box::pin(LoggedStream::new(stream, record))),
+/// The 401 (or 429, 500) for credentials the gateway refused, as an OperationOutcome with the
+/// `WWW-Authenticate` challenge of RFC 6750.
+pub fn unauthorized_response(failure: &AuthFailure, accept: Option<&str>) -> Response<Body> {
+    let code = match failure {
+        AuthFailure::RateLimited { .. } => IssueCode::Throttled,
+        AuthFailure::Internal(_) => IssueCode::Exception,
+        _ => IssueCode::Login,
     };
-    Response::from_parts(parts, body)
+    let mut error = ApiError::new(failure.status(), code, failure.message());
+    if let AuthFailure::RateLimited { retry_after } = failure {
+        error.retry_after = Some(*retry_after);
+    }
+    let mut response = error_response(&error, accept);
+    if let Some(challenge) = failure.challenge() {
+        response
+            .headers_mut()
+            .insert(WWW_AUTHENTICATE, header(&challenge));
+    }
+    response
 }
 
 /// The OperationOutcome response for an error, labelled as the request's `Accept` asks

@@ -23,6 +23,10 @@ pub struct Settings {
     pub concurrency: usize,
     /// Pause after each page (tests use it to catch an export mid-run).
     pub page_delay: Duration,
+    /// Manifests say `requiresAccessToken: true` and list download routes of this API, which
+    /// check the token and owner (and redirect to storage where storage serves the bytes).
+    /// Off, manifests list URLs anyone holding them can use (presigned URLs on AWS).
+    pub requires_access_token: bool,
 }
 
 impl Default for Settings {
@@ -37,6 +41,7 @@ impl Default for Settings {
             busy_retry_after: 10,
             concurrency: 2,
             page_delay: Duration::ZERO,
+            requires_access_token: false,
         }
     }
 }

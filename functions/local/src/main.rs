@@ -1,5 +1,6 @@
 //! `bulk-export`: run the FHIR Bulk Data export server locally, load data, generate sample data.
 
+use bulk_export_local::admin;
 use bulk_export_local::files::FileOutput;
 use bulk_export_local::server::{LocalService, serve};
 use bulk_export_local::sqlite::SqliteStore;
@@ -40,6 +41,44 @@ enum LogFormat {
 enum Command {
     /// Serve the FHIR API at http://ADDR/fhir.
     Serve(ServeArgs),
+    /// SMART Backend Services clients (bulk FHIR clients) and their keys.
+    Clients {
+        #[arg(long, global = true, default_value = "bulk-export.db")]
+        db: PathBuf,
+        #[command(subcommand)]
+        command: admin::ClientsCommand,
+    },
+    /// People who sign in with tokens of the local issuer.
+    Users {
+        #[arg(long, global = true, default_value = "bulk-export.db")]
+        db: PathBuf,
+        #[command(subcommand)]
+        command: admin::UsersCommand,
+    },
+    /// Print a token of the local issuer for a user.
+    Token {
+        #[arg(long, default_value = "bulk-export.db")]
+        db: PathBuf,
+        #[arg(long)]
+        user: String,
+        /// How long the token lives: 90s, 15m, 1h, 2d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+    /// Study memberships: who has which role in which study.
+    Members {
+        #[arg(long, global = true, default_value = "bulk-export.db")]
+        db: PathBuf,
+        #[command(subcommand)]
+        command: admin::MembersCommand,
+    },
+    /// API keys for system integrations.
+    ApiKeys {
+        #[arg(long, global = true, default_value = "bulk-export.db")]
+        db: PathBuf,
+        #[command(subcommand)]
+        command: admin::ApiKeysCommand,
+    },
     /// Import .ndjson, .ndjson.gz and Bundle .json files (or directories of them) into the store.
     Load {
         #[arg(long, default_value = "bulk-export.db")]
@@ -100,6 +139,42 @@ struct ServeArgs {
     /// Pause after each page, to make exports slow in tests.
     #[arg(long, default_value_t = 0, hide = true)]
     page_delay_ms: u64,
+    /// Seconds between sweeps that delete expired exports.
+    #[arg(long, default_value_t = 30, hide = true)]
+    expiry_sweep_secs: u64,
+    /// Whether requests need credentials (bearer tokens, API keys). Default: off on a loopback
+    /// address (a request without credentials acts as the local administrator), on elsewhere.
+    #[arg(long, env = "BULK_EXPORT_AUTH", value_enum)]
+    auth: Option<AuthSwitch>,
+    /// Needed, besides `--auth off`, to serve without authentication on a non-loopback address.
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// The URL clients use to reach this server (default: http(s)://ADDR); the issuer of the
+    /// tokens it signs.
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Also trust user tokens of this OpenID issuer (exactly its `iss`); needs --oidc-audience
+    /// and --oidc-jwks.
+    #[arg(long, requires_all = ["oidc_audience", "oidc_jwks"])]
+    oidc_issuer: Option<String>,
+    /// The `aud` (or Cognito `client_id`) its tokens must carry.
+    #[arg(long)]
+    oidc_audience: Option<String>,
+    /// Its JWK Set: an https URL or a file.
+    #[arg(long)]
+    oidc_jwks: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AuthSwitch {
+    On,
+    Off,
 }
 
 fn main() -> ExitCode {
@@ -136,6 +211,11 @@ fn main() -> ExitCode {
             out,
             seed,
         } => run_generate(patients, &out, seed),
+        Command::Clients { db, command } => admin::clients(&db, command),
+        Command::Users { db, command } => admin::users(&db, command),
+        Command::Token { db, user, ttl } => admin::token(&db, &user, &ttl),
+        Command::Members { db, command } => admin::members(&db, command),
+        Command::ApiKeys { db, command } => admin::api_keys(&db, command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -174,10 +254,60 @@ async fn run_serve(args: ServeArgs) -> CliResult {
         page_delay: Duration::from_millis(args.page_delay_ms),
         ..Settings::default()
     };
-    let service = LocalService::new(store, FileOutput::new(&args.output)?, settings);
     let listener = tokio::net::TcpListener::bind(&args.addr).await?;
-    let base = format!("http://{}/fhir", listener.local_addr()?);
+    let bound = listener.local_addr()?;
+    let loopback = bound.ip().is_loopback();
+    let enforce = match (args.auth, loopback) {
+        (Some(AuthSwitch::On), _) | (None, false) => true,
+        (Some(AuthSwitch::Off), true) | (None, true) => false,
+        (Some(AuthSwitch::Off), false) if args.insecure_no_auth => {
+            eprintln!(
+                "WARNING: authentication is off on {bound}: anyone who reaches it can export every patient"
+            );
+            false
+        }
+        (Some(AuthSwitch::Off), false) => {
+            return Err(format!(
+                "--auth off on {bound}, which is not a loopback address, needs --insecure-no-auth as well"
+            )
+            .into());
+        }
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(bulk_export_local::server::tls_acceptor(cert, key)?),
+        _ => None,
+    };
+    if tls.is_none() && !loopback {
+        eprintln!(
+            "NOTE: serving plain HTTP on {bound}: tokens must not travel in clear, so put a TLS-terminating proxy in front (or use --tls-cert/--tls-key)"
+        );
+    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let origin = args
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{bound}"))
+        .trim_end_matches('/')
+        .to_string();
+    // `bulk-export token` signs user tokens with this issuer.
+    store.set_setting("issuer", &origin)?;
+    let auth = export_auth::AuthConfig {
+        enforce,
+        issuer: origin.clone(),
+        trusted_issuers: oidc_issuers(&args)?,
+    };
+    let mut service = LocalService::new(store, FileOutput::new(&args.output)?, settings, auth)?;
+    service.expiry_sweep = Duration::from_secs(args.expiry_sweep_secs.max(1));
+    let base = format!("{scheme}://{bound}/fhir");
     println!("FHIR Bulk Data server listening on {base}");
+    println!(
+        "  authentication: {}",
+        if enforce {
+            "on (bearer tokens or API keys; see the README)"
+        } else {
+            "off (loopback; requests without a token act as the local administrator)"
+        }
+    );
     println!(
         "  try:  curl -i -H 'Accept: application/fhir+json' -H 'Prefer: respond-async' '{base}/Patient/$export'"
     );
@@ -187,10 +317,36 @@ async fn run_serve(args: ServeArgs) -> CliResult {
     println!("  and:  curl '<an output url from the manifest>'");
     std::io::stdout().flush()?;
     tokio::select! {
-        served = serve(service, listener) => served?,
+        served = serve(service, listener, tls) => served?,
         _ = tokio::signal::ctrl_c() => println!("shutting down"),
     }
     Ok(())
+}
+
+/// The extra OpenID issuer given on the command line, if any.
+fn oidc_issuers(args: &ServeArgs) -> Result<Vec<export_auth::oidc::TrustedIssuer>, String> {
+    use export_auth::oidc::{IssuerKeys, TrustedIssuer};
+    let (Some(issuer), Some(audience), Some(jwks)) =
+        (&args.oidc_issuer, &args.oidc_audience, &args.oidc_jwks)
+    else {
+        return Ok(Vec::new());
+    };
+    let keys = if jwks.starts_with("https://") || jwks.starts_with("http://") {
+        if !export_auth::jwks::fetchable(jwks) {
+            return Err(
+                "--oidc-jwks must be an https URL (http only on loopback) or a file".into(),
+            );
+        }
+        IssuerKeys::Url(jwks.clone())
+    } else {
+        let text = std::fs::read_to_string(jwks).map_err(|e| format!("{jwks}: {e}"))?;
+        IssuerKeys::Inline(serde_json::from_str(&text).map_err(|e| format!("{jwks}: {e}"))?)
+    };
+    Ok(vec![TrustedIssuer {
+        issuer: issuer.clone(),
+        audience: audience.clone(),
+        keys,
+    }])
 }
 
 /// Writes `patients` generated patients (and their resources) into the store.

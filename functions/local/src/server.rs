@@ -1,15 +1,20 @@
-//! The local HTTP server: hyper in front of the shared router, plus the background duties of a
-//! long-running process (resume interrupted jobs at start, expire old ones).
+//! The local HTTP server: hyper (over TLS when given a certificate) in front of the shared gateway,
+//! plus the background duties of a long-running process (resume interrupted jobs at start, expire
+//! old ones).
 
 use crate::dispatch::LocalDispatcher;
 use crate::files::FileOutput;
 use crate::sqlite::SqliteStore;
 use bytes::Bytes;
+use export_auth::jwks::HttpJwksFetcher;
+use export_auth::ports::AuthPorts;
+use export_auth::{AuthConfig, Authenticator};
 use export_core::fhir::outcome::IssueCode;
 use export_core::fhir::time::now_millis;
 use export_core::ports::Dispatcher;
 use export_core::router::MAX_BODY;
 use export_core::{Api, ApiError, Body, Exporter, Ports, Settings};
+use export_gateway::Gateway;
 use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
@@ -23,17 +28,46 @@ use tokio::net::TcpListener;
 
 /// How often finished exports past their retention are deleted.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(30);
+/// Largest request head (line and headers) accepted.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// The wired-up service: API, engine and dispatcher over one store and one output directory.
+/// The wired-up service: gateway, engine and dispatcher over one store and one output directory.
 pub struct LocalService {
-    pub api: Arc<Api>,
+    pub gateway: Arc<Gateway>,
     pub exporter: Arc<Exporter>,
     pub dispatcher: Arc<LocalDispatcher>,
+    /// How often exports past their retention are deleted.
+    pub expiry_sweep: Duration,
 }
 
 impl LocalService {
-    pub fn new(store: SqliteStore, output: FileOutput, settings: Settings) -> Self {
+    /// With `auth.enforce`, manifests require the client's token for downloads.
+    pub fn new(
+        store: SqliteStore,
+        output: FileOutput,
+        mut settings: Settings,
+        auth: AuthConfig,
+    ) -> export_core::StoreResult<Self> {
+        let signer = store
+            .signing_key()
+            .map_err(|e| export_core::StoreError(e.0))?;
         let store = Arc::new(store);
+        let auth_ports = AuthPorts {
+            clients: store.clone(),
+            replay: store.clone(),
+            users: store.clone(),
+            memberships: store.clone(),
+            api_keys: store.clone(),
+            signer: Arc::new(signer),
+            fetcher: Arc::new(HttpJwksFetcher),
+        };
+        let secured = auth.enforce;
+        settings.requires_access_token |= secured;
+        let authenticator = Arc::new(Authenticator::new(
+            auth,
+            auth_ports,
+            export_core::fhir::is_resource_type,
+        ));
         let ports = Ports {
             resources: store.clone(),
             jobs: store.clone(),
@@ -42,12 +76,18 @@ impl LocalService {
         };
         let exporter = Arc::new(Exporter::new(ports, settings));
         let dispatcher = Arc::new(LocalDispatcher::new(exporter.clone()));
-        let api = Arc::new(Api::new(exporter.clone(), dispatcher.clone(), "/fhir"));
-        LocalService {
-            api,
+        let api = Arc::new(Api::new(
+            exporter.clone(),
+            dispatcher.clone(),
+            "/fhir",
+            secured,
+        ));
+        Ok(LocalService {
+            gateway: Arc::new(Gateway::new(api, authenticator)),
             exporter,
             dispatcher,
-        }
+            expiry_sweep: EXPIRY_SWEEP,
+        })
     }
 
     /// Restarts the jobs a previous process left accepted or in progress.
@@ -61,8 +101,12 @@ impl LocalService {
     }
 }
 
-/// Serves HTTP on `listener` until the process ends.
-pub async fn serve(service: LocalService, listener: TcpListener) -> std::io::Result<()> {
+/// Serves HTTP on `listener` until the process ends; with `tls`, HTTPS only.
+pub async fn serve(
+    service: LocalService,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<()> {
     let resumed = service
         .resume_interrupted()
         .await
@@ -71,8 +115,9 @@ pub async fn serve(service: LocalService, listener: TcpListener) -> std::io::Res
         println!("resumed {resumed} interrupted export(s)");
     }
     let exporter = service.exporter.clone();
+    let sweep = service.expiry_sweep;
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(EXPIRY_SWEEP);
+        let mut tick = tokio::time::interval(sweep);
         loop {
             tick.tick().await;
             if let Err(e) = exporter.expire_due(now_millis()).await {
@@ -82,13 +127,23 @@ pub async fn serve(service: LocalService, listener: TcpListener) -> std::io::Res
     });
     loop {
         let (stream, _) = listener.accept().await?;
-        let api = service.api.clone();
+        let gateway = service.gateway.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let handler = service_fn(move |request| handle(api.clone(), request));
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), handler)
-                .await
-            {
+            let handler = service_fn(move |request| handle(gateway.clone(), request));
+            let mut http = http1::Builder::new();
+            http.max_buf_size(MAX_HEAD_BYTES.max(8192));
+            let served = match tls {
+                None => http.serve_connection(TokioIo::new(stream), handler).await,
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(stream) => http.serve_connection(TokioIo::new(stream), handler).await,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = served {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
@@ -98,13 +153,14 @@ pub async fn serve(service: LocalService, listener: TcpListener) -> std::io::Res
 type ResponseBody = UnsyncBoxBody<Bytes, std::io::Error>;
 
 async fn handle(
-    api: Arc<Api>,
+    gateway: Arc<Gateway>,
     request: hyper::Request<Incoming>,
 ) -> Result<hyper::Response<ResponseBody>, Infallible> {
     let (parts, body) = request.into_parts();
     let response = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => {
-            api.handle(hyper::Request::from_parts(parts, collected.to_bytes()))
+            gateway
+                .handle(hyper::Request::from_parts(parts, collected.to_bytes()))
                 .await
         }
         Err(_) => {
@@ -113,7 +169,8 @@ async fn handle(
                 IssueCode::Invalid,
                 format!("request body larger than {MAX_BODY} bytes"),
             );
-            api.refuse(hyper::Request::from_parts(parts, Bytes::new()), error)
+            gateway
+                .refuse(hyper::Request::from_parts(parts, Bytes::new()), error)
                 .await
         }
     };
@@ -125,4 +182,26 @@ async fn handle(
         Body::Stream(stream) => StreamBody::new(stream.map_ok(Frame::data)).boxed_unsync(),
     };
     Ok(hyper::Response::from_parts(parts, body))
+}
+
+/// A TLS acceptor from PEM files: TLS 1.2 and 1.3 only (rustls offers nothing older).
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    // The provider is named: several may be compiled in (the AWS SDK brings its own).
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("the certificate and key do not make a TLS configuration: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

@@ -160,11 +160,14 @@ async fn a_failing_export_is_marked_failed_and_frees_the_lock() {
         exporter.clone(),
         Arc::new(LocalDispatcher::new(exporter.clone())),
         "/fhir",
+        false,
     );
     let poll = http::Request::get(format!("http://x/fhir/$export-status/{}", job.id))
         .body(bytes::Bytes::new())
         .unwrap();
-    let response = api.handle(poll).await;
+    let response = api
+        .handle(&poll, Some(&export_auth::Principal::LocalAdmin))
+        .await;
     assert_eq!(response.status(), 200);
     let headers = response.headers();
     assert_eq!(headers["x-export-status"], "500 Internal Server Error");

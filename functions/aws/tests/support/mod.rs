@@ -92,7 +92,7 @@ impl Deployment {
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         let ddb = aws_sdk_dynamodb::Client::new(&sdk);
-        for table in ["resources", "jobs"] {
+        for table in ["resources", "jobs", "auth"] {
             DynamoTable::create(&ddb, &format!("{prefix}-{table}"))
                 .await
                 .expect("create table");
@@ -139,23 +139,23 @@ impl Deployment {
             .expect("create state machine")
             .state_machine_arn;
         let mut settings = AwsSettings {
-            resources_table: format!("{prefix}-resources"),
-            jobs_table: format!("{prefix}-jobs"),
-            bucket: format!("{prefix}-exports"),
             state_machine_arn: state_machine_arn.clone(),
             work_queue_url: work_queue,
             shards: 2,
-            url_expiry: Duration::from_secs(300),
-            gzip_output: true,
             worker_reserve: Duration::from_secs(60),
             heartbeat_every: Duration::from_secs(1),
             export: Settings {
                 page_size: 200,
                 ..Settings::default()
             },
+            ..AwsSettings::named(&prefix)
         };
         tune(&mut settings);
-        let service = Arc::new(AwsService::new(&sdk, settings.clone()));
+        let service = Arc::new(
+            AwsService::new(&sdk, settings.clone())
+                .await
+                .expect("service"),
+        );
         Deployment {
             sdk,
             service,
@@ -320,6 +320,62 @@ impl Deployment {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> ApiResponse {
+        let mut headers = headers.to_vec();
+        let text = body.map(|b| b.to_string());
+        if text.is_some() {
+            headers.push(("content-type", "application/fhir+json"));
+        }
+        self.call_raw(method, path_and_query, text.as_deref(), &headers)
+            .await
+    }
+
+    /// A registered SMART client (with a key generated for the test) and an access token for
+    /// `scope` from the API's token endpoint.
+    pub async fn client_token(&self, id: &str, scope: &str) -> String {
+        use export_auth::ports::{ClientKeys, ClientStore, RegisteredClient};
+        let client = e2e_tests::smart::TestClient::new(id);
+        self.service
+            .auth_store
+            .put_client(&RegisteredClient {
+                id: id.into(),
+                keys: ClientKeys::Inline(client.jwks.clone()),
+                allowed_scopes: "system/*.rs".into(),
+                created: 0,
+            })
+            .await
+            .unwrap();
+        let token_url = "https://abc123.execute-api.us-east-1.amazonaws.com/auth/token";
+        let body = format!(
+            "grant_type=client_credentials&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={}&scope={}",
+            client.assertion(token_url, |_| {}),
+            scope
+                .replace('/', "%2F")
+                .replace(' ', "+")
+                .replace('*', "%2A")
+        );
+        let response = self
+            .call_raw(
+                "POST",
+                "/auth/token",
+                Some(&body),
+                &[("content-type", "application/x-www-form-urlencoded")],
+            )
+            .await;
+        assert_eq!(response.status, 200, "token: {}", response.body);
+        response.json()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Sends an HTTP API event with a raw body and the given headers.
+    pub async fn call_raw(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> ApiResponse {
         let mut event: Value = serde_json::from_str(
             &std::fs::read_to_string(repo_root().join("events/api-kickoff-system.json")).unwrap(),
         )
@@ -335,8 +391,7 @@ impl Deployment {
             event["headers"][name.to_ascii_lowercase()] = (*value).into();
         }
         if let Some(body) = body {
-            event["body"] = body.to_string().into();
-            event["headers"]["content-type"] = "application/fhir+json".into();
+            event["body"] = body.into();
         }
         let request = export_aws::lambda_http::request::from_str(&event.to_string())
             .expect("valid HTTP API event");

@@ -29,7 +29,14 @@ const GROUP_EXPORT_OPERATION: &str =
 /// It `instantiates` the Bulk Data IG's server CapabilityStatement and declares `$export` at
 /// system, Patient and Group level. Every resource type lists the search parameters its
 /// `_typeFilter` queries can use.
-pub fn capability_statement(base_url: &str, software_version: &str, published: &str) -> Value {
+/// With `token_url` (when clients need tokens), `rest.security` declares SMART Backend Services
+/// and the token endpoint in the `oauth-uris` extension.
+pub fn capability_statement(
+    base_url: &str,
+    software_version: &str,
+    published: &str,
+    token_url: Option<&str>,
+) -> Value {
     let export_op = |name: &str, definition: &str| {
         json!({"name": name, "definition": definition,
             "documentation": format!("Kick-off parameters: {}", KICKOFF_PARAMETERS.join(", "))})
@@ -58,7 +65,7 @@ pub fn capability_statement(base_url: &str, software_version: &str, published: &
             entry
         })
         .collect();
-    json!({
+    let mut statement = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": published,
@@ -79,7 +86,21 @@ pub fn capability_statement(base_url: &str, software_version: &str, published: &
             "resource": resources,
             "operation": [export_op("export", EXPORT_OPERATION)]
         }]
-    })
+    });
+    if let Some(token_url) = token_url {
+        statement["rest"][0]["security"] = json!({
+            "extension": [{
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [{"url": "token", "valueUri": token_url}]
+            }],
+            "service": [{"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                "code": "SMART-on-FHIR"
+            }]}],
+            "description": "SMART Backend Services (client-confidential-asymmetric): see /.well-known/smart-configuration"
+        });
+    }
+    statement
 }
 
 fn search_params(resource_type: &str) -> Vec<Value> {

@@ -13,6 +13,8 @@ pub enum IssueCode {
     Exception,
     Deleted,
     Informational,
+    Login,
+    Forbidden,
 }
 
 impl IssueCode {
@@ -26,6 +28,8 @@ impl IssueCode {
             IssueCode::Exception => "exception",
             IssueCode::Deleted => "deleted",
             IssueCode::Informational => "informational",
+            IssueCode::Login => "login",
+            IssueCode::Forbidden => "forbidden",
         }
     }
 }

@@ -5,8 +5,8 @@
 //! template (`/fhir/$export-status/{id}`), never the path's values, query strings, bodies or
 //! resource content.
 
-use crate::ports::ByteStream;
 use bytes::Bytes;
+use export_core::ports::ByteStream;
 use futures_core::Stream;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -25,6 +25,10 @@ pub struct RequestRecord {
     pub status: u16,
     /// The export the request is about, where there is one.
     pub export_id: Option<String>,
+    /// The file a download sent (`<type>/<file>`).
+    pub file: Option<String>,
+    /// Who asked (a principal id such as `client:<id>`; never a credential).
+    pub principal: Option<String>,
     started: Instant,
 }
 
@@ -36,6 +40,8 @@ impl RequestRecord {
             route: String::new(),
             status: 0,
             export_id: None,
+            file: None,
+            principal: None,
             started: Instant::now(),
         }
     }
@@ -59,6 +65,8 @@ impl RequestRecord {
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             bytes,
             export_id = self.export_id.as_deref(),
+            file = self.file.as_deref(),
+            principal = self.principal.as_deref(),
             "request"
         );
     }

@@ -1,0 +1,128 @@
+//! The one HTTP entry of the service, shared by `bulk-export serve` and the API Lambda.
+//!
+//! Every request gets an id (`X-Request-Id`) and one line in the request log. Requests to the
+//! FHIR API are authenticated here, once, and the principal is handed to the FHIR router, which
+//! decides what it may do. The auth endpoints (`/auth/token`, `/auth/jwks`) and the SMART
+//! discovery document are answered here and are public, like the CapabilityStatement.
+
+mod auth_routes;
+pub mod request_log;
+
+use bytes::Bytes;
+use export_auth::Authenticator;
+use export_core::fhir::outcome::IssueCode;
+use export_core::fhir::time::now_millis;
+use export_core::ids::new_id;
+use export_core::router::{RouteInfo, error_response, unauthorized_response};
+use export_core::{Api, ApiError, Body};
+use http::header::ACCEPT;
+use http::{HeaderValue, Request, Response};
+use request_log::{LoggedStream, RequestRecord};
+use std::sync::Arc;
+
+/// The service's HTTP front.
+pub struct Gateway {
+    pub fhir: Arc<Api>,
+    pub auth: Arc<Authenticator>,
+}
+
+impl Gateway {
+    pub fn new(fhir: Arc<Api>, auth: Arc<Authenticator>) -> Self {
+        Gateway { fhir, auth }
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, request: Request<Bytes>) -> Response<Body> {
+        self.respond(request, None).await
+    }
+
+    /// Answers a request the transport already refused (e.g. a body over
+    /// [`export_core::router::MAX_BODY`]) with `error`, logged like every other.
+    pub async fn refuse(&self, request: Request<Bytes>, error: ApiError) -> Response<Body> {
+        self.respond(request, Some(error)).await
+    }
+
+    async fn respond(&self, request: Request<Bytes>, refused: Option<ApiError>) -> Response<Body> {
+        let mut record = RequestRecord::new(new_id(), request.method());
+        let accept = request
+            .headers()
+            .get(ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let mut response = match refused {
+            Some(error) => error_response(&error, accept.as_deref()),
+            None => self.route(&request, accept.as_deref(), &mut record).await,
+        };
+        if let Some(info) = response.extensions_mut().remove::<RouteInfo>() {
+            if !info.route.is_empty() {
+                record.route = info.route;
+            }
+            if let Some(id) = info.export_id {
+                record.set_export_id(&id);
+            }
+            record.file = info.file;
+        }
+        record.status = response.status().as_u16();
+        response.headers_mut().insert(
+            "x-request-id",
+            HeaderValue::from_str(&record.request_id).expect("hex id"),
+        );
+        logged(response, record)
+    }
+
+    async fn route(
+        &self,
+        request: &Request<Bytes>,
+        accept: Option<&str>,
+        record: &mut RequestRecord,
+    ) -> Response<Body> {
+        let path = request.uri().path();
+        if let Some(response) = self.auth_route(request, record).await {
+            return response;
+        }
+        let fhir_base = self.fhir.base_path();
+        if path != fhir_base && !path.starts_with(&format!("{fhir_base}/")) {
+            return error_response(
+                &ApiError::new(
+                    http::StatusCode::NOT_FOUND,
+                    IssueCode::NotFound,
+                    format!("no endpoint at {path}; the FHIR base is {fhir_base}"),
+                ),
+                accept,
+            );
+        }
+        if self.fhir.is_public(request) {
+            return self.fhir.handle(request, None).await;
+        }
+        let now = now_millis().timestamp();
+        let principal = match self.auth.authenticate(request.headers(), now).await {
+            Ok(principal) => principal,
+            Err(failure) => {
+                if let export_auth::AuthFailure::Internal(detail) = &failure {
+                    tracing::error!(request_id = %record.request_id, error = %detail, "authentication failed");
+                }
+                return unauthorized_response(&failure, accept);
+            }
+        };
+        record.principal = Some(principal.id());
+        if self.fhir.is_rate_limited(request)
+            && let Err(failure) = self.auth.rate_check(&principal)
+        {
+            return unauthorized_response(&failure, accept);
+        }
+        self.fhir.handle(request, Some(&principal)).await
+    }
+}
+
+/// A response whose body writes the request's log line once it is sent.
+fn logged(response: Response<Body>, record: RequestRecord) -> Response<Body> {
+    let (parts, body) = response.into_parts();
+    let body = match body {
+        Body::Full(bytes) => {
+            record.finish(bytes.len() as u64);
+            Body::Full(bytes)
+        }
+        Body::Stream(stream) => Body::Stream(Box::pin(LoggedStream::new(stream, record))),
+    };
+    Response::from_parts(parts, body)
+}

@@ -1,0 +1,339 @@
+//! The administration commands: registered SMART clients, users of the local issuer and their
+//! tokens, study memberships, and API keys. Each works on the same store `serve` uses.
+
+use crate::sqlite::SqliteStore;
+use clap::Subcommand;
+use export_auth::ports::{
+    ApiKeyStore, ClientKeys, ClientStore, MembershipStore, RegisteredClient, User, UserStore,
+};
+use export_auth::principal::{Membership, Role};
+use export_auth::scopes::Scopes;
+use std::path::{Path, PathBuf};
+
+type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+#[derive(Subcommand)]
+pub enum ClientsCommand {
+    /// Register a SMART Backend Services client with its public keys.
+    Add {
+        #[arg(long)]
+        id: String,
+        /// A file holding the client's JWK Set (public keys).
+        #[arg(
+            long,
+            conflicts_with = "jwks_url",
+            required_unless_present = "jwks_url"
+        )]
+        jwks: Option<PathBuf>,
+        /// Where the client serves its JWK Set (https; http only on loopback).
+        #[arg(long)]
+        jwks_url: Option<String>,
+        /// The scopes it may be granted (SMART v1 or v2, space-separated).
+        #[arg(long, default_value = "system/*.rs")]
+        scope: String,
+    },
+    List,
+    Remove {
+        #[arg(long)]
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum UsersCommand {
+    /// Add a user of the local issuer (or rename one).
+    Add {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        name: String,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum MembersCommand {
+    /// Give a user a role in a study (replacing any earlier one).
+    Grant {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        study: String,
+        /// study-admin, investigator, data-reviewer or site-staff.
+        #[arg(long)]
+        role: String,
+        /// The sites of a site-staff member (repeat for several).
+        #[arg(long = "site")]
+        sites: Vec<String>,
+    },
+    List {
+        #[arg(long)]
+        study: Option<String>,
+    },
+    Revoke {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        study: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ApiKeysCommand {
+    /// Create a key for one study and role; it is printed once and only its hash is kept.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        study: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long = "site")]
+        sites: Vec<String>,
+    },
+    List,
+    Revoke {
+        #[arg(long)]
+        id: String,
+    },
+}
+
+fn now() -> i64 {
+    export_core::fhir::time::now_millis().timestamp()
+}
+
+fn open(db: &Path) -> Result<SqliteStore, Box<dyn std::error::Error>> {
+    Ok(SqliteStore::open(db)?)
+}
+
+fn block<T>(future: impl std::future::Future<Output = T>) -> T {
+    crate::runtime::build().expect("runtime").block_on(future)
+}
+
+fn membership(study: &str, role: &str, sites: Vec<String>) -> Result<Membership, String> {
+    let role = Role::parse(role).ok_or_else(|| {
+        format!("unknown role {role}: use study-admin, investigator, data-reviewer or site-staff")
+    })?;
+    Membership::new(study, role, sites)
+}
+
+pub fn clients(db: &Path, command: ClientsCommand) -> CliResult {
+    let store = open(db)?;
+    match command {
+        ClientsCommand::Add {
+            id,
+            jwks,
+            jwks_url,
+            scope,
+        } => {
+            let keys = match (jwks, jwks_url) {
+                (Some(file), _) => {
+                    let set: serde_json::Value =
+                        serde_json::from_str(&std::fs::read_to_string(&file)?)
+                            .map_err(|e| format!("{}: not JSON ({e})", file.display()))?;
+                    let keys = set["keys"].as_array().ok_or("the file is not a JWK Set")?;
+                    if keys.is_empty() || keys.iter().any(|k| k.get("d").is_some()) {
+                        return Err("the JWK Set must hold public keys only, at least one".into());
+                    }
+                    ClientKeys::Inline(set)
+                }
+                (None, Some(url)) => {
+                    if !export_auth::jwks::fetchable(&url) {
+                        return Err("--jwks-url must be https (http only on loopback)".into());
+                    }
+                    ClientKeys::Url(url)
+                }
+                (None, None) => return Err("give --jwks FILE or --jwks-url URL".into()),
+            };
+            let (granted, refused) =
+                Scopes::parse_request(&scope, export_core::fhir::is_resource_type)?;
+            if granted.is_empty() {
+                return Err(
+                    format!("no grantable scope in --scope: {}", refused.join("; ")).into(),
+                );
+            }
+            let client = RegisteredClient {
+                id: id.clone(),
+                keys,
+                allowed_scopes: granted.to_scope_string(),
+                created: now(),
+            };
+            block(store.put_client(&client))?;
+            println!(
+                "registered client {id} (may be granted: {})",
+                client.allowed_scopes
+            );
+        }
+        ClientsCommand::List => {
+            for c in block(store.clients())? {
+                let keys = match &c.keys {
+                    ClientKeys::Inline(set) => format!(
+                        "{} key(s) registered",
+                        set["keys"].as_array().map_or(0, Vec::len)
+                    ),
+                    ClientKeys::Url(url) => url.clone(),
+                };
+                println!("{}\t{}\t{keys}", c.id, c.allowed_scopes);
+            }
+        }
+        ClientsCommand::Remove { id } => {
+            if !block(store.remove_client(&id))? {
+                return Err(format!("no client {id}").into());
+            }
+            println!("removed client {id}");
+        }
+    }
+    Ok(())
+}
+
+pub fn users(db: &Path, command: UsersCommand) -> CliResult {
+    let store = open(db)?;
+    match command {
+        UsersCommand::Add { email, name } => {
+            if !email.contains('@') {
+                return Err("--email must be an e-mail address".into());
+            }
+            let user = User {
+                email: email.to_ascii_lowercase(),
+                name,
+                subject: export_auth::random::hex_id(),
+                created: now(),
+            };
+            block(store.put_user(&user))?;
+            println!("user {} ready", user.email);
+        }
+        UsersCommand::List => {
+            for u in block(store.users())? {
+                println!("{}\t{}", u.email, u.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints a token of the local issuer for a user (for curl, scripts and tests).
+pub fn token(db: &Path, user: &str, ttl: &str) -> CliResult {
+    let store = open(db)?;
+    let ttl = parse_duration(ttl)?;
+    let user = block(store.user(&user.to_ascii_lowercase()))?
+        .ok_or_else(|| format!("no user {user}: add it with `bulk-export users add`"))?;
+    let issuer = store
+        .setting("issuer")?
+        .ok_or("the local issuer is not known yet: start `bulk-export serve` once on this store")?;
+    let signer = store.signing_key()?;
+    let token = block(export_auth::oidc::local_user_token(
+        &signer,
+        &issuer,
+        &user,
+        now(),
+        ttl,
+    ))?;
+    println!("{token}");
+    Ok(())
+}
+
+pub fn members(db: &Path, command: MembersCommand) -> CliResult {
+    let store = open(db)?;
+    match command {
+        MembersCommand::Grant {
+            user,
+            study,
+            role,
+            sites,
+        } => {
+            let m = membership(&study, &role, sites)?;
+            block(store.grant(&user, &m))?;
+            println!("{user} is {} of study {study}", m.role.as_str());
+        }
+        MembersCommand::List { study } => {
+            for (email, m) in block(store.all_memberships())? {
+                if study.as_ref().is_some_and(|s| *s != m.study) {
+                    continue;
+                }
+                println!(
+                    "{}\t{email}\t{}\t{}",
+                    m.study,
+                    m.role.as_str(),
+                    m.sites.list().join(",")
+                );
+            }
+        }
+        MembersCommand::Revoke { user, study } => {
+            if !block(store.revoke(&user, &study))? {
+                return Err(format!("{user} has no membership in study {study}").into());
+            }
+            println!("revoked {user} from study {study}");
+        }
+    }
+    Ok(())
+}
+
+pub fn api_keys(db: &Path, command: ApiKeysCommand) -> CliResult {
+    let store = open(db)?;
+    match command {
+        ApiKeysCommand::Create {
+            name,
+            study,
+            role,
+            sites,
+        } => {
+            let m = membership(&study, &role, sites)?;
+            let (key, record) = export_auth::api_keys::create(&name, m, now());
+            block(store.put_api_key(&record))?;
+            eprintln!(
+                "API key {} ({name}) created; it is shown only now, keep it secret:",
+                record.id
+            );
+            println!("{key}");
+        }
+        ApiKeysCommand::List => {
+            for k in block(store.api_keys())? {
+                let used = k.last_used.map_or("never".to_string(), format_time);
+                let state = if k.revoked { "revoked" } else { "active" };
+                println!(
+                    "{}\t{}\t{}\t{}\tcreated {}\tlast used {used}\t{state}",
+                    k.id,
+                    k.name,
+                    k.membership.study,
+                    k.membership.role.as_str(),
+                    format_time(k.created)
+                );
+            }
+        }
+        ApiKeysCommand::Revoke { id } => {
+            if !block(store.revoke_api_key(&id))? {
+                return Err(format!("no API key {id}").into());
+            }
+            println!("revoked API key {id}");
+        }
+    }
+    Ok(())
+}
+
+fn format_time(seconds: i64) -> String {
+    chrono::DateTime::from_timestamp(seconds, 0)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default()
+}
+
+/// `90s`, `15m`, `1h`, `2d` or plain seconds.
+pub fn parse_duration(text: &str) -> Result<i64, String> {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: i64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration (e.g. 15m, 1h)"))?;
+    let seconds = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("'{text}' is not a duration (e.g. 15m, 1h)")),
+    };
+    if seconds <= 0 || seconds > 30 * 86_400 {
+        return Err("a token lives between 1 second and 30 days".into());
+    }
+    Ok(seconds)
+}
