@@ -149,9 +149,11 @@ async fn work(service: &AwsService, record: &SqsMessage, deadline: Instant) -> H
         }
         Err(e) => {
             // Record why on the job first (Step Functions may drop a failure's cause), then tell
-            // the state machine, whose fail handler releases the lock if this could not.
+            // the state machine, whose fail handler releases the lock if this could not. The
+            // adapter's text (SDK errors, ARNs) is logged, never shown to the client.
+            tracing::error!(export_id = %job_id, item = message.item.item, error = %e, "work item failed");
             let diagnostics = format!(
-                "work item {} ({}) failed: {e}",
+                "work item {} ({}) failed because of an internal error; the export id is in the worker's log",
                 message.item.item, message.item.resource_type
             );
             if let Err(e) = exporter.fail(&job_id, &diagnostics).await {
@@ -202,14 +204,14 @@ async fn coordinate(service: &AwsService, record: &SqsMessage) -> HandlerResult 
             .await
             .map(|_| json!({"jobId": job_id})),
         CoordinatorAction::Fail => {
+            // The caught error's name (e.g. States.Timeout) is safe to show; its cause may hold
+            // SDK texts and ARNs, so it is logged only. A failure a worker explained was
+            // recorded on the job already, and `fail` keeps that first explanation.
             let error = message.error.unwrap_or(Value::Null);
-            let cause = error["Cause"]
-                .as_str()
-                .filter(|c| !c.is_empty())
-                .or(error["Error"].as_str())
-                .unwrap_or("the export failed");
+            let name = error["Error"].as_str().unwrap_or("unknown error");
+            tracing::error!(export_id = %job_id, error = %error, "the state machine failed the export");
             exporter
-                .fail(job_id, &format!("export failed: {cause}"))
+                .fail(job_id, &format!("the export failed ({name})"))
                 .await
                 .map(|_| json!({"jobId": job_id}))
         }

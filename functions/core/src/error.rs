@@ -81,11 +81,16 @@ impl From<serde_json::Error> for StoreError {
 }
 
 impl From<StoreError> for ApiError {
+    /// The adapter's text (SDK errors, paths, ARNs) goes to the log, never to the client.
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e.0, "storage failure");
-        ApiError::internal(format!("internal storage error: {}", e.0))
+        ApiError::internal(INTERNAL_ERROR)
     }
 }
+
+/// What a client is told of a failure inside the service; the gateway adds the request id,
+/// under which the details are in the log.
+pub const INTERNAL_ERROR: &str = "an internal error occurred; the server's log has the details";
 
 /// Result of a port call.
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -315,13 +315,12 @@ impl Api {
             .kickoff_for(level, params, self.request_url(request), &principal.id())
             .await?;
         if is_new && let Err(e) = self.dispatcher.start(&job.id).await {
+            tracing::error!(export_id = %job.id, error = %e, "could not start the export");
             self.exporter
-                .fail(&job.id, &format!("could not start the export: {e}"))
+                .fail(&job.id, "the export could not be started")
                 .await
                 .ok();
-            return Err(ApiError::internal(format!(
-                "could not start the export: {e}"
-            )));
+            return Err(ApiError::internal(crate::error::INTERNAL_ERROR));
         }
         let status_url = format!("{}/$export-status/{}", self.base_url(request), job.id);
         let outcome = operation_outcome(

@@ -7,6 +7,10 @@ use crate::job::JobStatus;
 use std::sync::Arc;
 use tokio::task::JoinSet;
 
+/// What a failed export's status says: the cause (a storage or file-system error) is in the log,
+/// under the export's id; its text may name paths or services, so clients never see it.
+pub const FAILED: &str = "the export failed because of an internal error; retry it, and if it fails again ask the operator (the export id is in the server's log)";
+
 /// Runs `job_id` to its end. Any error fails the job (files deleted, lock freed); a job cancelled
 /// meanwhile just stops. Safe to call again for a job that was interrupted: finished items are
 /// kept and unfinished ones are redone from their start.
@@ -17,14 +21,14 @@ pub async fn run_job(exporter: Arc<Exporter>, job_id: String) {
     let outcome = match result {
         Ok(true) => exporter.finalize(&job_id).await,
         Ok(false) => Ok(()),
-        Err(e) => exporter.fail(&job_id, &format!("export failed: {e}")).await,
+        Err(e) => {
+            tracing::error!(export_id = %job_id, error = %e, "export failed");
+            exporter.fail(&job_id, FAILED).await
+        }
     };
     if let Err(e) = outcome {
         tracing::error!(export_id = %job_id, error = %e, "could not close the export");
-        exporter
-            .fail(&job_id, &format!("export failed: {e}"))
-            .await
-            .ok();
+        exporter.fail(&job_id, FAILED).await.ok();
     }
 }
 

@@ -19,6 +19,7 @@ use http::header::ACCEPT;
 use http::{HeaderValue, Request, Response};
 use request_log::{LoggedStream, RequestRecord};
 use std::sync::Arc;
+use tracing::Instrument;
 
 /// The service's HTTP front.
 pub struct Gateway {
@@ -49,10 +50,19 @@ impl Gateway {
             .get(ACCEPT)
             .and_then(|v| v.to_str().ok())
             .map(String::from);
+        // Everything logged while the request is answered carries its id.
+        let span = tracing::info_span!("request", request_id = %record.request_id);
         let mut response = match refused {
             Some(error) => error_response(&error, accept.as_deref()),
-            None => self.route(&request, accept.as_deref(), &mut record).await,
+            None => {
+                self.route(&request, accept.as_deref(), &mut record)
+                    .instrument(span)
+                    .await
+            }
         };
+        if response.status().is_server_error() {
+            response = with_request_id(response, &record.request_id);
+        }
         if let Some(info) = response.extensions_mut().remove::<RouteInfo>() {
             if !info.route.is_empty() {
                 record.route = info.route;
@@ -112,6 +122,27 @@ impl Gateway {
         }
         self.fhir.handle(request, Some(&principal)).await
     }
+}
+
+/// A 5xx OperationOutcome names the request id, under which the log has the details.
+fn with_request_id(response: Response<Body>, request_id: &str) -> Response<Body> {
+    let (parts, body) = response.into_parts();
+    let Body::Full(bytes) = body else {
+        return Response::from_parts(parts, body);
+    };
+    let body = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(mut outcome) if outcome["resourceType"] == "OperationOutcome" => {
+            if let Some(text) = outcome["issue"][0]["diagnostics"].as_str() {
+                outcome["issue"][0]["diagnostics"] =
+                    format!("{text} (request id {request_id})").into();
+            }
+            Bytes::from(outcome.to_string())
+        }
+        _ => bytes,
+    };
+    let mut response = Response::from_parts(parts, Body::Full(body));
+    response.headers_mut().remove(http::header::CONTENT_LENGTH);
+    response
 }
 
 /// A response whose body writes the request's log line once it is sent.

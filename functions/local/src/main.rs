@@ -254,25 +254,22 @@ async fn run_serve(args: ServeArgs) -> CliResult {
         page_delay: Duration::from_millis(args.page_delay_ms),
         ..Settings::default()
     };
-    let listener = tokio::net::TcpListener::bind(&args.addr).await?;
+    // Decided before binding: a refused configuration never opens a socket.
+    let requested: std::net::SocketAddr = tokio::net::lookup_host(&args.addr)
+        .await?
+        .next()
+        .ok_or_else(|| format!("--addr {} resolves to no address", args.addr))?;
+    let loopback = requested.ip().is_loopback();
+    let switch = args.auth.map(|a| a == AuthSwitch::On);
+    let enforce =
+        bulk_export_local::server::auth_enforced(switch, loopback, args.insecure_no_auth)?;
+    let listener = tokio::net::TcpListener::bind(requested).await?;
     let bound = listener.local_addr()?;
-    let loopback = bound.ip().is_loopback();
-    let enforce = match (args.auth, loopback) {
-        (Some(AuthSwitch::On), _) | (None, false) => true,
-        (Some(AuthSwitch::Off), true) | (None, true) => false,
-        (Some(AuthSwitch::Off), false) if args.insecure_no_auth => {
-            eprintln!(
-                "WARNING: authentication is off on {bound}: anyone who reaches it can export every patient"
-            );
-            false
-        }
-        (Some(AuthSwitch::Off), false) => {
-            return Err(format!(
-                "--auth off on {bound}, which is not a loopback address, needs --insecure-no-auth as well"
-            )
-            .into());
-        }
-    };
+    if !enforce && !loopback {
+        eprintln!(
+            "WARNING: authentication is off on {bound}: anyone who reaches it can export every patient"
+        );
+    }
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(bulk_export_local::server::tls_acceptor(cert, key)?),
         _ => None,

@@ -184,6 +184,21 @@ async fn handle(
     Ok(hyper::Response::from_parts(parts, body))
 }
 
+/// Whether requests need credentials, from `--auth on|off` (`switch`), whether the address is
+/// loopback, and `--insecure-no-auth`. By default on, except on loopback (the quick start); off
+/// on any other address only with `--insecure-no-auth` as well.
+pub fn auth_enforced(switch: Option<bool>, loopback: bool, insecure: bool) -> Result<bool, String> {
+    match (switch, loopback) {
+        (Some(on), true) => Ok(on),
+        (None, loopback) => Ok(!loopback),
+        (Some(true), false) => Ok(true),
+        (Some(false), false) if insecure => Ok(false),
+        (Some(false), false) => Err(
+            "--auth off on an address that is not loopback needs --insecure-no-auth as well".into(),
+        ),
+    }
+}
+
 /// A TLS acceptor from PEM files: TLS 1.2 and 1.3 only (rustls offers nothing older).
 pub fn tls_acceptor(
     cert: &std::path::Path,
@@ -204,4 +219,22 @@ pub fn tls_acceptor(
         .with_single_cert(certs, key)
         .map_err(|e| format!("the certificate and key do not make a TLS configuration: {e}"))?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::auth_enforced;
+
+    #[test]
+    fn authentication_is_on_except_on_loopback_and_off_elsewhere_only_when_insisted() {
+        assert_eq!(auth_enforced(None, true, false), Ok(false));
+        assert_eq!(auth_enforced(None, false, false), Ok(true));
+        assert_eq!(auth_enforced(Some(true), true, false), Ok(true));
+        assert_eq!(auth_enforced(Some(false), true, false), Ok(false));
+        assert_eq!(auth_enforced(Some(true), false, false), Ok(true));
+        assert!(auth_enforced(Some(false), false, false).is_err());
+        assert_eq!(auth_enforced(Some(false), false, true), Ok(false));
+        // --insecure-no-auth alone does not turn authentication off.
+        assert_eq!(auth_enforced(None, false, true), Ok(true));
+    }
 }
