@@ -27,7 +27,7 @@ pub struct AwsSettings {
     /// The KMS key that signs tokens (ECC_NIST_P256); without one, an ephemeral key (tests, and
     /// functions that never sign).
     pub signing_key_id: Option<String>,
-    /// The `iss` of the tokens the service signs: its public URL.
+    /// The `iss` of the tokens the service signs.
     pub issuer: String,
     /// Whether requests need credentials. Always on when read from the Lambda environment; tests
     /// that do not exercise authentication turn it off.
@@ -77,7 +77,7 @@ impl AwsSettings {
     /// `WORK_QUEUE_URL`, and optional `SHARDS`, `URL_EXPIRY_SECONDS`, `GZIP_OUTPUT`,
     /// `MAX_FILE_BYTES`, `MAX_FILE_RESOURCES`, `RETENTION_DAYS` (or `RETENTION_SECONDS`),
     /// `LOCK_LEASE_SECONDS`, `WORKER_RESERVE_MS`; for authentication `AUTH_TABLE`,
-    /// `SIGNING_KEY_ID`, `PUBLIC_URL`, `PRESIGNED_MANIFESTS`, and the trusted OpenID issuer
+    /// `SIGNING_KEY_ID`, `TOKEN_ISSUER`, `PRESIGNED_MANIFESTS`, and the trusted OpenID issuer
     /// `OIDC_ISSUER`, `OIDC_AUDIENCE`, `OIDC_JWKS_URL` (Cognito's, by default in the template).
     pub fn from_env() -> Result<Self, String> {
         let defaults = Settings::default();
@@ -96,7 +96,7 @@ impl AwsSettings {
             signing_key_id: std::env::var("SIGNING_KEY_ID")
                 .ok()
                 .filter(|k| !k.is_empty()),
-            issuer: std::env::var("PUBLIC_URL").unwrap_or_default(),
+            issuer: std::env::var("TOKEN_ISSUER").unwrap_or_else(|_| "urn:bulk-export".into()),
             // The deployment cannot turn authentication off: no variable is read for it.
             enforce_auth: true,
             trusted_issuers: trusted_issuers()?,

@@ -1,6 +1,6 @@
 //! Every sample event in `events/` is what its function accepts (so `cargo lambda invoke
-//! --data-file events/…` works): API events parse as HTTP API requests the router answers, SQS
-//! events carry valid work or coordinator messages.
+//! --data-file events/…` works): API events parse as HTTP API requests for the FHIR routes (the
+//! moto tests send each to the API handler), SQS events carry valid work or coordinator messages.
 
 use export_aws::aws_lambda_events::event::sqs::SqsEvent;
 use export_aws::handlers::{CoordinatorAction, CoordinatorMessage, WorkMessage};

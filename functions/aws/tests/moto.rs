@@ -1025,3 +1025,166 @@ async fn a_panic_inside_a_lambda_handler_fails_the_test() {
     let kick = aws.kickoff("/fhir/$export?_type=Patient").await;
     aws.wait_for_manifest(&kick.status_path()).await;
 }
+
+/// A full export with authentication on, as deployed: a SMART client gets a token signed by KMS
+/// (verified here independently against KMS's public key), kicks off, polls and downloads
+/// through the API's checked route, which redirects to a fresh presigned URL; another client and
+/// an anonymous caller see nothing; assertion ids cannot be replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_secured_export_with_kms_signed_tokens_end_to_end() {
+    let resources = generated(2);
+    let data = live_values(&resources);
+    let mut aws = Deployment::create_secured(|_| {}).await;
+    aws.load(resources).await;
+    aws.start_lambdas(Delivery::Once, None);
+
+    // Without a token: 401 with a challenge.
+    let anonymous = aws.kickoff("/fhir/$export").await;
+    anonymous.assert_outcome(401);
+    assert!(
+        anonymous
+            .header("www-authenticate")
+            .unwrap()
+            .starts_with("Bearer")
+    );
+
+    let token = aws.client_token("alice", "system/*.rs").await;
+    // The token verifies against the KMS key's public half, read straight from KMS.
+    let kms = aws_sdk_kms::Client::new(&aws.sdk);
+    let der = kms
+        .get_public_key()
+        .key_id(aws.settings.signing_key_id.as_deref().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .public_key
+        .unwrap();
+    let key = jsonwebtoken::DecodingKey::from_ec_der(&spki_point(der.as_ref()));
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_audience(&["bulk-export-fhir"]);
+    let claims = jsonwebtoken::decode::<Value>(&token, &key, &validation)
+        .expect("the access token verifies with the KMS public key")
+        .claims;
+    assert_eq!(claims["client_id"], "alice");
+    assert_eq!(claims["scope"], "system/*.rs");
+
+    let bearer = format!("Bearer {token}");
+    let auth = [("authorization", bearer.as_str())];
+    let kick = aws
+        .call_with_headers("GET", "/fhir/$export", None, &auth)
+        .await;
+    assert_eq!(kick.status, 202, "{}", kick.body);
+    let status = kick.status_path();
+    let manifest = loop {
+        let r = aws.call_with_headers("GET", &status, None, &auth).await;
+        match r.status {
+            200 => break r.json(),
+            202 => tokio::time::sleep(Duration::from_millis(200)).await,
+            other => panic!("{other}: {}", r.body),
+        }
+    };
+    assert_eq!(manifest["requiresAccessToken"], true);
+    let bob = aws.client_token("bob", "system/*.rs").await;
+    let bob = format!("Bearer {bob}");
+    aws.call_with_headers("GET", &status, None, &[("authorization", &bob)])
+        .await
+        .assert_outcome(404);
+    let mut got: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for entry in manifest["output"].as_array().unwrap() {
+        let url = entry["url"].as_str().unwrap();
+        let path = url
+            .strip_prefix("https://abc123.execute-api.us-east-1.amazonaws.com")
+            .unwrap_or_else(|| panic!("the manifest lists the API's route: {url}"));
+        assert!(path.starts_with("/fhir/$export-output/"), "{path}");
+        aws.call("GET", path, None).await.assert_outcome(401);
+        aws.call_with_headers("GET", path, None, &[("authorization", &bob)])
+            .await
+            .assert_outcome(404);
+        let redirect = aws.call_with_headers("GET", path, None, &auth).await;
+        assert_eq!(redirect.status, 307, "{}", redirect.body);
+        let location = redirect.header("location").unwrap();
+        assert!(location.contains("X-Amz-Signature=") && location.contains("X-Amz-Expires=300"));
+        let lines = fetch_lines(&location);
+        assert_eq!(lines.len() as u64, entry["count"].as_u64().unwrap());
+        for line in lines {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            got.entry(v["resourceType"].as_str().unwrap().to_string())
+                .or_default()
+                .push(v["id"].as_str().unwrap().to_string());
+        }
+    }
+    got.values_mut().for_each(|ids| ids.sort());
+    assert_eq!(
+        got,
+        expected(&data, |_| true),
+        "every resource, through the checked route"
+    );
+
+    // A replayed assertion is refused (the jti is taken with a conditional write).
+    use export_auth::ports::ReplayCache;
+    assert!(
+        aws.service
+            .auth_store
+            .first_use("c#1", 2_000_000_000, 1_800_000_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !aws.service
+            .auth_store
+            .first_use("c#1", 2_000_000_000, 1_800_000_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        aws.service
+            .auth_store
+            .first_use("c#1", 2_000_000_000, 2_000_000_001)
+            .await
+            .unwrap(),
+        "an expired entry no longer blocks"
+    );
+}
+
+/// The uncompressed EC point at the end of a P-256 SubjectPublicKeyInfo (what `from_ec_der`
+/// wants): 0x04, x, y.
+fn spki_point(der: &[u8]) -> Vec<u8> {
+    der[der.len() - 65..].to_vec()
+}
+
+/// Each sample API event in `events/` is answered by the API handler as its name says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_sample_api_event_is_answered() {
+    let aws = Deployment::create(|_| {}).await;
+    aws.load(generated(1)).await;
+    let dir = repo_root().join("events");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("api-"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 5);
+    for name in names {
+        let text = std::fs::read_to_string(dir.join(&name)).unwrap();
+        let request = export_aws::lambda_http::request::from_str(&text).unwrap();
+        let response = export_aws::handlers::api(&aws.service, request).await;
+        let status = response.status().as_u16();
+        let body = String::from_utf8_lossy(response.body().as_ref()).into_owned();
+        let want = match name.as_str() {
+            n if n.contains("metadata") => 200,
+            n if n.contains("kickoff") => 202,
+            // The samples name an export this deployment does not have.
+            n if n.contains("status") || n.contains("cancel") => 404,
+            other => panic!("no expectation for {other}"),
+        };
+        assert_eq!(status, want, "{name}: {body}");
+        assert!(response.headers().contains_key("x-request-id"), "{name}");
+        if want == 202 {
+            // One export at a time: delete it before the next sample kicks off.
+            let location = response.headers()["content-location"].to_str().unwrap();
+            let path = &location[location.find("/fhir/").unwrap()..];
+            assert_eq!(aws.call("DELETE", path, None).await.status, 202);
+        }
+    }
+}

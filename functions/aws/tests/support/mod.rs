@@ -84,6 +84,16 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 impl Deployment {
     /// Creates the resources; `tune` adjusts settings before the service is built.
     pub async fn create(tune: impl FnOnce(&mut AwsSettings)) -> Deployment {
+        Self::create_with(tune, false).await
+    }
+
+    /// A deployment with authentication on, as the template deploys it: tokens signed by a KMS
+    /// key (ECC_NIST_P256) created here.
+    pub async fn create_secured(tune: impl FnOnce(&mut AwsSettings)) -> Deployment {
+        Self::create_with(tune, true).await
+    }
+
+    async fn create_with(tune: impl FnOnce(&mut AwsSettings), secured: bool) -> Deployment {
         enable_state_machine_execution();
         let sdk = sdk_config().await;
         let prefix = format!(
@@ -150,6 +160,19 @@ impl Deployment {
             },
             ..AwsSettings::named(&prefix)
         };
+        if secured {
+            let kms = aws_sdk_kms::Client::new(&sdk);
+            let key = kms
+                .create_key()
+                .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
+                .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
+                .send()
+                .await
+                .expect("create KMS key");
+            settings.signing_key_id = key.key_metadata.map(|m| m.key_id);
+            settings.enforce_auth = true;
+            settings.export.requires_access_token = true;
+        }
         tune(&mut settings);
         let service = Arc::new(
             AwsService::new(&sdk, settings.clone())
