@@ -113,6 +113,13 @@ impl AwsService {
         DynamoResourceStore::new(DynamoTable::new(client, table), shards)
     }
 
+    /// The auth table alone (for the administration commands), from the environment's SDK
+    /// configuration.
+    pub async fn auth_store(table: &str) -> DynamoAuthStore {
+        let client = aws_sdk_dynamodb::Client::new(&sdk_config().await);
+        DynamoAuthStore::new(DynamoTable::new(client, table))
+    }
+
     /// From the Lambda environment.
     pub async fn from_env() -> Result<Self, String> {
         let settings = AwsSettings::from_env()?;

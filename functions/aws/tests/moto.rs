@@ -1188,3 +1188,58 @@ async fn every_sample_api_event_is_answered() {
         }
     }
 }
+
+/// `bulk-export clients add --dynamodb-table` registers a client the deployment then serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_clients_command_registers_in_the_auth_table() {
+    let aws = Deployment::create_secured(|_| {}).await;
+    let binary = e2e_tests::binary().with_file_name("bulk-export-aws");
+    assert!(binary.exists(), "tests/run.sh builds bulk-export-aws");
+    let dir = std::env::temp_dir().join(format!("aws-clients-{}", export_core::ids::new_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let client = e2e_tests::smart::TestClient::new("etl");
+    let jwks = dir.join("etl.jwks.json");
+    std::fs::write(&jwks, client.jwks.to_string()).unwrap();
+    let out = std::process::Command::new(&binary)
+        .args([
+            "clients",
+            "add",
+            "--dynamodb-table",
+            &aws.settings.auth_table,
+        ])
+        .args([
+            "--id",
+            "etl",
+            "--jwks",
+            jwks.to_str().unwrap(),
+            "--scope",
+            "system/Patient.read",
+        ])
+        .env("AWS_ENDPOINT_URL", endpoint())
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token_url = "https://abc123.execute-api.us-east-1.amazonaws.com/auth/token";
+    let body = format!(
+        "grant_type=client_credentials&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={}&scope=system%2F%2A.read",
+        client.assertion(token_url, |_| {})
+    );
+    let response = aws
+        .call_raw(
+            "POST",
+            "/auth/token",
+            Some(&body),
+            &[("content-type", "application/x-www-form-urlencoded")],
+        )
+        .await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.json()["scope"], "system/Patient.rs");
+    std::fs::remove_dir_all(&dir).ok();
+}

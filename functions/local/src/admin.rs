@@ -9,6 +9,7 @@ use export_auth::ports::{
 use export_auth::principal::{Membership, Role};
 use export_auth::scopes::Scopes;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 type CliResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -102,8 +103,51 @@ fn now() -> i64 {
     export_core::fhir::time::now_millis().timestamp()
 }
 
-fn open(db: &Path) -> Result<SqliteStore, Box<dyn std::error::Error>> {
-    Ok(SqliteStore::open(db)?)
+/// The stores the administration commands write: the local SQLite store, or with
+/// `--dynamodb-table` the AWS deployment's auth table.
+struct Stores {
+    clients: Arc<dyn ClientStore>,
+    users: Arc<dyn UserStore>,
+    memberships: Arc<dyn MembershipStore>,
+    api_keys: Arc<dyn ApiKeyStore>,
+}
+
+/// Where the administration commands keep their records.
+pub enum Target<'a> {
+    Sqlite(&'a Path),
+    /// The AWS deployment's auth table (its stack output `AuthTableName`).
+    DynamoDb(&'a str),
+}
+
+fn open(target: &Target) -> Result<Stores, Box<dyn std::error::Error>> {
+    match target {
+        Target::Sqlite(db) => {
+            let store = Arc::new(SqliteStore::open(db)?);
+            Ok(Stores {
+                clients: store.clone(),
+                users: store.clone(),
+                memberships: store.clone(),
+                api_keys: store,
+            })
+        }
+        Target::DynamoDb(table) => dynamodb_stores(table),
+    }
+}
+
+#[cfg(feature = "aws")]
+fn dynamodb_stores(table: &str) -> Result<Stores, Box<dyn std::error::Error>> {
+    let store = Arc::new(block(export_aws::AwsService::auth_store(table)));
+    Ok(Stores {
+        clients: store.clone(),
+        users: store.clone(),
+        memberships: store.clone(),
+        api_keys: store,
+    })
+}
+
+#[cfg(not(feature = "aws"))]
+fn dynamodb_stores(_table: &str) -> Result<Stores, Box<dyn std::error::Error>> {
+    Err("this bulk-export was built without DynamoDB support: rebuild with `--features aws`".into())
 }
 
 fn block<T>(future: impl std::future::Future<Output = T>) -> T {
@@ -117,8 +161,8 @@ fn membership(study: &str, role: &str, sites: Vec<String>) -> Result<Membership,
     Membership::new(study, role, sites)
 }
 
-pub fn clients(db: &Path, command: ClientsCommand) -> CliResult {
-    let store = open(db)?;
+pub fn clients(target: &Target, command: ClientsCommand) -> CliResult {
+    let store = open(target)?.clients;
     match command {
         ClientsCommand::Add {
             id,
@@ -186,8 +230,8 @@ pub fn clients(db: &Path, command: ClientsCommand) -> CliResult {
     Ok(())
 }
 
-pub fn users(db: &Path, command: UsersCommand) -> CliResult {
-    let store = open(db)?;
+pub fn users(target: &Target, command: UsersCommand) -> CliResult {
+    let store = open(target)?.users;
     match command {
         UsersCommand::Add { email, name } => {
             if !email.contains('@') {
@@ -213,7 +257,7 @@ pub fn users(db: &Path, command: UsersCommand) -> CliResult {
 
 /// Prints a token of the local issuer for a user (for curl, scripts and tests).
 pub fn token(db: &Path, user: &str, ttl: &str) -> CliResult {
-    let store = open(db)?;
+    let store = SqliteStore::open(db)?;
     let ttl = parse_duration(ttl)?;
     let user = block(store.user(&user.to_ascii_lowercase()))?
         .ok_or_else(|| format!("no user {user}: add it with `bulk-export users add`"))?;
@@ -232,8 +276,8 @@ pub fn token(db: &Path, user: &str, ttl: &str) -> CliResult {
     Ok(())
 }
 
-pub fn members(db: &Path, command: MembersCommand) -> CliResult {
-    let store = open(db)?;
+pub fn members(target: &Target, command: MembersCommand) -> CliResult {
+    let store = open(target)?.memberships;
     match command {
         MembersCommand::Grant {
             user,
@@ -268,8 +312,8 @@ pub fn members(db: &Path, command: MembersCommand) -> CliResult {
     Ok(())
 }
 
-pub fn api_keys(db: &Path, command: ApiKeysCommand) -> CliResult {
-    let store = open(db)?;
+pub fn api_keys(target: &Target, command: ApiKeysCommand) -> CliResult {
+    let store = open(target)?.api_keys;
     match command {
         ApiKeysCommand::Create {
             name,

@@ -45,6 +45,10 @@ enum Command {
     Clients {
         #[arg(long, global = true, default_value = "bulk-export.db")]
         db: PathBuf,
+        /// Write the AWS deployment's auth table (stack output AuthTableName) instead of SQLite.
+        /// Needs a build with `--features aws` and the usual AWS environment.
+        #[arg(long, global = true)]
+        dynamodb_table: Option<String>,
         #[command(subcommand)]
         command: admin::ClientsCommand,
     },
@@ -52,6 +56,10 @@ enum Command {
     Users {
         #[arg(long, global = true, default_value = "bulk-export.db")]
         db: PathBuf,
+        /// Write the AWS deployment's auth table (stack output AuthTableName) instead of SQLite.
+        /// Needs a build with `--features aws` and the usual AWS environment.
+        #[arg(long, global = true)]
+        dynamodb_table: Option<String>,
         #[command(subcommand)]
         command: admin::UsersCommand,
     },
@@ -69,6 +77,10 @@ enum Command {
     Members {
         #[arg(long, global = true, default_value = "bulk-export.db")]
         db: PathBuf,
+        /// Write the AWS deployment's auth table (stack output AuthTableName) instead of SQLite.
+        /// Needs a build with `--features aws` and the usual AWS environment.
+        #[arg(long, global = true)]
+        dynamodb_table: Option<String>,
         #[command(subcommand)]
         command: admin::MembersCommand,
     },
@@ -76,6 +88,10 @@ enum Command {
     ApiKeys {
         #[arg(long, global = true, default_value = "bulk-export.db")]
         db: PathBuf,
+        /// Write the AWS deployment's auth table (stack output AuthTableName) instead of SQLite.
+        /// Needs a build with `--features aws` and the usual AWS environment.
+        #[arg(long, global = true)]
+        dynamodb_table: Option<String>,
         #[command(subcommand)]
         command: admin::ApiKeysCommand,
     },
@@ -211,11 +227,27 @@ fn main() -> ExitCode {
             out,
             seed,
         } => run_generate(patients, &out, seed),
-        Command::Clients { db, command } => admin::clients(&db, command),
-        Command::Users { db, command } => admin::users(&db, command),
+        Command::Clients {
+            db,
+            dynamodb_table,
+            command,
+        } => admin::clients(&target(&db, &dynamodb_table), command),
+        Command::Users {
+            db,
+            dynamodb_table,
+            command,
+        } => admin::users(&target(&db, &dynamodb_table), command),
         Command::Token { db, user, ttl } => admin::token(&db, &user, &ttl),
-        Command::Members { db, command } => admin::members(&db, command),
-        Command::ApiKeys { db, command } => admin::api_keys(&db, command),
+        Command::Members {
+            db,
+            dynamodb_table,
+            command,
+        } => admin::members(&target(&db, &dynamodb_table), command),
+        Command::ApiKeys {
+            db,
+            dynamodb_table,
+            command,
+        } => admin::api_keys(&target(&db, &dynamodb_table), command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -227,6 +259,14 @@ fn main() -> ExitCode {
 }
 
 type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Where an administration command writes: `--dynamodb-table` or the SQLite `--db`.
+fn target<'a>(db: &'a Path, table: &'a Option<String>) -> admin::Target<'a> {
+    match table {
+        Some(table) => admin::Target::DynamoDb(table),
+        None => admin::Target::Sqlite(db),
+    }
+}
 
 async fn run_serve(args: ServeArgs) -> CliResult {
     let store = SqliteStore::open(&args.db)?;
