@@ -91,18 +91,8 @@ def main():
     for r in resources:
         by_type.setdefault(r["resourceType"], []).append(r)
 
-    server = subprocess.Popen(
-        [binary, "serve", "--addr", "127.0.0.1:0", "--db", db,
-         "--output", os.path.join(work, "exports")],
-        stdout=subprocess.PIPE, stderr=open(os.path.join(work, "server.log"), "w"), text=True,
-    )
+    server, base = start_server(binary, db, work, "server.log", [])
     try:
-        base = None
-        for line in server.stdout:
-            if line.startswith("FHIR Bulk Data server listening on "):
-                base = line.split(" on ", 1)[1].strip()
-                break
-        assert base, "the server did not start"
 
         group = by_type["Group"][0]
         members = {m["entity"]["reference"].split("/", 1)[1] for m in group["member"]}
@@ -143,15 +133,71 @@ def main():
         server.terminate()
         server.wait()
 
-    # Both clients delete their export when done; the server logged every request, no failure.
-    log = [json.loads(line) for line in open(os.path.join(work, "server.log"))]
+    check_log(work, "server.log", deletes=3)
+    check_with_authentication(binary, smart_fetch, cumulus_etl, work, db, by_type)
+
+
+def start_server(binary, db, work, log_name, extra):
+    server = subprocess.Popen(
+        [binary, "serve", "--addr", "127.0.0.1:0", "--db", db,
+         "--output", os.path.join(work, "exports")] + extra,
+        stdout=subprocess.PIPE, stderr=open(os.path.join(work, log_name), "w"), text=True,
+    )
+    for line in server.stdout:
+        if line.startswith("FHIR Bulk Data server listening on "):
+            return server, line.split(" on ", 1)[1].strip()
+    sys.exit("the server did not start")
+
+
+def check_with_authentication(binary, smart_fetch, cumulus_etl, work, db, by_type):
+    """The same clients as SMART Backend Services clients of `serve --auth on`: a key made by
+    tests/clients/smart_client.py (the README's script), registered with `clients add`."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "smart_client.py")
+    python = os.path.join(os.path.dirname(smart_fetch), "python")
+    key, jwks = os.path.join(work, "client.pem"), os.path.join(work, "client.jwks.json")
+    run([python, script, "keygen", "--kid", "k1", "--key", key, "--jwks", jwks])
+    run([binary, "clients", "add", "--db", db, "--id", "etl-client", "--jwks", jwks,
+         "--scope", "system/*.read"])
+    server, base = start_server(binary, db, work, "server-auth.log", ["--auth", "on"])
+    try:
+        origin = base.rsplit("/fhir", 1)[0]
+        token = run([python, script, "token", "--token-url", f"{origin}/auth/token",
+                     "--client-id", "etl-client", "--key", key, "--kid", "k1"]).stdout.strip()
+        assert token.count(".") == 2, token
+        # Without credentials the clients are refused; with them they export as before.
+        refused = subprocess.run([smart_fetch, "bulk", "--fhir-url", base, os.path.join(work, "sf-refused")],
+                                 capture_output=True, text=True, timeout=600)
+        assert refused.returncode != 0, "an unauthenticated client must be refused"
+        out = os.path.join(work, "smart-fetch-auth")
+        run([smart_fetch, "bulk", "--fhir-url", base, "--smart-client-id", "etl-client",
+             "--smart-key", key, out])
+        got = downloaded(out)
+        check("smart-fetch with SMART auth, Patient", got.get("Patient", []),
+              sorted(r["id"] for r in by_type["Patient"]))
+        want_obs = sorted(o["id"] for o in by_type["Observation"] if in_categories(o))
+        check("smart-fetch with SMART auth, Observation", got.get("Observation", []), want_obs)
+        group = by_type["Group"][0]
+        members = sorted(m["entity"]["reference"].split("/", 1)[1] for m in group["member"])
+        out = os.path.join(work, "cumulus-etl-auth")
+        run([cumulus_etl, "export", f"{base}/Group/{group['id']}", out,
+             "--smart-client-id", "etl-client", "--smart-key", key])
+        check("cumulus-etl with SMART auth, Group Patient", downloaded(out).get("Patient", []), members)
+    finally:
+        server.terminate()
+        server.wait()
+    check_log(work, "server-auth.log", deletes=2)
+
+
+def check_log(work, name, deletes):
+    """Each client deleted its export when done; every request was logged, none failed."""
+    log = [json.loads(line) for line in open(os.path.join(work, name))]
     requests = [line for line in log if line.get("message") == "request"]
     statuses = Counter((r["method"], r["route"], r["status"]) for r in requests)
-    deletes = statuses[("DELETE", "/fhir/$export-status/{id}", 202)]
-    assert deletes == 3, f"each client deleted its export: {statuses}"
+    deleted = statuses[("DELETE", "/fhir/$export-status/{id}", 202)]
+    assert deleted == deletes, f"each client deleted its export: {statuses}"
     errors = [r for r in requests if r["status"] >= 500] + [l for l in log if l.get("level") == "ERROR"]
     assert not errors, errors
-    print(f"ok  {len(requests)} requests logged, every export deleted by its client")
+    print(f"ok  {name}: {len(requests)} requests logged, every export deleted by its client")
 
 
 if __name__ == "__main__":

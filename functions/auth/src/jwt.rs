@@ -73,13 +73,23 @@ pub fn verify(token: &str, jwks: &Value) -> Result<Value, String> {
         .get("keys")
         .and_then(Value::as_array)
         .ok_or("the JWK Set has no keys")?;
-    let candidates: Vec<&Value> = keys
+    // By `kid`; failing that, by the key's RFC 7638 thumbprint, which some clients (jwcrypto,
+    // for one) put in `kid` whatever the registered set calls the key.
+    let mut candidates: Vec<&Value> = keys
         .iter()
         .filter(|k| match &header.kid {
             Some(kid) => k.get("kid").and_then(Value::as_str) == Some(kid.as_str()),
             None => true,
         })
         .collect();
+    if candidates.is_empty()
+        && let Some(kid) = &header.kid
+    {
+        candidates = keys
+            .iter()
+            .filter(|k| thumbprint(k).as_deref() == Some(kid.as_str()))
+            .collect();
+    }
     let key = match candidates.as_slice() {
         [one] => *one,
         [] => {
@@ -99,6 +109,28 @@ pub fn verify(token: &str, jwks: &Value) -> Result<Value, String> {
     jsonwebtoken::decode::<Value>(token, &decoding, &validation)
         .map(|data| data.claims)
         .map_err(|e| format!("the signature does not verify ({e})"))
+}
+
+/// The RFC 7638 thumbprint of an EC or RSA public JWK: the SHA-256 of its required members, in
+/// lexicographic order, without spaces.
+pub fn thumbprint(jwk: &Value) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let field = |name: &str| jwk.get(name).and_then(Value::as_str);
+    let canonical = match field("kty")? {
+        "EC" => format!(
+            r#"{{"crv":"{}","kty":"EC","x":"{}","y":"{}"}}"#,
+            field("crv")?,
+            field("x")?,
+            field("y")?
+        ),
+        "RSA" => format!(
+            r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#,
+            field("e")?,
+            field("n")?
+        ),
+        _ => return None,
+    };
+    Some(URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes())))
 }
 
 /// The public key of a JWK, if it suits `alg`.
@@ -173,5 +205,21 @@ pub fn audience_includes(claims: &Value, expected: &str) -> bool {
         Some(Value::String(aud)) => aud == expected,
         Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(expected)),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    /// RFC 7638 §3.1's example key and thumbprint.
+    #[test]
+    fn thumbprints_follow_rfc_7638() {
+        let jwk = json!({"kty": "RSA", "e": "AQAB", "alg": "RS256", "kid": "2011-04-29",
+            "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"});
+        assert_eq!(
+            super::thumbprint(&jwk).as_deref(),
+            Some("NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs")
+        );
     }
 }

@@ -10,7 +10,6 @@ use p256::ecdsa::signature::Signer as _;
 use p256::ecdsa::{Signature, SigningKey};
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 /// An ES256 key held in memory.
 pub struct LocalSigner {
@@ -54,10 +53,10 @@ impl LocalSigner {
 
 /// The public JWK of a P-256 key, with its RFC 7638 thumbprint as `kid`.
 pub fn ec_jwk(x: &str, y: &str) -> Value {
-    // The thumbprint hashes the required members in lexicographic order, without spaces.
-    let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
-    let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()));
-    json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": kid, "alg": "ES256", "use": "sig"})
+    let mut jwk =
+        json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "alg": "ES256", "use": "sig"});
+    jwk["kid"] = json!(crate::jwt::thumbprint(&jwk).expect("an EC JWK has a thumbprint"));
+    jwk
 }
 
 #[async_trait]
