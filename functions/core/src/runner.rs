@@ -22,8 +22,22 @@ pub async fn run_job(exporter: Arc<Exporter>, job_id: String) {
         Ok(true) => exporter.finalize(&job_id).await,
         Ok(false) => Ok(()),
         Err(e) => {
-            tracing::error!(export_id = %job_id, error = %e, "export failed");
-            exporter.fail(&job_id, FAILED).await
+            // A job cancelled or deleted meanwhile is not a failure: its work just stopped.
+            let active = exporter
+                .ports
+                .jobs
+                .get(&job_id)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|j| j.status.is_active());
+            if active {
+                tracing::error!(export_id = %job_id, error = %e, "export failed");
+                exporter.fail(&job_id, FAILED).await
+            } else {
+                tracing::info!(export_id = %job_id, error = %e, "work of a stopped export ended");
+                Ok(())
+            }
         }
     };
     if let Err(e) = outcome {
