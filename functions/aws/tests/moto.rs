@@ -1243,3 +1243,103 @@ async fn the_clients_command_registers_in_the_auth_table() {
     assert_eq!(response.json()["scope"], "system/Patient.rs");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// People's tokens on AWS: an ID token of a Cognito user pool (moto's) is verified against the
+/// pool's JWKS and authenticates the person (who then may not use the FHIR API: 403, not 401);
+/// a token for another app client is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cognito_id_tokens_authenticate_people() {
+    use aws_sdk_cognitoidentityprovider as cognito;
+    let sdk = sdk_config().await;
+    let idp = cognito::Client::new(&sdk);
+    let pool = idp
+        .create_user_pool()
+        .pool_name(format!("people-{}", export_core::ids::new_id()))
+        .send()
+        .await
+        .unwrap()
+        .user_pool
+        .unwrap()
+        .id
+        .unwrap();
+    let app = idp
+        .create_user_pool_client()
+        .user_pool_id(&pool)
+        .client_name("exports-page")
+        .explicit_auth_flows(cognito::types::ExplicitAuthFlowsType::AllowAdminUserPasswordAuth)
+        .send()
+        .await
+        .unwrap()
+        .user_pool_client
+        .unwrap()
+        .client_id
+        .unwrap();
+    idp.admin_create_user()
+        .user_pool_id(&pool)
+        .username("ana@example.org")
+        .user_attributes(
+            cognito::types::AttributeType::builder()
+                .name("email")
+                .value("ana@example.org")
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    idp.admin_set_user_password()
+        .user_pool_id(&pool)
+        .username("ana@example.org")
+        .password("Correct-Horse-9")
+        .permanent(true)
+        .send()
+        .await
+        .unwrap();
+    let auth = idp
+        .admin_initiate_auth()
+        .user_pool_id(&pool)
+        .client_id(&app)
+        .auth_flow(cognito::types::AuthFlowType::AdminUserPasswordAuth)
+        .auth_parameters("USERNAME", "ana@example.org")
+        .auth_parameters("PASSWORD", "Correct-Horse-9")
+        .send()
+        .await
+        .unwrap();
+    let id_token = auth.authentication_result.unwrap().id_token.unwrap();
+    // The issuer exactly as the token names it; the keys from moto's JWKS endpoint.
+    let payload = id_token.split('.').nth(1).unwrap();
+    use base64::Engine;
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    let issuer = claims["iss"].as_str().unwrap().to_string();
+    let jwks_url = format!("{}/{pool}/.well-known/jwks.json", endpoint());
+    let trusted = |audience: &str| export_auth::oidc::TrustedIssuer {
+        issuer: issuer.clone(),
+        audience: audience.to_string(),
+        keys: export_auth::oidc::IssuerKeys::Url(jwks_url.clone()),
+    };
+    let bearer = format!("Bearer {id_token}");
+    let kickoff = [("authorization", bearer.as_str())];
+
+    let right = Deployment::create_secured(|s| s.trusted_issuers = vec![trusted(&app)]).await;
+    let person = right
+        .call_with_headers("GET", "/fhir/$export", None, &kickoff)
+        .await;
+    person.assert_outcome(403);
+    assert!(
+        person.body.contains("SMART Backend Services"),
+        "{}",
+        person.body
+    );
+
+    let wrong =
+        Deployment::create_secured(|s| s.trusted_issuers = vec![trusted("another-app")]).await;
+    wrong
+        .call_with_headers("GET", "/fhir/$export", None, &kickoff)
+        .await
+        .assert_outcome(401);
+}
