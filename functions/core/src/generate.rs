@@ -106,10 +106,22 @@ const FAMILY: &[&str] = &[
 
 /// Calls `sink(resource_type, resource)` for every resource of a dataset with `patients` patients.
 pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
+    generate_studies(patients, seed, None, sink)
+}
+
+/// Like [`generate`], with `studies` clinical studies (default: 3, or one per 200 patients).
+/// Every patient takes part in one study, at one of its 3–20 sites, in one of the 13
+/// `ResearchSubject` statuses (in turn), enrolled some day between 2019 and 2025.
+pub fn generate_studies(
+    patients: usize,
+    seed: u64,
+    studies: Option<usize>,
+    sink: &mut dyn FnMut(&str, Value),
+) {
     let mut rng = Rng(seed ^ 0x005E_ED0F_F41C);
     let organizations = (patients / 20).max(2);
     let practitioners = (patients / 10).max(3);
-    let studies = (patients / 100).max(1);
+    let studies = studies.unwrap_or((patients / 200).max(3)).max(1);
     let when = |rng: &mut Rng| {
         format_instant(from_micros(
             START_MICROS + rng.below(SPAN_MICROS as u64) as i64,
@@ -142,11 +154,27 @@ pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
         );
     }
     for s in 0..studies {
+        let sites: Vec<Value> = (0..sites_of(s))
+            .map(|k| {
+                let lu = when(&mut rng);
+                let (city, state, country) = *rng.pick(PLACES);
+                let status = ["active", "active", "active", "suspended", "inactive"][(s + k) % 5];
+                let site = json!({"resourceType":"Location","id":format!("site-{s}-{k}"),"meta":{"lastUpdated":lu},
+                    "status":status,"name":format!("{city} study centre {k}"),
+                    "address":{"line":[format!("{} Research Way", 10 + k)],"city":city,"state":state,"country":country}});
+                sink("Location", site);
+                json!({"reference": format!("Location/site-{s}-{k}")})
+            })
+            .collect();
         let lu = when(&mut rng);
         sink(
             "ResearchStudy",
             json!({"resourceType":"ResearchStudy","id":format!("study-{s}"),"meta":{"lastUpdated":lu},
-            "title":format!("Outcomes study {s}"),"status":"active","sponsor":{"reference":format!("Organization/org-{}", s % organizations)}}),
+            "identifier":[{"system":"urn:bulk-export:study","value":format!("BX-{s:03}")}],
+            "title":format!("Outcomes study {s}"),"status":if s % 4 == 3 { "completed" } else { "active" },
+            "sponsor":{"reference":format!("Organization/org-{}", s % organizations)},
+            "arm":[{"name":"A","description":"standard care"},{"name":"B","description":"intervention"}],
+            "site":sites}),
         );
     }
     for g in 0..patients.div_ceil(GROUP_SIZE * GROUP_EVERY) {
@@ -325,16 +353,81 @@ pub fn generate(patients: usize, seed: u64, sink: &mut dyn FnMut(&str, Value)) {
                 "who":prac(&mut rng),"onBehalfOf":{"reference":org}}]}),
             );
         }
-        if i % 3 == 0 {
-            let lu = when(&mut rng);
-            sink(
-                "ResearchSubject",
-                json!({"resourceType":"ResearchSubject","id":format!("subject-{pid}"),"meta":{"lastUpdated":lu},"status":"on-study",
-                "study":{"reference":format!("ResearchStudy/study-{}", i % studies)},"individual":patient_ref}),
-            );
-        }
+        let lu = when(&mut rng);
+        sink(
+            "ResearchSubject",
+            research_subject(i, studies, &mut rng, lu, &patient_ref),
+        );
     }
 }
+
+/// How many sites study `s` has: 3 to 20.
+fn sites_of(s: usize) -> usize {
+    3 + (s * 7 + 5) % 18
+}
+
+/// Patient `i` as a participant of study `i % studies`: a site of it, the `i % 13`th status, an
+/// enrolment day between 2019 and 2025, and what that status implies (an end, arms, a consent).
+fn research_subject(i: usize, studies: usize, rng: &mut Rng, lu: String, patient: &Value) -> Value {
+    use crate::fhir::study::{SITE_EXTENSION, SUBJECT_STATUSES};
+    let s = i % studies;
+    let site = rng.below(sites_of(s) as u64);
+    let status = SUBJECT_STATUSES[i % SUBJECT_STATUSES.len()];
+    let enrolled = 1_546_300_800 + rng.below(7 * 365 * 86_400) as i64; // from 2019-01-01
+    let day = |seconds: i64| {
+        chrono::DateTime::from_timestamp(seconds, 0)
+            .map(|t| t.format("%Y-%m-%d").to_string())
+            .unwrap_or_default()
+    };
+    let mut period = json!({"start": day(enrolled)});
+    if matches!(
+        status,
+        "off-study" | "withdrawn" | "ineligible" | "not-registered"
+    ) {
+        period["end"] = json!(day(enrolled + (30 + rng.below(400) as i64) * 86_400));
+    }
+    let mut subject = json!({"resourceType":"ResearchSubject","id":format!("subject-{}", patient_id(i)),
+        "meta":{"lastUpdated":lu},
+        "extension":[{"url":SITE_EXTENSION,"valueReference":{"reference":format!("Location/site-{s}-{site}")}}],
+        "identifier":[{"system":"urn:bulk-export:subject","value":format!("S{s:03}-{i:06}")}],
+        "status":status,"period":period,
+        "study":{"reference":format!("ResearchStudy/study-{s}")},"individual":patient});
+    let randomized = matches!(
+        status,
+        "on-study"
+            | "on-study-intervention"
+            | "on-study-observation"
+            | "follow-up"
+            | "off-study"
+            | "withdrawn"
+    );
+    if randomized {
+        let arm = if rng.below(2) == 0 { "A" } else { "B" };
+        subject["assignedArm"] = json!(arm);
+        // One in ten receives the other arm than assigned.
+        let crossed = rng.below(10) == 0;
+        subject["actualArm"] = json!(match (arm, crossed) {
+            ("A", true) | ("B", false) => "B",
+            _ => "A",
+        });
+    }
+    if !matches!(status, "candidate" | "potential-candidate" | "screening") {
+        subject["consent"] = json!({"reference": format!("Consent/consent-{}", patient_id(i))});
+    }
+    subject
+}
+
+/// Cities of the generated study sites.
+const PLACES: &[(&str, &str, &str)] = &[
+    ("Boston", "MA", "US"),
+    ("Lyon", "ARA", "FR"),
+    ("München", "BY", "DE"),
+    ("Toronto", "ON", "CA"),
+    ("São Paulo", "SP", "BR"),
+    ("Kraków", "MA", "PL"),
+    ("Osaka", "27", "JP"),
+    ("Aarhus", "82", "DK"),
+];
 
 /// The id of the `i`th generated patient.
 pub fn patient_id(i: usize) -> String {

@@ -7,7 +7,7 @@ use bulk_export_local::sqlite::SqliteStore;
 use clap::{Args, Parser, Subcommand};
 use export_core::Settings;
 use export_core::fhir::time::now_millis;
-use export_core::generate::generate;
+use export_core::generate::{generate, generate_studies};
 use export_core::load::{data_files, prepare, read_file};
 use export_core::ports::NewResource;
 use std::collections::BTreeMap;
@@ -118,6 +118,9 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Clinical studies the patients take part in (default: 3, or one per 200 patients).
+        #[arg(long)]
+        studies: Option<usize>,
     },
 }
 
@@ -226,7 +229,8 @@ fn main() -> ExitCode {
             patients,
             out,
             seed,
-        } => run_generate(patients, &out, seed),
+            studies,
+        } => run_generate(patients, &out, seed, studies),
         Command::Clients {
             db,
             dynamodb_table,
@@ -483,12 +487,12 @@ fn run_load_dynamodb(_table: &str, _shards: u32, _paths: Vec<PathBuf>) -> CliRes
     Err("this bulk-export was built without DynamoDB support: rebuild with `--features aws`".into())
 }
 
-fn run_generate(patients: usize, out: &Path, seed: u64) -> CliResult {
+fn run_generate(patients: usize, out: &Path, seed: u64, studies: Option<usize>) -> CliResult {
     std::fs::create_dir_all(out)?;
     let mut writers: BTreeMap<String, std::io::BufWriter<std::fs::File>> = BTreeMap::new();
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     let mut failure: Option<std::io::Error> = None;
-    generate(patients, seed, &mut |resource_type, resource| {
+    generate_studies(patients, seed, studies, &mut |resource_type, resource| {
         if failure.is_some() {
             return;
         }

@@ -9,6 +9,7 @@ mod mandatory_table;
 pub mod outcome;
 pub mod reference;
 pub mod search_table;
+pub mod study;
 pub mod time;
 
 pub use compartment_table::RESOURCE_TYPES;
