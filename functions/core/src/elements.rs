@@ -168,4 +168,79 @@ mod tests {
             );
         }
     }
+
+    fn subsetted() -> Value {
+        json!({"system": SUBSETTED_SYSTEM, "code": "SUBSETTED"})
+    }
+
+    /// The `SUBSETTED` tag is added once: a resource that already carries it (same system and
+    /// code) keeps exactly one, while a tag matching only in code or only in system is another
+    /// tag, kept beside the added one. Other tags and meta elements are left as they were.
+    #[test]
+    fn subsetted_tag_added_once() {
+        let trim = |meta: Value| {
+            let mut p = json!({"resourceType": "Patient", "id": "p", "meta": meta,
+                "gender": "female", "birthDate": "1980-05-02"});
+            select("gender").apply("Patient", &mut p);
+            assert!(p.get("birthDate").is_none());
+            p["meta"].clone()
+        };
+        let other = json!({"system": "urn:t", "code": "x"});
+        let meta = trim(json!({"versionId": "3", "tag": [other.clone(), subsetted()]}));
+        assert_eq!(meta["tag"], json!([other.clone(), subsetted()]));
+        assert_eq!(meta["versionId"], "3");
+
+        let meta = trim(json!({"tag": [other.clone()]}));
+        assert_eq!(meta["tag"], json!([other.clone(), subsetted()]));
+
+        let redacted = json!({"system": SUBSETTED_SYSTEM, "code": "REDACTED"});
+        let meta = trim(json!({"tag": [redacted.clone()]}));
+        assert_eq!(meta["tag"], json!([redacted, subsetted()]));
+
+        let elsewhere = json!({"system": "urn:other", "code": "SUBSETTED"});
+        let meta = trim(json!({"tag": [elsewhere.clone()]}));
+        assert_eq!(meta["tag"], json!([elsewhere, subsetted()]));
+
+        // Without meta, one is created for the tag.
+        let mut p = json!({"resourceType": "Patient", "gender": "female", "active": true});
+        select("gender").apply("Patient", &mut p);
+        assert_eq!(
+            p,
+            json!({"resourceType": "Patient", "gender": "female", "meta": {"tag": [subsetted()]}})
+        );
+        // Trimming twice changes nothing more.
+        let again = p.clone();
+        select("gender").apply("Patient", &mut p);
+        assert_eq!(p, again);
+    }
+
+    /// A choice element is selected by its name without `[x]`, covering its typed form (and the
+    /// form's primitive extension) but not another element that merely starts with the same
+    /// letters.
+    #[test]
+    fn choice_elements() {
+        let obs = || {
+            json!({"resourceType": "Observation", "status": "final", "code": {},
+                "valueString": "x", "_valueString": {"id": "e"}, "valuesomething": 3,
+                "effectiveDateTime": "2020"})
+        };
+        for wanted in ["value", "Observation.value"] {
+            let mut o = obs();
+            select(wanted).apply("Observation", &mut o);
+            let mut keys: Vec<&str> = o.as_object().unwrap().keys().map(String::as_str).collect();
+            keys.sort_unstable();
+            assert_eq!(
+                keys,
+                vec![
+                    "_valueString",
+                    "code",
+                    "meta",
+                    "resourceType",
+                    "status",
+                    "valueString"
+                ],
+                "{wanted}"
+            );
+        }
+    }
 }

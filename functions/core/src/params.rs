@@ -561,4 +561,337 @@ mod tests {
             assert!(check_kickoff_headers(&h).is_ok(), "{accept:?}");
         }
     }
+
+    /// A kick-off with the given `Prefer` headers, at a fixed `now`.
+    fn kickoff(
+        method: KickoffMethod,
+        prefer: &str,
+        query: &[(&str, &str)],
+        body: Option<&str>,
+        now: Instant,
+    ) -> Result<ExportParams, ApiError> {
+        let q: Vec<_> = query
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let headers = KickoffHeaders {
+            prefer: vec![prefer.to_string()],
+            accept: Some("application/fhir+json".into()),
+        };
+        parse_kickoff(
+            &ExportLevel::Patient,
+            method,
+            &q,
+            body.map(str::as_bytes),
+            &headers,
+            now,
+        )
+    }
+
+    fn lenient_get(q: &[(&str, &str)]) -> Result<ExportParams, ApiError> {
+        kickoff(
+            KickoffMethod::Get,
+            "respond-async, handling=lenient",
+            q,
+            None,
+            now_millis(),
+        )
+    }
+
+    fn parameters(entries: &str) -> String {
+        format!(r#"{{"resourceType":"Parameters","parameter":[{entries}]}}"#)
+    }
+
+    /// Without `_outputFormat` the output is `application/fhir+ndjson`, the IG's default; the
+    /// handling and status preferences are recorded with the job.
+    #[test]
+    fn defaults_and_recorded_preferences() {
+        let p = get(ExportLevel::System, &[]).unwrap();
+        assert_eq!(p.output_format, "application/fhir+ndjson");
+        assert!(!p.lenient && !p.separate_status && !p.allow_partial_manifests);
+        assert_eq!(p.types, None);
+        assert_eq!(p.patients, None);
+        assert_eq!(p.organize_by, None);
+        assert_eq!(p.associated, None);
+
+        let p = kickoff(
+            KickoffMethod::Get,
+            "respond-async, handling=lenient",
+            &[],
+            None,
+            now_millis(),
+        )
+        .unwrap();
+        assert!(p.lenient && !p.separate_status);
+
+        let p = kickoff(
+            KickoffMethod::Get,
+            "respond-async, separate-export-status",
+            &[],
+            None,
+            now_millis(),
+        )
+        .unwrap();
+        assert!(p.separate_status && !p.lenient);
+    }
+
+    /// `Prefer: separate-export-status` is one preference among others, in any header and case
+    /// (RFC 7240 preference names are case-insensitive); a different preference is not it.
+    #[test]
+    fn separate_export_status_preference() {
+        let h = |prefer: &[&str]| KickoffHeaders {
+            prefer: prefer.iter().map(|p| p.to_string()).collect(),
+            accept: None,
+        };
+        assert!(h(&["respond-async, separate-export-status"]).separate_export_status());
+        assert!(h(&["respond-async", "Separate-Export-Status"]).separate_export_status());
+        assert!(!h(&["respond-async"]).separate_export_status());
+        assert!(!h(&["respond-async, handling=lenient"]).separate_export_status());
+        assert!(!h(&[]).separate_export_status());
+        assert!(!h(&["separate-export-status-please"]).separate_export_status());
+    }
+
+    /// Without `_type` every type is exported; with it, exactly the listed types.
+    #[test]
+    fn wants_type_follows_type_parameter() {
+        let all = get(ExportLevel::System, &[]).unwrap();
+        for t in ["Patient", "Observation", "Provenance"] {
+            assert!(all.wants_type(t), "{t}");
+        }
+        let some = get(ExportLevel::System, &[("_type", "Patient,Observation")]).unwrap();
+        assert!(some.wants_type("Patient"));
+        assert!(some.wants_type("Observation"));
+        assert!(!some.wants_type("Condition"));
+        assert!(!some.wants_type("Provenance"));
+    }
+
+    /// The `_typeFilter` stored with the job compiles back to the filter the client asked for.
+    #[test]
+    fn compiled_type_filters_apply_the_queries() {
+        let p = get(
+            ExportLevel::System,
+            &[("_typeFilter", "Observation?status=final")],
+        )
+        .unwrap();
+        assert_eq!(p.type_filters, vec!["Observation?status=final"]);
+        let f = p.compiled_type_filters();
+        assert!(!f.is_empty());
+        assert!(f.filters("Observation") && !f.filters("Condition"));
+        let obs = |status: &str| serde_json::json!({"resourceType": "Observation", "status": status, "code": {}});
+        assert!(f.matches("Observation", &obs("final")));
+        assert!(!f.matches("Observation", &obs("preliminary")));
+        // Without `_typeFilter` nothing is filtered.
+        let none = get(ExportLevel::System, &[])
+            .unwrap()
+            .compiled_type_filters();
+        assert!(none.is_empty());
+        assert!(none.matches("Observation", &obs("preliminary")));
+        // Under lenient handling the unusable criterion was dropped at kick-off; the rest applies.
+        let p = lenient_get(&[("_typeFilter", "Observation?foo=1&status=final")]).unwrap();
+        let f = p.compiled_type_filters();
+        assert!(f.matches("Observation", &obs("final")));
+        assert!(!f.matches("Observation", &obs("preliminary")));
+    }
+
+    /// `_elements` is accepted (both forms, repeated) and compiles back to the selection.
+    #[test]
+    fn elements_parameter_and_selection() {
+        let p = get(
+            ExportLevel::System,
+            &[
+                ("_elements", "Patient.gender"),
+                ("_elements", "Observation.status"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(p.elements, vec!["Patient.gender", "Observation.status"]);
+        let s = p.element_selection();
+        assert!(s.trims("Patient") && s.trims("Observation") && !s.trims("Condition"));
+        let mut patient = serde_json::json!({"resourceType": "Patient", "id": "p",
+            "gender": "female", "birthDate": "1980-05-02"});
+        s.apply("Patient", &mut patient);
+        assert_eq!(patient["gender"], "female");
+        assert!(patient.get("birthDate").is_none());
+
+        let none = get(ExportLevel::System, &[]).unwrap().element_selection();
+        assert!(!none.trims("Patient"));
+        let p = post(
+            ExportLevel::Patient,
+            &parameters(r#"{"name":"_elements","valueString":"id"}"#),
+        )
+        .unwrap();
+        assert_eq!(p.elements, vec!["id"]);
+        assert!(p.element_selection().trims("Condition"));
+    }
+
+    /// `organizeOutputBy`: `Patient` only; another value is a 400, or under lenient handling a
+    /// warning with the output organized by type.
+    #[test]
+    fn organize_output_by() {
+        let p = get(ExportLevel::Patient, &[("organizeOutputBy", "Patient")]).unwrap();
+        assert_eq!(p.organize_by.as_deref(), Some("Patient"));
+        let e = get(ExportLevel::Patient, &[("organizeOutputBy", "Encounter")]).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.diagnostics.contains("Encounter"), "{}", e.diagnostics);
+        let p = lenient_get(&[("organizeOutputBy", "Encounter")]).unwrap();
+        assert_eq!(p.organize_by, None);
+        assert_eq!(p.warnings.len(), 1);
+        assert!(
+            p.warnings[0].contains("organizeOutputBy"),
+            "{:?}",
+            p.warnings
+        );
+        assert!(p.ignored.is_empty());
+    }
+
+    /// `allowPartialManifests`: `true`/`false` in a query, `valueBoolean` in a Parameters body.
+    #[test]
+    fn allow_partial_manifests() {
+        let q = |v: &str| get(ExportLevel::System, &[("allowPartialManifests", v)]);
+        assert!(q("true").unwrap().allow_partial_manifests);
+        assert!(!q("false").unwrap().allow_partial_manifests);
+        assert_eq!(q("yes").unwrap_err().status, 400);
+        let body = |value: &str| {
+            post(
+                ExportLevel::Patient,
+                &parameters(&format!(r#"{{"name":"allowPartialManifests",{value}}}"#)),
+            )
+        };
+        assert!(
+            body(r#""valueBoolean":true"#)
+                .unwrap()
+                .allow_partial_manifests
+        );
+        assert!(
+            !body(r#""valueBoolean":false"#)
+                .unwrap()
+                .allow_partial_manifests
+        );
+        assert!(
+            body(r#""valueString":"true""#)
+                .unwrap()
+                .allow_partial_manifests
+        );
+        assert_eq!(body(r#""valueInteger":1"#).unwrap_err().status, 400);
+        // A lenient kick-off still refuses a value that is neither true nor false.
+        assert_eq!(
+            lenient_get(&[("allowPartialManifests", "maybe")])
+                .unwrap_err()
+                .status,
+            400
+        );
+    }
+
+    /// `includeAssociatedData`: each supported value alone; Relevant includes Latest whatever
+    /// the order; unknown values are warnings under lenient handling.
+    #[test]
+    fn include_associated_data() {
+        let q = |v: &str| get(ExportLevel::Patient, &[("includeAssociatedData", v)]);
+        assert_eq!(
+            q("LatestProvenanceResources").unwrap().associated,
+            Some(AssociatedProvenance::Latest)
+        );
+        assert_eq!(
+            q("RelevantProvenanceResources").unwrap().associated,
+            Some(AssociatedProvenance::Relevant)
+        );
+        for both in [
+            "LatestProvenanceResources,RelevantProvenanceResources",
+            "RelevantProvenanceResources,LatestProvenanceResources",
+            "RelevantProvenanceResources, LatestProvenanceResources",
+        ] {
+            assert_eq!(
+                q(both).unwrap().associated,
+                Some(AssociatedProvenance::Relevant),
+                "{both}"
+            );
+        }
+        let p = get(
+            ExportLevel::Patient,
+            &[
+                ("includeAssociatedData", "RelevantProvenanceResources"),
+                ("includeAssociatedData", "LatestProvenanceResources"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(p.associated, Some(AssociatedProvenance::Relevant));
+
+        let p =
+            lenient_get(&[("includeAssociatedData", "LatestProvenanceResources,_custom")]).unwrap();
+        assert_eq!(p.associated, Some(AssociatedProvenance::Latest));
+        assert_eq!(p.warnings.len(), 1);
+        assert!(p.warnings[0].contains("_custom"), "{:?}", p.warnings);
+        let p = lenient_get(&[("includeAssociatedData", "_custom")]).unwrap();
+        assert_eq!(p.associated, None);
+        assert_eq!(p.warnings.len(), 1);
+        assert!(p.ignored.is_empty());
+    }
+
+    /// Values are trimmed; an empty or blank value is a 400 that says so, and a value of another
+    /// type than string (`valueInteger`) is a 400 that says that.
+    #[test]
+    fn empty_blank_and_non_string_values() {
+        let p = get(ExportLevel::System, &[("_outputFormat", "  ndjson ")]).unwrap();
+        assert_eq!(p.output_format, "ndjson");
+        for name in [
+            "_outputFormat",
+            "_since",
+            "_type",
+            "_typeFilter",
+            "_elements",
+            "includeAssociatedData",
+            "organizeOutputBy",
+            "allowPartialManifests",
+        ] {
+            for value in ["", "   "] {
+                let e = get(ExportLevel::Patient, &[(name, value)]).unwrap_err();
+                assert_eq!(e.status, 400, "{name}={value:?}");
+                assert!(
+                    e.diagnostics.contains("empty value") && e.diagnostics.contains(name),
+                    "{name}={value:?}: {}",
+                    e.diagnostics
+                );
+                // Not even lenient handling makes an empty value usable.
+                let e = lenient_get(&[(name, value)]).unwrap_err();
+                assert!(e.diagnostics.contains("empty value"), "{name}={value:?}");
+            }
+        }
+        let e = post(
+            ExportLevel::Patient,
+            &parameters(r#"{"name":"_outputFormat","valueInteger":1}"#),
+        )
+        .unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.diagnostics.contains("string value"), "{}", e.diagnostics);
+    }
+
+    /// `_since`/`_until` may be `now` itself (not in the future) but not a millisecond later.
+    #[test]
+    fn since_and_until_up_to_now() {
+        let now = parse_instant("2024-01-31T12:00:00Z").unwrap();
+        let get_at =
+            |q: &[(&str, &str)]| kickoff(KickoffMethod::Get, "respond-async", q, None, now);
+        let p = get_at(&[("_since", "2024-01-31T12:00:00Z")]).unwrap();
+        assert_eq!(p.since, Some(now));
+        let p = get_at(&[("_until", "2024-01-31T13:00:00+01:00")]).unwrap();
+        assert_eq!(p.until, Some(now));
+        for name in ["_since", "_until"] {
+            let e = get_at(&[(name, "2024-01-31T12:00:00.001Z")]).unwrap_err();
+            assert_eq!(e.status, 400, "{name}");
+            assert!(e.diagnostics.contains("future"), "{}", e.diagnostics);
+        }
+        // `_since` must be strictly before `_until`.
+        let e = get_at(&[
+            ("_since", "2024-01-01T00:00:00Z"),
+            ("_until", "2024-01-01T00:00:00Z"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.status, 400);
+        let p = get_at(&[
+            ("_since", "2024-01-01T00:00:00Z"),
+            ("_until", "2024-01-01T00:00:00.001Z"),
+        ])
+        .unwrap();
+        assert!(p.since < p.until);
+    }
 }

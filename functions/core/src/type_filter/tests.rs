@@ -429,3 +429,465 @@ fn rejects_has_count_in_and_token_below() {
         assert!(lenient.matches("Observation", &observation()), "{q}");
     }
 }
+
+/// Epoch milliseconds of a UTC date-time written `YYYY-MM-DDThh:mm:ss[.fff]`, computed with chrono
+/// (not with the code under test).
+fn utc_ms(text: &str) -> i64 {
+    chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
+        .unwrap_or_else(|e| panic!("{text}: {e}"))
+        .and_utc()
+        .timestamp_millis()
+}
+
+fn patient_born(birth_date: &str) -> Value {
+    json!({"resourceType": "Patient", "id": "p", "birthDate": birth_date})
+}
+
+#[test]
+fn is_empty_only_without_queries() {
+    assert!(TypeFilters::default().is_empty());
+    assert!(TypeFilters::parse(&[], false).unwrap().is_empty());
+    assert!(!filter("Observation?status=final").is_empty());
+    assert!(!filter("Patient?gender=female,Observation?status=final").is_empty());
+}
+
+/// The parameters listed for a type are its own plus those of every resource (`_id`,
+/// `_lastUpdated`, ...), never another type's; sorted and without repeats.
+#[test]
+fn search_params_of_one_type_only() {
+    let observation = search_params_of("Observation");
+    let codes: Vec<&str> = observation.iter().map(|(c, _)| *c).collect();
+    for own in ["code", "status", "subject", "value-quantity", "date"] {
+        assert!(codes.contains(&own), "{own}");
+    }
+    for common in [
+        "_id",
+        "_lastUpdated",
+        "_tag",
+        "_profile",
+        "_security",
+        "_source",
+    ] {
+        assert!(codes.contains(&common), "{common}");
+    }
+    for foreign in ["birthdate", "gender", "family", "totalnet", "probability"] {
+        assert!(!codes.contains(&foreign), "{foreign}");
+    }
+    let mut sorted = codes.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(codes, sorted);
+    assert!(observation.contains(&("value-quantity", ParamKind::Quantity)));
+    assert!(observation.contains(&("date", ParamKind::Date)));
+    assert!(observation.contains(&("_lastUpdated", ParamKind::Date)));
+
+    let patient: Vec<&str> = search_params_of("Patient")
+        .iter()
+        .map(|(c, _)| *c)
+        .collect();
+    assert!(patient.contains(&"birthdate") && patient.contains(&"_id"));
+    assert!(!patient.contains(&"value-quantity") && !patient.contains(&"code"));
+}
+
+/// A reference's `:Type` modifier must name a resource type; anything else is an unsupported
+/// modifier (400, or dropped under lenient handling).
+#[test]
+fn reference_type_modifier_must_be_a_type() {
+    for q in [
+        "Observation?subject:Foo=p1",
+        "Observation?subject:patient=p1",
+        "Observation?subject:=p1",
+    ] {
+        let e = TypeFilters::parse(&[q.to_string()], false).unwrap_err();
+        assert!(e.0.contains("modifier"), "{q}: {e:?}");
+        let lenient = TypeFilters::parse(&[q.to_string()], true).unwrap();
+        assert_eq!(lenient.warnings.len(), 1, "{q}");
+    }
+    let o = observation();
+    assert!(passes("Observation?subject:Patient=p1", &o));
+    assert!(!passes("Observation?subject:Patient=p2", &o));
+}
+
+/// An id alone matches the reference's id, not any reference that has a type.
+#[test]
+fn reference_by_id_compares_the_id() {
+    let o = observation(); // subject Patient/p1
+    assert!(passes("Observation?subject=p1", &o));
+    assert!(!passes("Observation?subject=p2", &o));
+    assert!(!passes("Observation?subject=Patient", &o));
+    let versioned = json!({"resourceType": "Observation", "status": "final", "code": {},
+        "subject": {"reference": "Patient/p1/_history/2"}});
+    assert!(passes("Observation?subject=p1", &versioned));
+    assert!(passes("Observation?subject=Patient/p1", &versioned));
+    assert!(!passes("Observation?subject=p2", &versioned));
+}
+
+/// Only `\,` is an escaped comma: a backslash before anything else is part of the value.
+#[test]
+fn backslash_only_escapes_a_comma() {
+    let patient = |v: &str| json!({"resourceType": "Patient", "identifier": [{"system": "urn:t", "value": v}]});
+    let f = filter(r"Patient?identifier=urn:t|a\b");
+    assert!(f.matches("Patient", &patient(r"a\b")));
+    assert!(!f.matches("Patient", &patient("a,")));
+    assert!(!f.matches("Patient", &patient("a")));
+    let f = filter(r"Patient?identifier=urn:t|a\,b,urn:t|c");
+    assert!(f.matches("Patient", &patient("a,b")));
+    assert!(f.matches("Patient", &patient("c")));
+    assert!(!f.matches("Patient", &patient("a")));
+    assert!(!f.matches("Patient", &patient("b")));
+}
+
+/// A number's implicit range is half a unit of its last digit either side, `[n - ½, n + ½)`:
+/// `72.5` means [72.45, 72.55), `72.50` [72.495, 72.505).
+#[test]
+fn number_precision() {
+    let o = observation(); // valueQuantity 72.5
+    for (q, expected) in [
+        ("72.5", true),
+        ("72.50", true),
+        ("72.500", true),
+        ("72.4", false),
+        ("72.6", false),
+        ("72.51", false),
+        ("72.49", false),
+        ("ne72.4", true),
+        ("ne72.50", false),
+        ("72", false), // [71.5, 72.5)
+        ("73", true),  // [72.5, 73.5)
+        ("74", false),
+        ("7.25e1", true),
+        ("7.26e1", false),
+    ] {
+        assert_eq!(
+            passes(&format!("Observation?value-quantity={q}"), &o),
+            expected,
+            "{q}"
+        );
+    }
+    let r = |p: f64| {
+        json!({"resourceType": "RiskAssessment", "status": "final", "subject": {"reference": "Patient/p"},
+            "prediction": [{"probabilityDecimal": p}]})
+    };
+    assert!(passes("RiskAssessment?probability=0.3", &r(0.26)));
+    assert!(passes("RiskAssessment?probability=0.3", &r(0.34)));
+    assert!(!passes("RiskAssessment?probability=0.3", &r(0.2)));
+    assert!(!passes("RiskAssessment?probability=0.30", &r(0.26)));
+    assert!(passes("RiskAssessment?probability=1", &r(0.6)));
+}
+
+/// `gt`/`lt` are strict, `ge`/`le` include the value, `sa`/`eb` are `gt`/`lt` for numbers.
+#[test]
+fn number_prefixes() {
+    let o = observation(); // valueQuantity 72.5
+    for (q, expected) in [
+        ("gt72.5", false),
+        ("gt72.4", true),
+        ("lt72.5", false),
+        ("lt72.6", true),
+        ("lt80", true),
+        ("ge72.5", true),
+        ("ge72.6", false),
+        ("le72.5", true),
+        ("le80", true),
+        ("le72.4", false),
+        ("sa72.4", true),
+        ("sa72.5", false),
+        ("eb72.6", true),
+        ("eb72.5", false),
+        ("ap66", true), // 10% of 66 is 6.6
+        ("ap65", false),
+        ("ap80", true),
+        ("ap81", false),
+    ] {
+        assert_eq!(
+            passes(&format!("Observation?value-quantity={q}"), &o),
+            expected,
+            "{q}"
+        );
+    }
+}
+
+/// `number|system|code` needs that code in that system; the unit is compared only for
+/// `number||code`; Money's currency is its code.
+#[test]
+fn quantity_units() {
+    let o = observation(); // 72.5, unit beats/min, system UCUM, code /min
+    for (q, expected) in [
+        ("72.5|http://unitsofmeasure.org|/min", true),
+        ("72.5|http://unitsofmeasure.org|mm[Hg]", false),
+        ("72.5|http://unitsofmeasure.org|beats/min", false),
+        ("72.5||/min", true),
+        ("72.5||beats/min", true),
+        ("72.5||mm[Hg]", false),
+        ("72.5|http://unitsofmeasure.org|", true),
+        ("72.5|http://other|", false),
+    ] {
+        assert_eq!(
+            passes(&format!("Observation?value-quantity={q}"), &o),
+            expected,
+            "{q}"
+        );
+    }
+    let invoice = json!({"resourceType": "Invoice", "status": "issued",
+        "totalNet": {"value": 100, "currency": "USD"}});
+    assert!(passes("Invoice?totalnet=100||USD", &invoice));
+    assert!(!passes("Invoice?totalnet=100||EUR", &invoice));
+    assert!(!passes("Invoice?totalnet=200||USD", &invoice));
+}
+
+/// The implicit range of each precision a FHIR date, dateTime or instant can have.
+#[test]
+fn date_range_of_each_precision() {
+    let range = |text: &str| date_range(text).unwrap_or_else(|| panic!("{text}"));
+    let cases: &[(&str, &str, &str)] = &[
+        ("2020", "2020-01-01T00:00:00", "2021-01-01T00:00:00"),
+        ("2021", "2021-01-01T00:00:00", "2022-01-01T00:00:00"),
+        ("2020-12", "2020-12-01T00:00:00", "2021-01-01T00:00:00"),
+        ("2021-02", "2021-02-01T00:00:00", "2021-03-01T00:00:00"),
+        ("2020-06-15", "2020-06-15T00:00:00", "2020-06-16T00:00:00"),
+        ("2020-12-31", "2020-12-31T00:00:00", "2021-01-01T00:00:00"),
+        (
+            "2020-06-15T10:30Z",
+            "2020-06-15T10:30:00",
+            "2020-06-15T10:31:00",
+        ),
+        (
+            "2020-06-15T10:30+01:00",
+            "2020-06-15T09:30:00",
+            "2020-06-15T09:31:00",
+        ),
+        (
+            "2020-06-15T10:30:15Z",
+            "2020-06-15T10:30:15",
+            "2020-06-15T10:30:16",
+        ),
+        (
+            "2020-06-15T10:30:15",
+            "2020-06-15T10:30:15",
+            "2020-06-15T10:30:16",
+        ),
+        (
+            "2020-06-15T10:30:00-02:00",
+            "2020-06-15T12:30:00",
+            "2020-06-15T12:30:01",
+        ),
+        (
+            "2020-06-15T10:30:00+05:30",
+            "2020-06-15T05:00:00",
+            "2020-06-15T05:00:01",
+        ),
+        (
+            "2020-06-15T10:30:00-09:30",
+            "2020-06-15T20:00:00",
+            "2020-06-15T20:00:01",
+        ),
+        (
+            "2020-06-15T00:30:00+01:00",
+            "2020-06-14T23:30:00",
+            "2020-06-14T23:30:01",
+        ),
+        (
+            "2020-06-15T10:30:00.5Z",
+            "2020-06-15T10:30:00.5",
+            "2020-06-15T10:30:00.6",
+        ),
+        (
+            "2020-06-15T10:30:00.25Z",
+            "2020-06-15T10:30:00.25",
+            "2020-06-15T10:30:00.26",
+        ),
+        (
+            "2020-06-15T10:30:00.123Z",
+            "2020-06-15T10:30:00.123",
+            "2020-06-15T10:30:00.124",
+        ),
+        // Below a millisecond: the millisecond that holds it.
+        (
+            "2020-06-15T10:30:00.1234Z",
+            "2020-06-15T10:30:00.123",
+            "2020-06-15T10:30:00.124",
+        ),
+        (
+            "2020-06-15T10:30:00.120+02:00",
+            "2020-06-15T08:30:00.120",
+            "2020-06-15T08:30:00.121",
+        ),
+    ];
+    for (text, low, high) in cases {
+        assert_eq!(range(text), (utc_ms(low), utc_ms(high)), "{text}");
+    }
+    for bad in [
+        "202",
+        "2020-6",
+        "2020-00",
+        "2020-06-31",
+        "2020-06-15T10Z",
+        "2020-06-15T10:3Z",
+        "2020-06-15T10:30:0Z",
+        "2020-06-15T10:30:00.Z",
+        "2020-06-15T25:00:00Z",
+        "2020-06-15 10:30:00Z",
+        "2020-06-15T10:30:00+0200",
+    ] {
+        assert_eq!(date_range(bad), None, "{bad}");
+    }
+}
+
+/// The R4 prefixes at the edges of the ranges: `gt`/`lt` need the range above/below the search
+/// value to overlap the target, `ge`/`le` that or `eq` (the search range contains the target),
+/// `sa`/`eb` the target to start after/end before the search range.
+#[test]
+fn date_prefixes_at_range_edges() {
+    let day = patient_born("1980-05-02");
+    let year = patient_born("1980");
+    for (q, target, expected) in [
+        ("eq1980-05-02", &day, true),
+        ("1980-05", &day, true),
+        ("1980-05-03", &day, false),
+        ("ne1980-05-02", &day, false),
+        ("ne1980-05-03", &day, true),
+        ("gt1980-05-01", &day, true),
+        ("gt1980-05-02", &day, false),
+        ("gt1980-05", &day, false),
+        ("lt1980-05-03", &day, true),
+        ("lt1980-05-02", &day, false),
+        ("lt1980-05", &day, false),
+        ("ge1980-05-02", &day, true),
+        ("ge1980-05-01", &day, true),
+        ("ge1980-05-03", &day, false),
+        ("le1980-05-02", &day, true),
+        ("le1980-05-03", &day, true),
+        ("le1980-05-01", &day, false),
+        ("sa1980-05-01", &day, true),
+        ("sa1980-05-02", &day, false),
+        ("sa1980-05-02T23:59:59Z", &day, false),
+        ("sa1980-05-01T23:59:59Z", &day, true),
+        ("eb1980-05-03", &day, true),
+        ("eb1980-05-02", &day, false),
+        ("eb1980-05-03T00:00:00Z", &day, true),
+        ("eb1980-05-02T23:59:59Z", &day, false),
+        // A whole year against parts of it.
+        ("1980-05", &year, false),
+        ("ne1980-05", &year, true),
+        ("1980", &year, true),
+        ("gt1980-12", &year, false),
+        ("gt1980-11", &year, true),
+        ("ge1980-12", &year, false),
+        ("ge1979", &year, true),
+        ("ge1980", &year, true),
+        ("lt1980-01", &year, false),
+        ("lt1980-02", &year, true),
+        ("le1980-01", &year, false),
+        ("le1981", &year, true),
+        ("le1980", &year, true),
+        ("sa1979-12-31", &year, true),
+        ("sa1980-01", &year, false),
+        ("eb1981-01-01", &year, true),
+        ("eb1980-12", &year, false),
+    ] {
+        assert_eq!(
+            passes(&format!("Patient?birthdate={q}"), target),
+            expected,
+            "{q} on {}",
+            target["birthDate"]
+        );
+    }
+}
+
+/// Periods, closed and open at either end (an open end is unbounded).
+#[test]
+fn date_prefixes_on_periods() {
+    let period = |start: Option<&str>, end: Option<&str>| {
+        let mut p = serde_json::Map::new();
+        if let Some(s) = start {
+            p.insert("start".into(), json!(s));
+        }
+        if let Some(e) = end {
+            p.insert("end".into(), json!(e));
+        }
+        json!({"resourceType": "Encounter", "status": "finished", "class": {}, "period": p})
+    };
+    let closed = period(Some("2020-01-01T10:00:00Z"), Some("2020-01-03T10:00:00Z"));
+    let from = period(Some("2020-01-01"), None);
+    let until = period(None, Some("2020-01-03"));
+    for (q, target, expected) in [
+        ("2020-01", &closed, true),
+        ("2020-01-02", &closed, false),
+        ("ne2020-01-02", &closed, true),
+        ("ge2020-01-02", &closed, true),
+        // Ending inside 2020-01-03 is neither above that day nor contained in it.
+        ("ge2020-01-03", &closed, false),
+        ("ge2020-01-04", &closed, false),
+        ("le2020-01-02", &closed, true),
+        ("le2020-01-01", &closed, false),
+        ("le2019-12-31", &closed, false),
+        ("gt2020-01-03", &closed, false),
+        ("lt2020-01-01", &closed, false),
+        ("sa2019-12-31", &closed, true),
+        ("sa2020-01-01", &closed, false),
+        ("eb2020-01-04", &closed, true),
+        ("eb2020-01-03", &closed, false),
+        // Open end: goes on for ever.
+        ("gt2030", &from, true),
+        ("ge2030", &from, true),
+        ("lt2020", &from, false),
+        ("lt2020-01-02", &from, true),
+        ("2020", &from, false),
+        ("ne2020", &from, true),
+        ("sa2019", &from, true),
+        ("sa2020", &from, false),
+        ("eb2030", &from, false),
+        // Open start: has always been going on.
+        ("lt1900", &until, true),
+        ("le1900", &until, true),
+        ("gt2020-01-03", &until, false),
+        ("gt2020-01-02", &until, true),
+        ("2020", &until, false),
+        ("eb2020-01-04", &until, true),
+        ("eb2020-01-03", &until, false),
+        ("sa1900", &until, false),
+    ] {
+        assert_eq!(
+            passes(&format!("Encounter?date={q}"), target),
+            expected,
+            "{q} on {}",
+            target["period"]
+        );
+    }
+}
+
+/// `ap`: within 10% of the gap between now and the search value (the R4 recommendation), so a
+/// date a century ago is approximately one ten years later but not one a century or two away.
+#[test]
+fn date_approximately() {
+    // 1900: now is more than 120 years away, so the margin is more than 12 years.
+    assert!(passes(
+        "Patient?birthdate=ap1900-01-01",
+        &patient_born("1910-06-01")
+    ));
+    assert!(passes(
+        "Patient?birthdate=ap1900-01-01",
+        &patient_born("1890-06-01")
+    ));
+    assert!(!passes(
+        "Patient?birthdate=ap1900-01-01",
+        &patient_born("1700-01-01")
+    ));
+    assert!(!passes(
+        "Patient?birthdate=ap1900-01-01",
+        &patient_born("2100-01-01")
+    ));
+    // 2000: now is 25 years or more away, well under 500, so 1950 is too far.
+    assert!(!passes(
+        "Patient?birthdate=ap2000-01-01",
+        &patient_born("1950-01-01")
+    ));
+    assert!(passes(
+        "Patient?birthdate=ap2000-01-01",
+        &patient_born("2000-06-01")
+    ));
+    assert!(passes(
+        "Patient?birthdate=ap2000-01-01",
+        &patient_born("2000-01-01")
+    ));
+}
