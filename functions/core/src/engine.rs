@@ -212,6 +212,31 @@ impl Exporter {
         Ok(false)
     }
 
+    /// Stores a job that runs without the single-export lock (a study export's FHIR part: study
+    /// exports queue with bounded concurrency of their own). `params` are trusted: they come
+    /// from the service, not from a kick-off.
+    pub async fn create_unlocked(
+        &self,
+        level: ExportLevel,
+        params: ExportParams,
+        request_url: String,
+        owner: &str,
+    ) -> StoreResult<Job> {
+        let mut job = Job::new(new_id(), level, request_url, params, now_millis());
+        job.owner = Some(owner.to_string());
+        self.ports.jobs.create(&job).await?;
+        Ok(job)
+    }
+
+    /// Sets when a finished job's files are deleted (a study keeps its exports longer).
+    pub async fn set_expiry(&self, job_id: &str, expires_at: Instant) -> StoreResult<()> {
+        let mut job = self.job(job_id).await?;
+        let status = job.status;
+        job.expires_at = Some(expires_at);
+        self.ports.jobs.update(&job, status).await?;
+        Ok(())
+    }
+
     /// The active job holding the lock, if it has the same fingerprint as `job`.
     async fn identical_running(&self, job: &Job, now: Instant) -> StoreResult<Option<Job>> {
         let Some(holder) = self.ports.lock.holder(now).await? else {

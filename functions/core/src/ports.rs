@@ -275,6 +275,11 @@ pub trait OutputStore: Send + Sync {
     async fn download_url(&self, key: &str, base_url: &str) -> StoreResult<String>;
     /// The file's bytes, when this server serves downloads itself.
     async fn open(&self, key: &str) -> StoreResult<Option<ByteStream>>;
+    /// The file's bytes for the service itself (packaging a ZIP), wherever they are kept; the
+    /// bytes as written, never re-encoded for transport.
+    async fn read(&self, key: &str) -> StoreResult<Option<ByteStream>> {
+        self.open(key).await
+    }
     /// Where to send a client whose download route is checked by this server but whose bytes
     /// come from storage (a fresh presigned URL); `None` when [`OutputStore::open`] serves them.
     async fn redirect_url(&self, _key: &str) -> StoreResult<Option<String>> {

@@ -46,6 +46,17 @@ pub async fn run_job(exporter: Arc<Exporter>, job_id: String) {
     }
 }
 
+/// Runs a job created with [`Exporter::create_unlocked`] to its end, here: plan, items,
+/// finalize. `Ok(false)` when it stopped being active (cancelled); an error leaves it to the
+/// caller to fail.
+pub async fn run_unlocked(exporter: &Arc<Exporter>, job_id: &str) -> StoreResult<bool> {
+    if !run_items(exporter, job_id).await? {
+        return Ok(false);
+    }
+    exporter.finalize(job_id).await?;
+    Ok(true)
+}
+
 /// Exports every unfinished item; `Ok(false)` when the job stopped being active.
 async fn run_items(exporter: &Arc<Exporter>, job_id: &str) -> StoreResult<bool> {
     let items = exporter.plan(job_id).await?;

@@ -15,6 +15,9 @@ use export_core::fhir::time::now_millis;
 use export_core::ids::new_id;
 use export_core::router::{RouteInfo, error_response, unauthorized_response};
 use export_core::{Api, ApiError, Body};
+use export_study::error::StudyError;
+use export_study::router::{StudyApi, error_response as study_error_response};
+use export_study::service::Caller;
 use http::header::ACCEPT;
 use http::{HeaderValue, Request, Response};
 use request_log::{LoggedStream, RequestRecord};
@@ -25,11 +28,28 @@ use tracing::Instrument;
 pub struct Gateway {
     pub fhir: Arc<Api>,
     pub auth: Arc<Authenticator>,
+    /// The study export API, where the deployment has one.
+    pub study: Option<Arc<StudyApi>>,
 }
+
+/// The address a request came from, as the transport saw it (set by the local server and the
+/// API Lambda; never read from a header a client can set).
+#[derive(Debug, Clone)]
+pub struct ClientAddress(pub String);
 
 impl Gateway {
     pub fn new(fhir: Arc<Api>, auth: Arc<Authenticator>) -> Self {
-        Gateway { fhir, auth }
+        Gateway {
+            fhir,
+            auth,
+            study: None,
+        }
+    }
+
+    /// With the study export API at `/api/v1`.
+    pub fn with_study(mut self, study: Arc<StudyApi>) -> Self {
+        self.study = Some(study);
+        self
     }
 
     /// Answers one request.
@@ -90,6 +110,9 @@ impl Gateway {
         if let Some(response) = self.auth_route(request, record).await {
             return response;
         }
+        if StudyApi::owns(path) {
+            return self.study_route(request, record).await;
+        }
         let fhir_base = self.fhir.base_path();
         if path != fhir_base && !path.starts_with(&format!("{fhir_base}/")) {
             return error_response(
@@ -121,6 +144,55 @@ impl Gateway {
             return unauthorized_response(&failure, accept);
         }
         self.fhir.handle(request, Some(&principal)).await
+    }
+}
+
+impl Gateway {
+    /// `/api/v1`: the study export API, with its own (EXP) error shape.
+    async fn study_route(
+        &self,
+        request: &Request<Bytes>,
+        record: &mut RequestRecord,
+    ) -> Response<Body> {
+        let Some(study) = &self.study else {
+            let error = StudyError::not_found("the study export API is not enabled here");
+            return study_error_response(&error, &record.request_id);
+        };
+        if StudyApi::is_public(request.uri().path()) {
+            return study.handle(request, None).await;
+        }
+        let now = now_millis().timestamp();
+        let principal = match self.auth.authenticate(request.headers(), now).await {
+            Ok(principal) => principal,
+            Err(failure) => {
+                if let export_auth::AuthFailure::Internal(detail) = &failure {
+                    tracing::error!(error = %detail, "authentication failed");
+                }
+                let error = match &failure {
+                    export_auth::AuthFailure::RateLimited { retry_after } => {
+                        StudyError::too_many(*retry_after)
+                    }
+                    export_auth::AuthFailure::Internal(_) => StudyError::server(),
+                    other => StudyError::unauthenticated(other.message(), other.challenge()),
+                };
+                return study_error_response(&error, &record.request_id);
+            }
+        };
+        record.principal = Some(principal.id());
+        if let Err(export_auth::AuthFailure::RateLimited { retry_after }) =
+            self.auth.rate_check(&principal)
+        {
+            return study_error_response(&StudyError::too_many(retry_after), &record.request_id);
+        }
+        let caller = Caller {
+            principal,
+            request_id: record.request_id.clone(),
+            client_address: request
+                .extensions()
+                .get::<ClientAddress>()
+                .map(|a| a.0.clone()),
+        };
+        study.handle(request, Some(&caller)).await
     }
 }
 

@@ -99,6 +99,35 @@ pub enum ApiKeysCommand {
     },
 }
 
+#[derive(Subcommand)]
+pub enum StudiesCommand {
+    /// Set a study's retention and webhook.
+    Set {
+        #[arg(long)]
+        study: String,
+        /// Days a study's export files are kept (default 7).
+        #[arg(long)]
+        retention_days: Option<u32>,
+        /// Where completed and failed exports are announced (https; http only on loopback).
+        /// A new signing secret is printed once.
+        #[arg(long, conflicts_with = "no_webhook")]
+        webhook_url: Option<String>,
+        /// Stop announcing this study's exports.
+        #[arg(long)]
+        no_webhook: bool,
+    },
+    /// Every study's settings.
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check the audit trail's hash chain; names the first record that breaks it.
+    Verify,
+    /// Print the trail as JSON lines (oldest first).
+    Export,
+}
+
 fn now() -> i64 {
     export_core::fhir::time::now_millis().timestamp()
 }
@@ -110,6 +139,8 @@ struct Stores {
     users: Arc<dyn UserStore>,
     memberships: Arc<dyn MembershipStore>,
     api_keys: Arc<dyn ApiKeyStore>,
+    /// The audit trail membership changes go to (the local store's).
+    audit: Option<Arc<dyn export_study::audit::AuditLog>>,
 }
 
 /// Where the administration commands keep their records.
@@ -127,7 +158,8 @@ fn open(target: &Target) -> Result<Stores, Box<dyn std::error::Error>> {
                 clients: store.clone(),
                 users: store.clone(),
                 memberships: store.clone(),
-                api_keys: store,
+                api_keys: store.clone(),
+                audit: Some(store),
             })
         }
         Target::DynamoDb(table) => dynamodb_stores(table),
@@ -142,6 +174,7 @@ fn dynamodb_stores(table: &str) -> Result<Stores, Box<dyn std::error::Error>> {
         users: store.clone(),
         memberships: store.clone(),
         api_keys: store,
+        audit: None,
     })
 }
 
@@ -277,7 +310,8 @@ pub fn token(db: &Path, user: &str, ttl: &str) -> CliResult {
 }
 
 pub fn members(target: &Target, command: MembersCommand) -> CliResult {
-    let store = open(target)?.memberships;
+    let stores = open(target)?;
+    let store = stores.memberships.clone();
     match command {
         MembersCommand::Grant {
             user,
@@ -287,6 +321,11 @@ pub fn members(target: &Target, command: MembersCommand) -> CliResult {
         } => {
             let m = membership(&study, &role, sites)?;
             block(store.grant(&user, &m))?;
+            audit_membership(
+                &stores,
+                serde_json::json!({"change": "grant", "user": user.to_ascii_lowercase(), "study": study,
+                    "role": m.role.as_str(), "sites": m.sites.list()}),
+            )?;
             println!("{user} is {} of study {study}", m.role.as_str());
         }
         MembersCommand::List { study } => {
@@ -306,6 +345,10 @@ pub fn members(target: &Target, command: MembersCommand) -> CliResult {
             if !block(store.revoke(&user, &study))? {
                 return Err(format!("{user} has no membership in study {study}").into());
             }
+            audit_membership(
+                &stores,
+                serde_json::json!({"change": "revoke", "user": user.to_ascii_lowercase(), "study": study}),
+            )?;
             println!("revoked {user} from study {study}");
         }
     }
@@ -380,4 +423,108 @@ pub fn parse_duration(text: &str) -> Result<i64, String> {
         return Err("a token lives between 1 second and 30 days".into());
     }
     Ok(seconds)
+}
+
+pub fn studies(db: &Path, command: StudiesCommand) -> CliResult {
+    use export_study::jobs::{DEFAULT_RETENTION_DAYS, StudyJobStore, StudySettings};
+    let store = SqliteStore::open(db)?;
+    match command {
+        StudiesCommand::Set {
+            study,
+            retention_days,
+            webhook_url,
+            no_webhook,
+        } => {
+            let mut settings = block(store.settings(&study))?.unwrap_or(StudySettings {
+                study_id: study.clone(),
+                retention_days: DEFAULT_RETENTION_DAYS,
+                webhook_url: None,
+                webhook_secret: None,
+            });
+            if let Some(days) = retention_days {
+                if days == 0 || days > 3650 {
+                    return Err("--retention-days must be 1 to 3650".into());
+                }
+                settings.retention_days = days;
+            }
+            if no_webhook {
+                settings.webhook_url = None;
+                settings.webhook_secret = None;
+            }
+            let mut new_secret = None;
+            if let Some(url) = webhook_url {
+                if !export_study::webhooks::allowed_target(&url) {
+                    return Err("--webhook-url must be https (http only on loopback)".into());
+                }
+                let secret = export_study::webhooks::new_secret();
+                settings.webhook_url = Some(url);
+                settings.webhook_secret = Some(secret.clone());
+                new_secret = Some(secret);
+            }
+            block(store.put_settings(&settings))?;
+            println!(
+                "study {study}: files kept {} days; webhook {}",
+                settings.retention_days,
+                settings.webhook_url.as_deref().unwrap_or("none")
+            );
+            if let Some(secret) = new_secret {
+                eprintln!(
+                    "the webhook signing secret (shown only now; verify webhook-signature with it):"
+                );
+                println!("{secret}");
+            }
+        }
+        StudiesCommand::List => {
+            for s in block(store.all_settings())? {
+                println!(
+                    "{}\tretention {} days\twebhook {}",
+                    s.study_id,
+                    s.retention_days,
+                    s.webhook_url.as_deref().unwrap_or("none")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn audit(db: &Path, command: AuditCommand) -> CliResult {
+    use export_study::audit::{AuditLog, verify};
+    let store = SqliteStore::open(db)?;
+    let records = block(store.all_records())?;
+    match command {
+        AuditCommand::Verify => match verify(&records) {
+            Ok(count) => println!("the audit trail is intact: {count} records"),
+            Err(broken) => {
+                return Err(format!(
+                    "the audit trail is broken at record {} (found {}): {}",
+                    broken.expected_seq,
+                    broken
+                        .found_seq
+                        .map_or("nothing".to_string(), |s| format!("seq {s}")),
+                    broken.reason
+                )
+                .into());
+            }
+        },
+        AuditCommand::Export => {
+            for r in records {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Records a membership change made on the command line in the audit trail.
+fn audit_membership(store: &Stores, details: serde_json::Value) -> CliResult {
+    use export_study::audit::{AuditAction, AuditEntry, append};
+    let Some(log) = &store.audit else {
+        return Ok(());
+    };
+    let mut entry = AuditEntry::new("cli", "command line", AuditAction::MembershipChange);
+    entry.study_id = details["study"].as_str().map(String::from);
+    entry.details = Some(details);
+    block(append(log.as_ref(), entry))?;
+    Ok(())
 }

@@ -84,6 +84,20 @@ enum Command {
         #[command(subcommand)]
         command: admin::MembersCommand,
     },
+    /// Study export settings: retention and webhooks.
+    Studies {
+        #[arg(long, global = true, default_value = "bulk-export.db")]
+        db: PathBuf,
+        #[command(subcommand)]
+        command: admin::StudiesCommand,
+    },
+    /// The study exports' audit trail.
+    Audit {
+        #[arg(long, global = true, default_value = "bulk-export.db")]
+        db: PathBuf,
+        #[command(subcommand)]
+        command: admin::AuditCommand,
+    },
     /// API keys for system integrations.
     ApiKeys {
         #[arg(long, global = true, default_value = "bulk-export.db")]
@@ -242,6 +256,8 @@ fn main() -> ExitCode {
             command,
         } => admin::users(&target(&db, &dynamodb_table), command),
         Command::Token { db, user, ttl } => admin::token(&db, &user, &ttl),
+        Command::Studies { db, command } => admin::studies(&db, command),
+        Command::Audit { db, command } => admin::audit(&db, command),
         Command::Members {
             db,
             dynamodb_table,

@@ -14,7 +14,11 @@ use export_core::fhir::time::now_millis;
 use export_core::ports::Dispatcher;
 use export_core::router::MAX_BODY;
 use export_core::{Api, ApiError, Body, Exporter, Ports, Settings};
-use export_gateway::Gateway;
+use export_gateway::{ClientAddress, Gateway};
+use export_study::queue::{InProcessQueue, run_duties, run_queue};
+use export_study::router::StudyApi;
+use export_study::service::{StudyPorts, StudyService};
+use export_study::webhooks::HttpWebhookSender;
 use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
@@ -38,6 +42,11 @@ pub struct LocalService {
     pub dispatcher: Arc<LocalDispatcher>,
     /// How often exports past their retention are deleted.
     pub expiry_sweep: Duration,
+    /// Study exports and their in-process queue.
+    pub study: Arc<StudyService>,
+    study_queue: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
+    /// Study export jobs run at once.
+    pub study_concurrency: usize,
 }
 
 impl LocalService {
@@ -68,13 +77,28 @@ impl LocalService {
             auth_ports,
             export_core::fhir::is_resource_type,
         ));
+        let output: Arc<dyn export_core::ports::OutputStore> = Arc::new(output);
         let ports = Ports {
             resources: store.clone(),
             jobs: store.clone(),
-            lock: store,
-            output: Arc::new(output),
+            lock: store.clone(),
+            output: output.clone(),
         };
+        let page_size = settings.page_size;
         let exporter = Arc::new(Exporter::new(ports, settings));
+        let (queue, receiver) = InProcessQueue::new();
+        let study = Arc::new(StudyService {
+            ports: StudyPorts {
+                resources: store.clone(),
+                jobs: store.clone(),
+                audit: store.clone(),
+                outbox: store,
+                output,
+            },
+            exporter: exporter.clone(),
+            dispatcher: Arc::new(queue),
+            page_size,
+        });
         let dispatcher = Arc::new(LocalDispatcher::new(exporter.clone()));
         let api = Arc::new(Api::new(
             exporter.clone(),
@@ -82,11 +106,16 @@ impl LocalService {
             "/fhir",
             secured,
         ));
+        let gateway =
+            Gateway::new(api, authenticator).with_study(Arc::new(StudyApi::new(study.clone())));
         Ok(LocalService {
-            gateway: Arc::new(Gateway::new(api, authenticator)),
+            gateway: Arc::new(gateway),
             exporter,
             dispatcher,
             expiry_sweep: EXPIRY_SWEEP,
+            study,
+            study_queue: std::sync::Mutex::new(Some(receiver)),
+            study_concurrency: 2,
         })
     }
 
@@ -114,6 +143,18 @@ pub async fn serve(
     if resumed > 0 {
         println!("resumed {resumed} interrupted export(s)");
     }
+    if let Some(receiver) = service.study_queue.lock().expect("queue").take() {
+        tokio::spawn(run_queue(
+            service.study.clone(),
+            receiver,
+            service.study_concurrency,
+        ));
+    }
+    tokio::spawn(run_duties(
+        service.study.clone(),
+        Arc::new(HttpWebhookSender),
+        service.expiry_sweep.min(Duration::from_secs(5)),
+    ));
     let exporter = service.exporter.clone();
     let sweep = service.expiry_sweep;
     tokio::spawn(async move {
@@ -126,11 +167,11 @@ pub async fn serve(
         }
     });
     loop {
-        let (stream, _) = listener.accept().await?;
+        let (stream, peer) = listener.accept().await?;
         let gateway = service.gateway.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let handler = service_fn(move |request| handle(gateway.clone(), request));
+            let handler = service_fn(move |request| handle(gateway.clone(), request, peer));
             let mut http = http1::Builder::new();
             http.max_buf_size(MAX_HEAD_BYTES.max(8192));
             let served = match tls {
@@ -155,8 +196,12 @@ type ResponseBody = UnsyncBoxBody<Bytes, std::io::Error>;
 async fn handle(
     gateway: Arc<Gateway>,
     request: hyper::Request<Incoming>,
+    peer: std::net::SocketAddr,
 ) -> Result<hyper::Response<ResponseBody>, Infallible> {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    parts
+        .extensions
+        .insert(ClientAddress(peer.ip().to_string()));
     let response = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => {
             gateway

@@ -6,8 +6,24 @@
 //! ([`export_auth::Membership`]); every export, download and change is appended to a hash-chained
 //! audit trail.
 
+// A study error carries its field, details and headers; it is built on the cold path of a
+// request, so its size does not matter and boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
+pub mod api;
+pub mod audit;
 pub mod csv;
 pub mod dashboard;
+pub mod error;
+pub mod jobs;
 pub mod model;
 pub mod options;
+pub mod package;
+pub mod queue;
 pub mod report;
+pub mod roles;
+pub mod router;
+pub mod run;
+pub mod service;
+pub mod sweep;
+pub mod webhooks;

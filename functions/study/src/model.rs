@@ -175,7 +175,12 @@ pub async fn load_study(
         .map(|id| ("Location".to_string(), id.clone()))
         .collect();
     let mut sites = Vec::new();
-    for version in store.resources_at(&targets, now).await?.into_iter().flatten() {
+    for version in store
+        .resources_at(&targets, now)
+        .await?
+        .into_iter()
+        .flatten()
+    {
         sites.push(Site::from_resource(parse(&version.json)?));
     }
 
@@ -237,9 +242,7 @@ fn parse(json: &[u8]) -> StoreResult<Value> {
 }
 
 /// Participants per site and status (for the sites CSV and the dashboard).
-pub fn counts_by_site(
-    participants: &[&Participant],
-) -> BTreeMap<String, BTreeMap<String, u64>> {
+pub fn counts_by_site(participants: &[&Participant]) -> BTreeMap<String, BTreeMap<String, u64>> {
     let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     for p in participants {
         *counts

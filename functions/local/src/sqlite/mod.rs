@@ -1,6 +1,7 @@
 //! The embedded store: one SQLite file holding the FHIR resources (every version, with the
-//! Patient-compartment index written at load time), the jobs, their parts, the export lock, and
-//! what authentication keeps (clients, users, memberships, API key hashes, the signing key).
+//! Patient-compartment index written at load time), the jobs, their parts, the export lock,
+//! what authentication keeps (clients, users, memberships, API key hashes, the signing key), and
+//! the study exports' jobs, settings, audit trail and webhook outbox.
 //!
 //! Resources are versioned: each row knows when the next version replaced it (`superseded`), so
 //! an export reads exactly the versions current at its transaction time, whatever is written
@@ -53,6 +54,26 @@ CREATE TABLE IF NOT EXISTS auth_users (email TEXT PRIMARY KEY, doc TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS auth_memberships (email TEXT NOT NULL, study TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (email, study));
 CREATE TABLE IF NOT EXISTS auth_api_keys (id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS auth_secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS study_jobs (
+    id        TEXT PRIMARY KEY,
+    study     TEXT NOT NULL,
+    status    TEXT NOT NULL,
+    requested INTEGER NOT NULL,  -- ms since the epoch
+    expires   INTEGER,
+    doc       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS study_jobs_by_study ON study_jobs (study, requested);
+CREATE TABLE IF NOT EXISTS study_settings (study TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS study_idempotency (key TEXT PRIMARY KEY, created INTEGER NOT NULL, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_log (seq INTEGER PRIMARY KEY, study TEXT, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    id     TEXT PRIMARY KEY,
+    study  TEXT NOT NULL,
+    status TEXT NOT NULL,
+    due    INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    doc    TEXT NOT NULL
+);
 "#;
 
 /// Visibility of a version at `as_of` (bound as `?as_of`).
@@ -129,3 +150,4 @@ mod auth;
 mod jobs;
 mod lock;
 mod resources;
+mod study;
