@@ -23,6 +23,12 @@ if ! cmp -s tests/clients/requirements.txt "$TOOLS/clients/requirements.txt" 2>/
   "$TOOLS/clients/bin/pip" install --quiet --disable-pip-version-check -r tests/clients/requirements.txt
   cp tests/clients/requirements.txt "$TOOLS/clients/requirements.txt"
 fi
+if ! cmp -s tests/schemathesis-requirements.txt "$TOOLS/schemathesis/requirements.txt" 2>/dev/null; then
+  rm -rf "$TOOLS/schemathesis"
+  python3 -m venv "$TOOLS/schemathesis"
+  "$TOOLS/schemathesis/bin/pip" install --quiet --disable-pip-version-check -r tests/schemathesis-requirements.txt
+  cp tests/schemathesis-requirements.txt "$TOOLS/schemathesis/requirements.txt"
+fi
 ASL_VALIDATOR=$TOOLS/node/node_modules/.bin/asl-validator
 if [ ! -x "$ASL_VALIDATOR" ]; then
   npm install --silent --prefix "$TOOLS/node" --no-audit --no-fund asl-validator@4.0.0
@@ -68,6 +74,22 @@ cp target/debug/bulk-export target/debug/bulk-export-aws
 
 echo "== cargo test"
 cargo test --workspace --all-targets
+
+echo "== schemathesis: the study API against its OpenAPI document"
+ST_DIR=$TOOLS/schemathesis-run
+rm -rf "$ST_DIR" && mkdir -p "$ST_DIR"
+ST_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+target/debug/bulk-export serve --addr "127.0.0.1:$ST_PORT" --db "$ST_DIR/store.db" --output "$ST_DIR/exports" \
+  --sample 20 --auth on --request-rate 100000 > "$ST_DIR/serve.out" 2> "$ST_DIR/serve.log" &
+ST_PID=$!
+trap 'kill $MOTO_PID $ST_PID 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do grep -q "listening on" "$ST_DIR/serve.out" 2>/dev/null && break; sleep 0.2; done
+target/debug/bulk-export users add --db "$ST_DIR/store.db" --email schemathesis@example.org --name Schemathesis
+target/debug/bulk-export members grant --db "$ST_DIR/store.db" --user schemathesis@example.org --study study-0 --role study-admin
+ST_TOKEN=$(target/debug/bulk-export token --db "$ST_DIR/store.db" --user schemathesis@example.org --ttl 1h)
+(cd tests && "$TOOLS/schemathesis/bin/schemathesis" run "http://127.0.0.1:$ST_PORT/api/v1/openapi.json" \
+  -H "Authorization: Bearer $ST_TOKEN" --checks all --max-examples 50 --seed 1)
+kill $ST_PID 2>/dev/null || true
 
 echo "== real bulk clients (smart-fetch, cumulus-etl) against bulk-export serve"
 python3 tests/clients/check_clients.py target/debug/bulk-export \

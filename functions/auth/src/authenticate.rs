@@ -80,6 +80,12 @@ impl Authenticator {
         }
     }
 
+    /// Limits each principal to `per_second` rate-limited requests (bursts of six seconds' worth).
+    pub fn with_request_rate(mut self, per_second: u32) -> Self {
+        self.requests = RateLimiter::new(per_second.saturating_mul(6), f64::from(per_second));
+        self
+    }
+
     /// Counts one rate-limited request (kick-off, status poll) of `principal`. The local
     /// administrator (enforcement off, on loopback) is not limited.
     pub fn rate_check(&self, principal: &Principal) -> Result<(), AuthFailure> {

@@ -175,6 +175,9 @@ struct ServeArgs {
     /// Seconds between sweeps that delete expired exports.
     #[arg(long, default_value_t = 30, hide = true)]
     expiry_sweep_secs: u64,
+    /// Requests per second each caller may make (kick-offs, polls, the study API).
+    #[arg(long, default_value_t = 20, hide = true)]
+    request_rate: u32,
     /// Whether requests need credentials (bearer tokens, API keys). Default: off on a loopback
     /// address (a request without credentials acts as the local administrator), on elsewhere.
     #[arg(long, env = "BULK_EXPORT_AUTH", value_enum)]
@@ -353,7 +356,13 @@ async fn run_serve(args: ServeArgs) -> CliResult {
         issuer: origin.clone(),
         trusted_issuers: oidc_issuers(&args)?,
     };
-    let mut service = LocalService::new(store, FileOutput::new(&args.output)?, settings, auth)?;
+    let mut service = LocalService::with_request_rate(
+        store,
+        FileOutput::new(&args.output)?,
+        settings,
+        auth,
+        args.request_rate.max(1),
+    )?;
     service.expiry_sweep = Duration::from_secs(args.expiry_sweep_secs.max(1));
     let base = format!("{scheme}://{bound}/fhir");
     println!("FHIR Bulk Data server listening on {base}");

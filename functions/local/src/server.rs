@@ -54,8 +54,20 @@ impl LocalService {
     pub fn new(
         store: SqliteStore,
         output: FileOutput,
+        settings: Settings,
+        auth: AuthConfig,
+    ) -> export_core::StoreResult<Self> {
+        Self::with_request_rate(store, output, settings, auth, 20)
+    }
+
+    /// Like [`LocalService::new`], limiting each caller to `per_second` kick-offs, status polls
+    /// and study API requests.
+    pub fn with_request_rate(
+        store: SqliteStore,
+        output: FileOutput,
         mut settings: Settings,
         auth: AuthConfig,
+        per_second: u32,
     ) -> export_core::StoreResult<Self> {
         let signer = store
             .signing_key()
@@ -72,11 +84,10 @@ impl LocalService {
         };
         let secured = auth.enforce;
         settings.requires_access_token |= secured;
-        let authenticator = Arc::new(Authenticator::new(
-            auth,
-            auth_ports,
-            export_core::fhir::is_resource_type,
-        ));
+        let authenticator = Arc::new(
+            Authenticator::new(auth, auth_ports, export_core::fhir::is_resource_type)
+                .with_request_rate(per_second),
+        );
         let output: Arc<dyn export_core::ports::OutputStore> = Arc::new(output);
         let ports = Ports {
             resources: store.clone(),

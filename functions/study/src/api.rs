@@ -15,11 +15,23 @@ pub struct DataExportRequest {
     pub study_id: String,
     /// `fhir`, `sites_csv` or `participants_csv`.
     #[serde(rename = "type")]
+    #[schema(value_type = DataExportType)]
     pub export_type: ExportType,
     #[serde(default)]
     pub filters: Filters,
     #[serde(default)]
     pub options: ExportOptions,
+}
+
+/// The types `POST /data` creates (for the OpenAPI document; the others have endpoints of
+/// their own).
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum DataExportType {
+    Fhir,
+    SitesCsv,
+    ParticipantsCsv,
 }
 
 /// `POST /dashboard` and `POST /report`.
@@ -54,6 +66,7 @@ pub struct BulkRequest {
     #[schema(example = "study-0")]
     pub study_id: String,
     /// 1 to 10 exports.
+    #[schema(min_items = 1, max_items = 10)]
     pub exports: Vec<BulkItem>,
 }
 

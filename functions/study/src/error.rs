@@ -46,6 +46,8 @@ pub struct StudyError {
     pub retry_after: Option<u64>,
     /// `WWW-Authenticate` (401).
     pub challenge: Option<String>,
+    /// `Allow` (405).
+    pub allow: Option<String>,
 }
 
 impl StudyError {
@@ -58,6 +60,7 @@ impl StudyError {
             details: None,
             retry_after: None,
             challenge: None,
+            allow: None,
         }
     }
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -94,12 +97,14 @@ impl StudyError {
         e.retry_after = Some(retry_after);
         e
     }
-    pub fn method_not_allowed(method: &http::Method) -> Self {
-        Self::new(
+    pub fn method_not_allowed(method: &http::Method, allowed: &str) -> Self {
+        let mut e = Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Validation,
-            format!("method {method} is not allowed here"),
-        )
+            format!("method {method} is not allowed here; use {allowed}"),
+        );
+        e.allow = Some(allowed.to_string());
+        e
     }
     /// A failure inside the service: logged with its cause; the client learns only that it
     /// happened (and the request id).

@@ -92,9 +92,31 @@ pub struct DateRange {
 pub struct Filters {
     pub date_range: Option<DateRange>,
     /// Site ids (`Location` ids of the study's sites).
+    #[schema(min_items = 1)]
     pub sites: Option<Vec<String>>,
     /// R4 `ResearchSubject` statuses.
+    #[schema(min_items = 1, inline, value_type = Option<Vec<SubjectStatus>>)]
     pub statuses: Option<Vec<String>>,
+}
+
+/// The R4 `ResearchSubject.status` codes (for the OpenAPI document; requests carry strings).
+#[derive(ToSchema)]
+#[schema(rename_all = "kebab-case")]
+#[allow(dead_code)]
+pub enum SubjectStatus {
+    Candidate,
+    Eligible,
+    FollowUp,
+    Ineligible,
+    NotRegistered,
+    OffStudy,
+    OnStudy,
+    OnStudyIntervention,
+    OnStudyObservation,
+    PendingOnStudy,
+    PotentialCandidate,
+    Screening,
+    Withdrawn,
 }
 
 /// Character encodings of CSV files.

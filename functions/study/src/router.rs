@@ -49,6 +49,15 @@ enum Route {
 }
 
 impl Route {
+    /// The methods the route answers (the `Allow` header of a 405).
+    fn allowed(&self) -> &'static str {
+        match self {
+            Route::Data | Route::Dashboard | Route::Report | Route::Bulk => "POST",
+            Route::Job(_) => "GET, DELETE",
+            _ => "GET",
+        }
+    }
+
     fn template(&self) -> &'static str {
         match self {
             Route::Data => "/data",
@@ -182,7 +191,7 @@ impl StudyApi {
             (Route::Formats, &Method::GET) => formats(self, &query, caller).await,
             (Route::Audit, &Method::GET) => audit(self, &query, caller, &base).await,
             (Route::Deliveries, &Method::GET) => deliveries(self, &query, caller).await,
-            _ => Err(StudyError::method_not_allowed(&method)),
+            (route, _) => Err(StudyError::method_not_allowed(&method, route.allowed())),
         }
     }
 
@@ -295,10 +304,16 @@ fn base_url(request: &Request<Bytes>) -> String {
     format!("{scheme}://{host}{BASE}")
 }
 
+/// The query's parameters.
 fn query_map(request: &Request<Bytes>) -> BTreeMap<String, String> {
     form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
+}
+
+/// A free-text filter; given empty (`?requestor=`, as forms send it) it filters nothing.
+fn text_filter(query: &BTreeMap<String, String>, name: &str) -> Option<String> {
+    query.get(name).filter(|v| !v.is_empty()).cloned()
 }
 
 fn header(value: &str) -> HeaderValue {
@@ -328,6 +343,11 @@ pub fn error_response(error: &StudyError, request_id: &str) -> Response<Body> {
         response
             .headers_mut()
             .insert(http::header::WWW_AUTHENTICATE, header(challenge));
+    }
+    if let Some(allow) = &error.allow {
+        response
+            .headers_mut()
+            .insert(http::header::ALLOW, header(allow));
     }
     response
 }
@@ -369,7 +389,7 @@ fn idempotency(
     let key = key
         .to_str()
         .ok()
-        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| (0x21..=0x7e).contains(&b)))
         .ok_or_else(|| {
             StudyError::validation(
                 "Idempotency-Key",
@@ -454,10 +474,12 @@ fn accepted(job: &StudyJob, base: &str) -> Response<Body> {
 /// Creates a data export (FHIR JSON, Sites CSV or Participants CSV).
 #[utoipa::path(post, path = "/api/v1/exports/data", tag = "exports",
     request_body = DataExportRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "the same key and body within 24 h return the same job")),
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[!-~]+$",
+        description = "the same key and body within 24 h return the same job")),
     responses(
         (status = 202, description = "the job, queued", body = JobView, headers(("Location" = String, description = "the job"))),
         (status = 400, description = "EXP002: an invalid field", body = ErrorBody),
+        (status = 422, description = "EXP002: a site or date range the study cannot have", body = ErrorBody),
         (status = 401, description = "EXP003: no valid credentials", body = ErrorBody),
         (status = 403, description = "EXP003: the role may not", body = ErrorBody),
         (status = 404, description = "EXP001: no such study", body = ErrorBody),
@@ -500,7 +522,8 @@ async fn create_data(
 #[utoipa::path(post, path = "/api/v1/exports/dashboard", tag = "exports",
     request_body = StudyExportRequest,
     responses((status = 202, body = JobView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, body = ErrorBody)),
     security(("bearer" = []), ("api_key" = [])))]
 async fn create_study_export(
     api: &StudyApi,
@@ -529,7 +552,8 @@ async fn create_study_export(
 #[utoipa::path(post, path = "/api/v1/exports/report", tag = "exports",
     request_body = StudyExportRequest,
     responses((status = 202, body = JobView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, body = ErrorBody)),
     security(("bearer" = []), ("api_key" = [])))]
 #[allow(dead_code)]
 async fn create_report() {}
@@ -538,7 +562,8 @@ async fn create_report() {}
 #[utoipa::path(post, path = "/api/v1/exports/bulk", tag = "exports",
     request_body = BulkRequest,
     responses((status = 202, body = BulkResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, body = ErrorBody)),
     security(("bearer" = []), ("api_key" = [])))]
 async fn create_bulk(
     api: &StudyApi,
@@ -658,12 +683,12 @@ fn links(
 /// The export history of a study, newest first.
 #[utoipa::path(get, path = "/api/v1/exports/jobs", tag = "exports",
     params(
-        ("study_id" = String, Query), ("page" = Option<u64>, Query, minimum = 1),
+        ("study_id" = String, Query), ("page" = Option<u64>, Query, minimum = 1, maximum = 1000000),
         ("page_size" = Option<u64>, Query, minimum = 1, maximum = 100),
         ("status" = Option<StudyJobStatus>, Query), ("type" = Option<ExportType>, Query),
         ("requestor" = Option<String>, Query, description = "an e-mail or key name"),
-        ("from" = Option<String>, Query, description = "requested on or after (date or RFC 3339)"),
-        ("to" = Option<String>, Query, description = "requested on or before (date or RFC 3339)")),
+        ("from" = Option<String>, Query, format = Date, description = "requested on or after (a date; an RFC 3339 time also works)"),
+        ("to" = Option<String>, Query, format = Date, description = "requested on or before (a date; an RFC 3339 time also works)")),
     responses((status = 200, body = JobList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody)),
     security(("bearer" = []), ("api_key" = [])))]
@@ -697,7 +722,7 @@ async fn list_jobs(
         study_id,
         status,
         export_type,
-        requestor: query.get("requestor").cloned(),
+        requestor: text_filter(query, "requestor"),
         from: date_param(query, "from", false)?,
         to: date_param(query, "to", true)?,
         owner: None,
@@ -741,7 +766,8 @@ async fn delete_job() {}
 #[utoipa::path(get, path = "/api/v1/exports/jobs/{job_id}/download", tag = "exports",
     params(("job_id" = String, Path)),
     responses(
-        (status = 200, description = "the file", content_type = "application/octet-stream",
+        (status = 200, description = "the file: a CSV, the HTML report, or a ZIP",
+            content(("text/csv"), ("text/html"), ("application/zip")),
             headers(("Repr-Digest" = String, description = "sha-256=:<base64>:"))),
         (status = 307, description = "to a short-lived storage URL"),
         (status = 401, body = ErrorBody), (status = 404, description = "EXP001 (an expired job says to generate it again)", body = ErrorBody),
@@ -762,7 +788,9 @@ async fn list_files() {}
 /// One file of a completed export.
 #[utoipa::path(get, path = "/api/v1/exports/jobs/{job_id}/files/{name}", tag = "exports",
     params(("job_id" = String, Path), ("name" = String, Path)),
-    responses((status = 200, description = "the file", content_type = "application/octet-stream"),
+    responses((status = 200, description = "the file",
+            content(("text/csv"), ("text/html"), ("application/zip"), ("application/json"), ("application/fhir+ndjson")),
+            headers(("Repr-Digest" = String, description = "sha-256=:<base64>:"))),
         (status = 307, description = "to a short-lived storage URL"),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("bearer" = []), ("api_key" = [])))]
@@ -854,8 +882,10 @@ async fn formats(
 /// The audit trail of a study (study administrators only).
 #[utoipa::path(get, path = "/api/v1/exports/audit", tag = "audit",
     params(("study_id" = String, Query), ("job_id" = Option<String>, Query), ("user" = Option<String>, Query),
-        ("action" = Option<String>, Query), ("from" = Option<String>, Query), ("to" = Option<String>, Query),
-        ("page" = Option<u64>, Query, minimum = 1), ("page_size" = Option<u64>, Query, minimum = 1, maximum = 100)),
+        ("action" = Option<AuditAction>, Query),
+        ("from" = Option<String>, Query, format = Date, description = "on or after (a date; an RFC 3339 time also works)"),
+        ("to" = Option<String>, Query, format = Date, description = "on or before (a date; an RFC 3339 time also works)"),
+        ("page" = Option<u64>, Query, minimum = 1, maximum = 1000000), ("page_size" = Option<u64>, Query, minimum = 1, maximum = 100)),
     responses((status = 200, body = AuditList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody)),
     security(("bearer" = []), ("api_key" = [])))]
@@ -885,8 +915,8 @@ async fn audit(
     };
     let audit_query = AuditQuery {
         study_id: Some(study_id),
-        job_id: query.get("job_id").cloned(),
-        actor: query.get("user").cloned(),
+        job_id: text_filter(query, "job_id"),
+        actor: text_filter(query, "user"),
         action,
         from: to_text(date_param(query, "from", false)?),
         to: to_text(date_param(query, "to", true)?),
@@ -932,6 +962,50 @@ struct SecuritySchemes;
 
 impl utoipa::Modify for SecuritySchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{RefOr, ResponseBuilder, content::ContentBuilder};
+        // Every operation can be refused, throttled or fail, and answers 405 to other methods.
+        let error = |description: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        for item in openapi.paths.paths.values_mut() {
+            for operation in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.put,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let responses = &mut operation.responses.responses;
+                for (code, description) in [
+                    ("400", "EXP002: a malformed request"),
+                    ("401", "EXP003: no valid credentials"),
+                    ("403", "EXP003: not allowed"),
+                    ("404", "EXP001: not found, or not visible to the caller"),
+                    ("429", "EXP004: too many requests (Retry-After)"),
+                    (
+                        "500",
+                        "EXP005: an internal error (the request id names it in the log)",
+                    ),
+                ] {
+                    responses
+                        .entry(code.to_string())
+                        .or_insert_with(|| error(description));
+                }
+            }
+        }
         use utoipa::openapi::security::{
             ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
         };
@@ -958,6 +1032,7 @@ impl utoipa::Modify for SecuritySchemes {
         description = "Exports of clinical studies for study teams: FHIR JSON, Sites CSV, Participants CSV, dashboards and reports, with an export history, downloads, roles and an audit trail. Errors are {\"error\":{code,message,field,details,timestamp,request_id}} with codes EXP001-EXP005."),
     paths(create_data, create_study_export, create_report, create_bulk, list_jobs, get_job, delete_job,
         download_job, list_files, download_file, formats, audit, deliveries),
+    components(schemas(ErrorBody, crate::error::ErrorDetail, AuditAction)),
     modifiers(&SecuritySchemes),
     tags((name = "exports", description = "study exports and their history"),
         (name = "audit", description = "the audit trail and webhook deliveries")))]

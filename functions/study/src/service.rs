@@ -261,7 +261,7 @@ pub fn validate_filters(data: &StudyData, filters: &Filters) -> Result<(), Study
             ));
         }
         if let Some(unknown) = sites.iter().find(|s| data.site(s).is_none()) {
-            return Err(StudyError::validation(
+            return Err(StudyError::unprocessable(
                 "filters.sites",
                 format!("site {unknown} is not a site of study {}", data.study.id),
             ));
@@ -289,7 +289,7 @@ pub fn validate_filters(data: &StudyData, filters: &Filters) -> Result<(), Study
         && let (Some(from), Some(to)) = (range.from, range.to)
         && from > to
     {
-        return Err(StudyError::validation(
+        return Err(StudyError::unprocessable(
             "filters.date_range",
             format!("date_range.from ({from}) is after date_range.to ({to})"),
         ));
