@@ -24,6 +24,8 @@ pub struct AwsSettings {
     pub export: Settings,
     /// The table of clients, users, memberships, API key hashes and used assertion ids.
     pub auth_table: String,
+    /// The study exports' jobs, settings, audit trail and webhook outbox.
+    pub study_table: String,
     /// The KMS key that signs tokens (ECC_NIST_P256); without one, an ephemeral key (tests, and
     /// functions that never sign).
     pub signing_key_id: Option<String>,
@@ -66,6 +68,7 @@ impl AwsSettings {
             heartbeat_every: Duration::from_secs(60),
             export: Settings::default(),
             auth_table: format!("{prefix}-auth"),
+            study_table: format!("{prefix}-study"),
             signing_key_id: None,
             issuer: "https://abc123.execute-api.us-east-1.amazonaws.com".into(),
             enforce_auth: false,
@@ -76,7 +79,7 @@ impl AwsSettings {
     /// Reads `RESOURCES_TABLE`, `JOBS_TABLE`, `EXPORT_BUCKET`, `STATE_MACHINE_ARN`,
     /// `WORK_QUEUE_URL`, and optional `SHARDS`, `URL_EXPIRY_SECONDS`, `GZIP_OUTPUT`,
     /// `MAX_FILE_BYTES`, `MAX_FILE_RESOURCES`, `RETENTION_DAYS` (or `RETENTION_SECONDS`),
-    /// `LOCK_LEASE_SECONDS`, `WORKER_RESERVE_MS`; for authentication `AUTH_TABLE`,
+    /// `LOCK_LEASE_SECONDS`, `WORKER_RESERVE_MS`, `STUDY_TABLE`; for authentication `AUTH_TABLE`,
     /// `SIGNING_KEY_ID`, `TOKEN_ISSUER`, `PRESIGNED_MANIFESTS`, and the trusted OpenID issuer
     /// `OIDC_ISSUER`, `OIDC_AUDIENCE`, `OIDC_JWKS_URL` (Cognito's, by default in the template).
     pub fn from_env() -> Result<Self, String> {
@@ -93,6 +96,7 @@ impl AwsSettings {
             worker_reserve: Duration::from_millis(number("WORKER_RESERVE_MS", 60_000)?),
             heartbeat_every: Duration::from_secs(60),
             auth_table: var("AUTH_TABLE")?,
+            study_table: var("STUDY_TABLE")?,
             signing_key_id: std::env::var("SIGNING_KEY_ID")
                 .ok()
                 .filter(|k| !k.is_empty()),

@@ -53,7 +53,19 @@ pub async fn api(
     service: &AwsService,
     request: lambda_http::Request,
 ) -> lambda_http::Response<lambda_http::Body> {
-    let (parts, body) = request.into_parts();
+    use lambda_http::RequestExt;
+    let source = match request.request_context_ref() {
+        Some(lambda_http::request::RequestContext::ApiGatewayV2(context)) => {
+            context.http.source_ip.clone()
+        }
+        _ => None,
+    };
+    let (mut parts, body) = request.into_parts();
+    if let Some(address) = source {
+        parts
+            .extensions
+            .insert(export_gateway::ClientAddress(address));
+    }
     let request = http::Request::from_parts(parts, Bytes::copy_from_slice(body.as_ref()));
     let (parts, body) = service.gateway.handle(request).await.into_parts();
     let body = match body {
@@ -106,7 +118,16 @@ fn batch_response(failures: Vec<BatchItemFailure>) -> SqsBatchResponse {
 type HandlerResult = Result<(), String>;
 
 async fn work(service: &AwsService, record: &SqsMessage, deadline: Instant) -> HandlerResult {
-    let message: WorkMessage = match serde_json::from_str(record.body.as_deref().unwrap_or("")) {
+    let body = record.body.as_deref().unwrap_or("");
+    if let Ok(study) = serde_json::from_str::<crate::service::StudyJobMessage>(body) {
+        // A study export; a failure is retried by SQS (the job stays pending meanwhile).
+        let started = Instant::now();
+        let outcome = service.study.run(&study.study_job).await;
+        tracing::info!(study_job = %study.study_job, ok = outcome.is_ok(),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0, "study job");
+        return outcome.map_err(|e| e.to_string());
+    }
+    let message: WorkMessage = match serde_json::from_str(body) {
         Ok(m) => m,
         Err(e) => {
             // Retrying cannot fix it; the state machine's heartbeat timeout fails the item.
@@ -183,7 +204,29 @@ fn log_item(message: &WorkMessage, outcome: &StoreResult<ItemOutcome>, started: 
     );
 }
 
+/// The periodic duties message (a scheduled rule sends it to the coordinator queue).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DutiesMessage {
+    pub duties: bool,
+}
+
 async fn coordinate(service: &AwsService, record: &SqsMessage) -> HandlerResult {
+    if serde_json::from_str::<DutiesMessage>(record.body.as_deref().unwrap_or("")).is_ok() {
+        let now = export_study::service::now_ms();
+        let expired = service
+            .study
+            .expire_due(now)
+            .await
+            .map_err(|e| e.to_string())?;
+        let sender = export_study::webhooks::HttpWebhookSender;
+        let sent = service
+            .study
+            .deliver_webhooks(&sender, now)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(expired, webhooks = sent, "duties");
+        return Ok(());
+    }
     let message: CoordinatorMessage =
         match serde_json::from_str(record.body.as_deref().unwrap_or("")) {
             Ok(m) => m,

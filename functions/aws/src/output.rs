@@ -239,6 +239,69 @@ impl OutputStore for S3Output {
         Ok(None)
     }
 
+    /// The object's bytes, streamed from S3 and gunzipped as they arrive when it was stored
+    /// gzipped (packaging a study export's ZIP reads its parts this way).
+    async fn read(&self, key: &str) -> StoreResult<Option<ByteStream>> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(s3_err(e)),
+        };
+        let gzipped = out.content_encoding() == Some("gzip");
+        let body = out.body;
+        let stream = futures_util::stream::unfold(
+            (
+                body,
+                gzipped.then(|| flate2::write::GzDecoder::new(Vec::new())),
+                false,
+            ),
+            |(mut body, mut decoder, done)| async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    match body.next().await {
+                        Some(Ok(chunk)) => match &mut decoder {
+                            None => return Some((Ok(chunk), (body, decoder, false))),
+                            Some(d) => {
+                                if let Err(e) = d.write_all(&chunk) {
+                                    return Some((Err(e), (body, decoder, true)));
+                                }
+                                let plain = std::mem::take(d.get_mut());
+                                if !plain.is_empty() {
+                                    return Some((Ok(Bytes::from(plain)), (body, decoder, false)));
+                                }
+                            }
+                        },
+                        Some(Err(e)) => {
+                            let e = std::io::Error::other(format!("s3 read: {e}"));
+                            return Some((Err(e), (body, decoder, true)));
+                        }
+                        None => {
+                            let rest = match decoder.take() {
+                                Some(d) => d.finish(),
+                                None => Ok(Vec::new()),
+                            };
+                            return match rest {
+                                Ok(rest) if rest.is_empty() => None,
+                                Ok(rest) => Some((Ok(Bytes::from(rest)), (body, None, true))),
+                                Err(e) => Some((Err(e), (body, None, true))),
+                            };
+                        }
+                    }
+                }
+            },
+        );
+        Ok(Some(Box::pin(stream)))
+    }
+
     /// A fresh presigned URL, for the API's checked download route to redirect to.
     async fn redirect_url(&self, key: &str) -> StoreResult<Option<String>> {
         self.download_url(key, "").await.map(Some)

@@ -8,6 +8,7 @@ use crate::jobs::DynamoJobStore;
 use crate::kms::KmsSigner;
 use crate::output::S3Output;
 use crate::resources::DynamoResourceStore;
+use crate::study_store::DynamoStudyStore;
 use aws_config::SdkConfig;
 use export_auth::jwks::HttpJwksFetcher;
 use export_auth::ports::{AuthPorts, Signer};
@@ -15,6 +16,8 @@ use export_auth::signer::LocalSigner;
 use export_auth::{AuthConfig, Authenticator};
 use export_core::{Api, Exporter, Ports};
 use export_gateway::Gateway;
+use export_study::router::StudyApi;
+use export_study::service::{StudyDispatcher, StudyPorts, StudyService};
 use std::sync::Arc;
 
 /// Everything a function needs, built once per Lambda container.
@@ -22,6 +25,8 @@ pub struct AwsService {
     pub exporter: Arc<Exporter>,
     pub gateway: Gateway,
     pub auth_store: Arc<DynamoAuthStore>,
+    /// Study exports (run by the worker function from the work queue).
+    pub study: Arc<StudyService>,
     pub sfn: aws_sdk_sfn::Client,
     pub sqs: aws_sdk_sqs::Client,
     pub resources: Arc<DynamoResourceStore>,
@@ -52,7 +57,7 @@ impl AwsService {
             dynamodb,
             &settings.jobs_table,
         )));
-        let output = Arc::new(
+        let output: Arc<dyn export_core::ports::OutputStore> = Arc::new(
             S3Output::new(s3, &settings.bucket, settings.url_expiry)
                 .with_gzip(settings.gzip_output),
         );
@@ -60,7 +65,7 @@ impl AwsService {
             resources: resources.clone(),
             jobs: jobs.clone(),
             lock: jobs,
-            output,
+            output: output.clone(),
         };
         let mut export_settings = settings.export.clone();
         export_settings.requires_access_token &= settings.enforce_auth;
@@ -96,9 +101,31 @@ impl AwsService {
         };
         let authenticator =
             Authenticator::new(config, auth_ports, export_core::fhir::is_resource_type);
+        let study_store = Arc::new(DynamoStudyStore::new(DynamoTable::new(
+            aws_sdk_dynamodb::Client::new(sdk),
+            &settings.study_table,
+        )));
+        let study = Arc::new(StudyService {
+            ports: StudyPorts {
+                resources: resources.clone(),
+                jobs: study_store.clone(),
+                audit: study_store.clone(),
+                outbox: study_store,
+                output,
+            },
+            exporter: exporter.clone(),
+            dispatcher: Arc::new(SqsStudyDispatcher {
+                sqs: sqs.clone(),
+                queue_url: settings.work_queue_url.clone(),
+            }),
+            page_size: settings.export.page_size,
+        });
+        let gateway = Gateway::new(Arc::new(api), Arc::new(authenticator))
+            .with_study(Arc::new(StudyApi::new(study.clone())));
         Ok(AwsService {
             exporter,
-            gateway: Gateway::new(Arc::new(api), Arc::new(authenticator)),
+            gateway,
+            study,
             auth_store,
             sfn,
             sqs,
@@ -124,5 +151,35 @@ impl AwsService {
     pub async fn from_env() -> Result<Self, String> {
         let settings = AwsSettings::from_env()?;
         Self::new(&sdk_config().await, settings).await
+    }
+}
+
+/// A study job message on the work queue: the worker runs the job.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StudyJobMessage {
+    pub study_job: String,
+}
+
+/// Queues study jobs on the work queue (the worker function runs them).
+pub struct SqsStudyDispatcher {
+    sqs: aws_sdk_sqs::Client,
+    queue_url: String,
+}
+
+#[async_trait::async_trait]
+impl StudyDispatcher for SqsStudyDispatcher {
+    async fn submit(&self, job_id: &str) -> export_core::StoreResult<()> {
+        let body = serde_json::to_string(&StudyJobMessage {
+            study_job: job_id.to_string(),
+        })?;
+        self.sqs
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(body)
+            .send()
+            .await
+            .map_err(|e| export_core::StoreError::new(format!("sqs: {e:?}")))?;
+        Ok(())
     }
 }

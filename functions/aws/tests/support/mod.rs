@@ -102,7 +102,7 @@ impl Deployment {
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         let ddb = aws_sdk_dynamodb::Client::new(&sdk);
-        for table in ["resources", "jobs", "auth"] {
+        for table in ["resources", "jobs", "auth", "study"] {
             DynamoTable::create(&ddb, &format!("{prefix}-{table}"))
                 .await
                 .expect("create table");
