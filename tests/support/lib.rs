@@ -24,16 +24,20 @@ pub fn binary() -> PathBuf {
     bin
 }
 
-/// A fresh scratch directory under the target directory.
+/// A fresh scratch directory under the target directory. Directories are named after the test
+/// process, and the first call of a process removes those of processes that have ended: a failed
+/// run's data stays for inspection until the next run, and runs do not fill the disk.
 pub fn scratch_dir(name: &str) -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
+    static SWEEP: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
+    let root = exe
         .parent()
         .and_then(Path::parent)
         .expect("target dir")
-        .join("e2e-scratch")
-        .join(format!(
+        .join("e2e-scratch");
+    SWEEP.call_once(|| remove_ended_runs(&root));
+    let dir = root.join(format!(
             "{name}-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
@@ -41,6 +45,25 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
+}
+
+/// Removes the scratch directories (`name-pid-n`) of test processes that are no longer running.
+fn remove_ended_runs(root: &Path) {
+    // Without /proc (not Linux) no process can be told to have ended: keep everything.
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+        let running = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if pid.is_some() && !running {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Runs a `bulk-export` subcommand to completion and returns its stdout and stderr.
