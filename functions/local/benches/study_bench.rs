@@ -63,12 +63,10 @@ fn main() {
         ExportType::Fhir,
     ] {
         let stats = runtime.block_on(run(&service, export_type, &out));
-        let rows = stats
-            .rows
-            .map_or("—".to_string(), |rows| rows.to_string());
-        let rate = stats
-            .rows
-            .map_or("—".to_string(), |rows| format!("{:.0}", rows as f64 / stats.seconds));
+        let rows = stats.rows.map_or("—".to_string(), |rows| rows.to_string());
+        let rate = stats.rows.map_or("—".to_string(), |rows| {
+            format!("{:.0}", rows as f64 / stats.seconds)
+        });
         println!(
             "{:<18} {:>10} {:>9.2} {:>10} {:>9.1} {:>10.1} {:>12.1}",
             export_type.as_str(),

@@ -71,6 +71,15 @@ impl StudyData {
     pub fn site(&self, id: &str) -> Option<&Site> {
         self.sites.iter().find(|s| s.id == id)
     }
+
+    /// The study with only the sites a site filter names (every site without one): a site filter
+    /// limits every export to those sites, so site staff never receive other sites' details.
+    pub fn with_sites(mut self, sites: Option<&[String]>) -> StudyData {
+        if let Some(sites) = sites {
+            self.sites.retain(|s| sites.contains(&s.id));
+        }
+        self
+    }
 }
 
 fn text(value: &Value, path: &[&str]) -> String {

@@ -7,7 +7,7 @@ use crate::csv::{self, CsvError, CsvWriter};
 use crate::dashboard;
 use crate::jobs::{DEFAULT_RETENTION_DAYS, JobError, JobFile, StudyJob, StudyJobStatus};
 use crate::model::{Participant, StudyData, load_study};
-use crate::options::ExportType;
+use crate::options::{ExportType, Filters};
 use crate::package::{FileWriter, Member, write_file, zip};
 use crate::report;
 use crate::service::{StudyService, describe, now_ms};
@@ -188,8 +188,18 @@ impl StudyService {
     async fn generate(&self, job: &mut StudyJob) -> Result<Vec<JobFile>, Failure> {
         let data = load_study(self.ports.resources.as_ref(), &job.study_id, self.page_size)
             .await?
-            .ok_or_else(|| Failure::Internal(StoreError::new("the study no longer exists")))?;
-        let selected = csv::select(&data, &job.filters);
+            .ok_or_else(|| Failure::Internal(StoreError::new("the study no longer exists")))?
+            .with_sites(job.filters.sites.as_deref());
+        // For `fhir` the date range selects resources by `meta.lastUpdated` (in the engine), not
+        // participants by enrolment date.
+        let selection = match job.export_type {
+            ExportType::Fhir => Filters {
+                date_range: None,
+                ..job.filters.clone()
+            },
+            _ => job.filters.clone(),
+        };
+        let selected = csv::select(&data, &selection);
         let key = |name: &str| format!("study-{}/{name}", job.id);
         let generated_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let output = self.ports.output.as_ref();

@@ -236,7 +236,13 @@ impl StudyService {
         }
         let chosen = match file {
             None => job.download.clone(),
-            Some(name) => job.files.iter().find(|f| f.name == name).cloned(),
+            // `/files` lists the download too, so it is found by its name as well.
+            Some(name) => job
+                .download
+                .iter()
+                .chain(&job.files)
+                .find(|f| f.name == name)
+                .cloned(),
         }
         .ok_or_else(|| StudyError::not_found(format!("export job {id} has no such file")))?;
         let mut entry = caller.entry(AuditAction::Download);
