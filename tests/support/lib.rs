@@ -38,10 +38,10 @@ pub fn scratch_dir(name: &str) -> PathBuf {
         .join("e2e-scratch");
     SWEEP.call_once(|| remove_ended_runs(&root));
     let dir = root.join(format!(
-            "{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
+        "{name}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
