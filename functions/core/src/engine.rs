@@ -15,7 +15,7 @@ use crate::manifest::{
 use crate::params::{ExportLevel, ExportParams};
 use crate::ports::{
     ExportLock, JobStore, OutputStore, Page, PartRecord, PartWriter, PatientScope, ReadScope,
-    ResourceStore, StoredResource, WorkItem,
+    ResourceStore, WorkItem,
 };
 use crate::provenance::{self, ProvenanceSelector};
 use crate::settings::Settings;
@@ -398,8 +398,8 @@ impl Exporter {
         };
         let mut scope = self.read_scope(&job, item).await?;
         let mut selector = None;
-        // Resources found another way than reading the store in order (sorted by id).
-        let mut found: Option<Vec<StoredResource>> = None;
+        // Ids of resources found another way than reading the store in order (sorted).
+        let mut found: Option<Vec<String>> = None;
         if item.resource_type == "Provenance" && !item.deleted && provenance::by_association(&job) {
             let patients = std::mem::replace(&mut scope.patients, PatientScope::Everything);
             if let PatientScope::Listed(listed) = &patients {
@@ -437,7 +437,16 @@ impl Exporter {
 
         loop {
             let page = match &found {
-                Some(list) => page_of(list, cursor.as_deref(), self.settings.page_size),
+                Some(ids) => {
+                    candidate_page(
+                        self.ports.resources.as_ref(),
+                        &job,
+                        ids,
+                        cursor.as_deref(),
+                        self.settings.page_size,
+                    )
+                    .await?
+                }
                 None => {
                     self.ports
                         .resources
@@ -994,14 +1003,22 @@ impl OpenPart {
     }
 }
 
-/// A page of `list` (sorted by id) after the id `cursor`.
-fn page_of(list: &[StoredResource], cursor: Option<&str>, limit: usize) -> Page {
-    let start = cursor.map_or(0, |c| list.partition_point(|r| r.id.as_str() <= c));
-    let resources: Vec<StoredResource> = list[start..].iter().take(limit).cloned().collect();
-    Page {
+/// A page of the candidate `ids` (sorted) after the id `cursor`, read from the store.
+async fn candidate_page(
+    store: &dyn ResourceStore,
+    job: &Job,
+    ids: &[String],
+    cursor: Option<&str>,
+    limit: usize,
+) -> StoreResult<Page> {
+    let start = cursor.map_or(0, |c| ids.partition_point(|id| id.as_str() <= c));
+    let chunk = &ids[start..(start + limit.max(1)).min(ids.len())];
+    let resources = provenance::load_candidates(store, job, chunk).await?;
+    Ok(Page {
         cursors: resources.iter().map(|r| r.id.clone()).collect(),
-        more: start + resources.len() < list.len(),
-        next: None,
+        more: start + chunk.len() < ids.len(),
+        // Past the candidates left out (no longer current, or outside the window).
+        next: chunk.last().cloned(),
         resources,
-    }
+    })
 }

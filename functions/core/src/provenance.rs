@@ -57,7 +57,7 @@ impl<'a> ProvenanceSelector<'a> {
         job: &'a Job,
         patients: PatientScope,
         scope: &ReadScope,
-        candidates: Option<&[StoredResource]>,
+        candidates: Option<&[String]>,
         page_size: usize,
     ) -> StoreResult<ProvenanceSelector<'a>> {
         let mut selector = ProvenanceSelector {
@@ -72,7 +72,11 @@ impl<'a> ProvenanceSelector<'a> {
         if job.params.associated == Some(AssociatedProvenance::Latest) {
             let mut latest = HashMap::new();
             match candidates {
-                Some(list) => latest_of(list, &mut latest)?,
+                Some(ids) => {
+                    for chunk in ids.chunks(page_size.max(1)) {
+                        latest_of(&load_candidates(store, job, chunk).await?, &mut latest)?;
+                    }
+                }
                 None => {
                     selector
                         .latest_by_target(scope, page_size, &mut latest)
@@ -276,17 +280,24 @@ impl<'a> ProvenanceSelector<'a> {
     }
 }
 
-/// For a listed patient set: the Provenance (current at the transaction time, in the window)
-/// that name one of these patients or a resource of theirs the export contains, sorted by id.
-/// Found through the store's target index, so a small Group never reads every Provenance;
-/// [`ProvenanceSelector::includes`] then applies the exact rules.
+/// For a listed patient set: the ids, sorted, of the Provenance that name one of these patients
+/// or a resource of theirs the export contains. Found through the store's target index, so a
+/// small Group never reads every Provenance; the targets are looked up as they are read, a
+/// thousand at a time, so memory holds the candidate ids, not the export's references.
+/// [`load_candidates`] then reads them a page at a time and [`ProvenanceSelector::includes`]
+/// applies the exact rules.
 pub async fn candidates_for(
     store: &dyn ResourceStore,
     job: &Job,
     patients: &Arc<Vec<String>>,
     page_size: usize,
-) -> StoreResult<Vec<StoredResource>> {
-    let mut targets: Vec<String> = patients.iter().map(|p| format!("Patient/{p}")).collect();
+) -> StoreResult<Vec<String>> {
+    let mut found = Vec::new();
+    let mut targets: Vec<String> = Vec::new();
+    for chunk in patients.chunks(TARGET_BATCH) {
+        let chunk: Vec<String> = chunk.iter().map(|p| format!("Patient/{p}")).collect();
+        found.extend(store.provenance_targeting(&chunk).await?);
+    }
     for resource_type in store.resource_types().await? {
         let exported = resource_type != PROVENANCE
             && job.params.wants_type(&resource_type)
@@ -295,36 +306,61 @@ pub async fn candidates_for(
             continue;
         }
         let scope = ReadScope::of_patients(job, &resource_type, patients.clone());
-        read_all(store, &scope, page_size, |page| {
-            targets.extend(page.iter().map(|r| format!("{resource_type}/{}", r.id)));
-            Ok(())
-        })
-        .await?;
-    }
-    let mut found = Vec::new();
-    for chunk in targets.chunks(1000) {
-        found.extend(store.provenance_targeting(chunk).await?);
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = store
+                .read_page(&scope, cursor.as_deref(), page_size)
+                .await?;
+            targets.extend(
+                page.resources
+                    .iter()
+                    .map(|r| format!("{resource_type}/{}", r.id)),
+            );
+            if targets.len() >= TARGET_BATCH || !page.more {
+                for chunk in targets.chunks(TARGET_BATCH) {
+                    found.extend(store.provenance_targeting(chunk).await?);
+                }
+                targets.clear();
+            }
+            if !page.more {
+                break;
+            }
+            cursor = page.next.or_else(|| page.cursors.last().cloned());
+        }
     }
     found.sort_unstable();
     found.dedup();
-    let mut out = Vec::new();
-    for id in found {
-        let Some(version) = store
-            .resource_at(PROVENANCE, &id, job.transaction_time)
-            .await?
-        else {
-            continue;
-        };
-        let in_window = job.params.since.is_none_or(|s| version.last_updated > s)
-            && version.last_updated <= job.window_end();
-        if in_window {
-            out.push(StoredResource {
-                id,
+    Ok(found)
+}
+
+/// Target references looked up in the index at once.
+const TARGET_BATCH: usize = 1000;
+
+/// The candidates among `ids` that are current at the transaction time and in the export's
+/// window, in the order of `ids`.
+pub async fn load_candidates(
+    store: &dyn ResourceStore,
+    job: &Job,
+    ids: &[String],
+) -> StoreResult<Vec<StoredResource>> {
+    let targets: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| (PROVENANCE.to_string(), id.clone()))
+        .collect();
+    let versions = store.resources_at(&targets, job.transaction_time).await?;
+    Ok(ids
+        .iter()
+        .zip(versions)
+        .filter_map(|(id, version)| {
+            let version = version?;
+            let in_window = job.params.since.is_none_or(|s| version.last_updated > s)
+                && version.last_updated <= job.window_end();
+            in_window.then(|| StoredResource {
+                id: id.clone(),
                 json: version.json,
-            });
-        }
-    }
-    Ok(out)
+            })
+        })
+        .collect())
 }
 
 /// Folds Provenance into `latest`: target → (recorded, id) of its most recent Provenance.
