@@ -259,3 +259,35 @@ pub struct AuditList {
 pub struct DeliveryList {
     pub items: Vec<Delivery>,
 }
+
+/// A site as a study list shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SiteSummary {
+    pub id: String,
+    pub name: String,
+    pub city: String,
+    pub country: String,
+    /// `Location.status`.
+    pub status: String,
+}
+
+/// A study the caller has a role in.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StudySummary {
+    pub id: String,
+    pub title: String,
+    /// `ResearchStudy.status`.
+    pub status: String,
+    /// The caller's role: `study-admin`, `investigator`, `data-reviewer` or `site-staff`.
+    pub role: String,
+    /// The sites the caller may export: all of the study's, or a site role's own.
+    pub sites: Vec<SiteSummary>,
+    /// Whether the caller may read the audit trail and webhook deliveries.
+    pub may_audit: bool,
+}
+
+/// `GET /studies`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StudyList {
+    pub studies: Vec<StudySummary>,
+}

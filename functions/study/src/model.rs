@@ -167,6 +167,22 @@ pub async fn load_study(
     study_id: &str,
     page_size: usize,
 ) -> StoreResult<Option<StudyData>> {
+    let Some((study, sites)) = study_and_sites(store, study_id).await? else {
+        return Ok(None);
+    };
+    let participants = participants(store, study_id, page_size).await?;
+    Ok(Some(StudyData {
+        study,
+        sites,
+        participants,
+    }))
+}
+
+/// A study and its sites, without its participants (what a list of studies shows).
+pub async fn study_and_sites(
+    store: &dyn ResourceStore,
+    study_id: &str,
+) -> StoreResult<Option<(Study, Vec<Site>)>> {
     let now = now_millis();
     let Some(version) = store.resource_at("ResearchStudy", study_id, now).await? else {
         return Ok(None);
@@ -192,14 +208,32 @@ pub async fn load_study(
     {
         sites.push(Site::from_resource(parse(&version.json)?));
     }
+    Ok(Some((study, sites)))
+}
 
-    // Participants: the ResearchSubjects naming this study, read type by partition.
-    let reference = format!("ResearchStudy/{study_id}");
-    let mut participants = Vec::new();
-    let partitions = store.partitions("ResearchSubject", None).await?.max(1);
+/// Every study in the store, by id.
+pub async fn study_ids(store: &dyn ResourceStore, page_size: usize) -> StoreResult<Vec<String>> {
+    let mut ids = Vec::new();
+    read_type(store, "ResearchStudy", page_size, |resource| {
+        ids.push(text(&resource, &["id"]));
+    })
+    .await?;
+    ids.sort();
+    Ok(ids)
+}
+
+/// Calls `each` with every current resource of a type, read partition by partition.
+async fn read_type(
+    store: &dyn ResourceStore,
+    resource_type: &str,
+    page_size: usize,
+    mut each: impl FnMut(Value),
+) -> StoreResult<()> {
+    let now = now_millis();
+    let partitions = store.partitions(resource_type, None).await?.max(1);
     for partition in 0..partitions {
         let scope = ReadScope {
-            resource_type: "ResearchSubject".into(),
+            resource_type: resource_type.into(),
             partition,
             partitions,
             since: None,
@@ -210,18 +244,34 @@ pub async fn load_study(
         };
         read_all(store, &scope, page_size, |page| {
             for resource in page {
-                let subject = parse(&resource.json)?;
-                let names = subject["study"]["reference"]
-                    .as_str()
-                    .is_some_and(|r| r == reference || r.ends_with(&format!("/{reference}")));
-                if names {
-                    participants.push(Participant::from_subject(&subject));
-                }
+                each(parse(&resource.json)?);
             }
             Ok(())
         })
         .await?;
     }
+    Ok(())
+}
+
+/// The participants of a study, by id, with their patients' gender and birth date.
+async fn participants(
+    store: &dyn ResourceStore,
+    study_id: &str,
+    page_size: usize,
+) -> StoreResult<Vec<Participant>> {
+    let now = now_millis();
+    // The ResearchSubjects naming this study.
+    let reference = format!("ResearchStudy/{study_id}");
+    let mut participants = Vec::new();
+    read_type(store, "ResearchSubject", page_size, |subject| {
+        let names = subject["study"]["reference"]
+            .as_str()
+            .is_some_and(|r| r == reference || r.ends_with(&format!("/{reference}")));
+        if names {
+            participants.push(Participant::from_subject(&subject));
+        }
+    })
+    .await?;
     participants.sort_by(|a, b| a.id.cmp(&b.id));
 
     // Their patients' gender and birth date, in batches.
@@ -239,11 +289,7 @@ pub async fn load_study(
             }
         }
     }
-    Ok(Some(StudyData {
-        study,
-        sites,
-        participants,
-    }))
+    Ok(participants)
 }
 
 fn parse(json: &[u8]) -> StoreResult<Value> {

@@ -46,6 +46,7 @@ enum Route {
     Formats,
     Audit,
     Deliveries,
+    Studies,
 }
 
 impl Route {
@@ -72,6 +73,7 @@ impl Route {
             Route::Formats => "/formats",
             Route::Audit => "/audit",
             Route::Deliveries => "/webhooks/deliveries",
+            Route::Studies => "/studies",
         }
     }
 }
@@ -191,6 +193,7 @@ impl StudyApi {
             (Route::Formats, &Method::GET) => formats(self, &query, caller).await,
             (Route::Audit, &Method::GET) => audit(self, &query, caller, &base).await,
             (Route::Deliveries, &Method::GET) => deliveries(self, &query, caller).await,
+            (Route::Studies, &Method::GET) => studies(self, caller).await,
             (route, _) => Err(StudyError::method_not_allowed(&method, route.allowed())),
         }
     }
@@ -277,6 +280,7 @@ fn route(path: &str) -> Result<Route, StudyError> {
         ["formats"] => Route::Formats,
         ["audit"] => Route::Audit,
         ["webhooks", "deliveries"] => Route::Deliveries,
+        ["studies"] => Route::Studies,
         _ => {
             return Err(StudyError::not_found(format!(
                 "there is no endpoint {path}"
@@ -958,6 +962,15 @@ async fn deliveries(
     Ok(json(StatusCode::OK, &DeliveryList { items }))
 }
 
+/// The studies the caller has a role in, with its role and the sites it may export.
+#[utoipa::path(get, path = "/api/v1/exports/studies", tag = "exports",
+    responses((status = 200, body = StudyList), (status = 401, body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = [])))]
+async fn studies(api: &StudyApi, caller: &Caller) -> Result<Response<Body>, StudyError> {
+    let studies = api.service.studies(caller).await?;
+    Ok(json(StatusCode::OK, &StudyList { studies }))
+}
+
 struct SecuritySchemes;
 
 impl utoipa::Modify for SecuritySchemes {
@@ -1031,7 +1044,7 @@ impl utoipa::Modify for SecuritySchemes {
     info(title = "Study export API", version = "1.0.0",
         description = "Exports of clinical studies for study teams: FHIR JSON, Sites CSV, Participants CSV, dashboards and reports, with an export history, downloads, roles and an audit trail. Errors are {\"error\":{code,message,field,details,timestamp,request_id}} with codes EXP001-EXP005."),
     paths(create_data, create_study_export, create_report, create_bulk, list_jobs, get_job, delete_job,
-        download_job, list_files, download_file, formats, audit, deliveries),
+        download_job, list_files, download_file, formats, audit, deliveries, studies),
     components(schemas(ErrorBody, crate::error::ErrorDetail, AuditAction)),
     modifiers(&SecuritySchemes),
     tags((name = "exports", description = "study exports and their history"),

@@ -1,15 +1,16 @@
 //! The study export service: requests become jobs (validated, authorized, audited, queued), and
 //! jobs are looked up, listed, cancelled and downloaded, always within the caller's rights.
 
+use crate::api::{SiteSummary, StudySummary};
 use crate::audit::{AuditAction, AuditEntry, AuditLog, FileDigest, append};
 use crate::error::StudyError;
 use crate::jobs::{JobFile, JobQuery, StudyJob, StudyJobStatus, StudyJobStore};
-use crate::model::{StudyData, known_statuses, load_study};
+use crate::model::{StudyData, known_statuses, load_study, study_and_sites, study_ids};
 use crate::options::{ExportOptions, ExportType, Filters};
 use crate::roles;
 use crate::webhooks::WebhookOutbox;
 use async_trait::async_trait;
-use export_auth::{Membership, Principal};
+use export_auth::{Membership, Principal, SiteScope};
 use export_core::ports::{OutputStore, ResourceStore};
 use export_core::{Exporter, StoreResult};
 use std::sync::Arc;
@@ -81,6 +82,55 @@ impl StudyService {
             .await?
             .ok_or_else(|| StudyError::not_found(format!("there is no study {study_id}")))?;
         Ok((membership, data))
+    }
+
+    /// The studies the caller has a role in (every study of the store for the local
+    /// administrator), each with the sites the caller may export; studies that no longer exist
+    /// are left out.
+    pub async fn studies(&self, caller: &Caller) -> Result<Vec<StudySummary>, StudyError> {
+        let memberships: Vec<Membership> = match &caller.principal {
+            Principal::User { memberships, .. } => memberships.clone(),
+            Principal::ApiKey { membership, .. } => vec![membership.clone()],
+            Principal::LocalAdmin => {
+                let ids = study_ids(self.ports.resources.as_ref(), self.page_size).await?;
+                ids.iter()
+                    .filter_map(|id| caller.principal.membership(id))
+                    .collect()
+            }
+            Principal::BulkClient { .. } => Vec::new(),
+        };
+        let mut studies = Vec::new();
+        for membership in memberships {
+            let Some((study, sites)) =
+                study_and_sites(self.ports.resources.as_ref(), &membership.study).await?
+            else {
+                continue;
+            };
+            let sites = sites
+                .into_iter()
+                .filter(|s| match &membership.sites {
+                    SiteScope::All => true,
+                    SiteScope::Sites(own) => own.contains(&s.id),
+                })
+                .map(|s| SiteSummary {
+                    id: s.id,
+                    name: s.name,
+                    city: s.city,
+                    country: s.country,
+                    status: s.status,
+                })
+                .collect();
+            studies.push(StudySummary {
+                id: study.id,
+                title: study.title,
+                status: study.status,
+                role: membership.role.as_str().into(),
+                sites,
+                may_audit: roles::may_audit(&membership),
+            });
+        }
+        studies.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(studies)
     }
 
     /// Validates and authorizes a request, stores the job, audits it and queues it.
