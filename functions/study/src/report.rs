@@ -304,7 +304,7 @@ const BOTTOM: f64 = 44.0;
 
 /// Cumulative enrolment as a line (left axis) over monthly enrolments as bars (right axis):
 /// the two differ in scale by the number of months, so each has its own axis.
-fn chart(months: &[MonthlyEnrolment]) -> String {
+pub fn chart(months: &[MonthlyEnrolment]) -> String {
     let mut svg = String::new();
     let (Some(first), Some(last)) = (months.first(), months.last()) else {
         svg.push_str(

@@ -1,0 +1,82 @@
+//! The Exports page for study teams: Study → Exports in the browser.
+//!
+//! Server-rendered HTML (maud) over the study export API, called in process as the signed-in
+//! person, so the page can offer only what the API allows and the API still decides. Sign-in is
+//! OpenID Connect (authorization code with PKCE) against the configured issuer; a session
+//! cookie then names a server-side session holding the ID token. One stylesheet and one small
+//! script are served from the binary: no build step, no CDN, a strict Content-Security-Policy.
+//!
+//! Paths: `/` (the studies), `/studies/{id}/exports…`, `/studies/{id}/audit`,
+//! `/studies/{id}/webhooks`, `/login`, `/callback`, `/logout`, `/static/…`.
+
+pub mod api_client;
+mod assets;
+pub mod browser;
+mod handlers;
+pub mod pages;
+pub mod relying_party;
+pub mod session;
+mod sign_in;
+
+use bytes::Bytes;
+use export_auth::Authenticator;
+use export_core::Body;
+use export_study::router::StudyApi;
+use http::{Request, Response};
+use relying_party::RelyingParty;
+use session::SessionStore;
+use std::sync::Arc;
+
+/// The page.
+pub struct WebPage {
+    pub study: Arc<StudyApi>,
+    pub auth: Arc<Authenticator>,
+    pub sessions: Arc<dyn SessionStore>,
+    /// How people sign in; `None` where authentication is off (the local quick start), and
+    /// every visitor is the local administrator.
+    pub sign_in: Option<RelyingParty>,
+    /// Where browsers reach the site (`https://host`); without it, taken from each request.
+    pub public_url: Option<String>,
+}
+
+/// What the transport knows about a request.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    pub request_id: String,
+    pub client_address: Option<String>,
+}
+
+impl WebPage {
+    /// Whether `path` is the page's.
+    pub fn owns(path: &str) -> bool {
+        matches!(path, "/" | "/login" | "/callback" | "/logout")
+            || path.starts_with("/studies/")
+            || path.starts_with("/static/")
+    }
+
+    /// Answers one request of the page.
+    pub async fn handle(
+        &self,
+        request: &Request<Bytes>,
+        context: &RequestContext,
+    ) -> Response<Body> {
+        let path = request.uri().path().to_string();
+        if let Some(asset) = path.strip_prefix("/static/") {
+            return assets::serve(asset);
+        }
+        match path.as_str() {
+            "/login" => self.login(request).await,
+            "/callback" => self.callback(request).await,
+            "/logout" => self.logout(request).await,
+            _ => self.study_pages(request, context).await,
+        }
+    }
+
+    /// The site's origin as browsers see it.
+    fn origin(&self, request: &Request<Bytes>) -> String {
+        self.public_url
+            .clone()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .unwrap_or_else(|| browser::origin(request))
+    }
+}
