@@ -72,10 +72,14 @@ impl UserTokens {
         now: i64,
     ) -> Result<Principal, AuthFailure> {
         let invalid = |why: &str| AuthFailure::Invalid(why.to_string());
-        let trusted = self
+        // One issuer can be trusted for several audiences (the API's client and the page's).
+        let candidates: Vec<&TrustedIssuer> = self
             .issuers
             .iter()
-            .find(|i| i.issuer == claims_issuer)
+            .filter(|i| i.issuer == claims_issuer)
+            .collect();
+        let trusted = *candidates
+            .first()
             .ok_or_else(|| invalid("the token's issuer is not trusted"))?;
         let header = jwt::read_header(token).map_err(|e| invalid(&e))?;
         let keys = match &trusted.keys {
@@ -92,9 +96,11 @@ impl UserTokens {
         if text("iss").as_deref() != Some(trusted.issuer.as_str()) {
             return Err(invalid("the token's issuer is not trusted"));
         }
-        let audience_ok = jwt::audience_includes(&claims, &trusted.audience)
-            || (claims.get("aud").is_none()
-                && text("client_id").as_deref() == Some(trusted.audience.as_str()));
+        let audience_ok = candidates.iter().any(|t| {
+            jwt::audience_includes(&claims, &t.audience)
+                || (claims.get("aud").is_none()
+                    && text("client_id").as_deref() == Some(t.audience.as_str()))
+        });
         if !audience_ok {
             return Err(invalid("the token is not meant for this service (aud)"));
         }

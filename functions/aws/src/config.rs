@@ -36,6 +36,9 @@ pub struct AwsSettings {
     pub enforce_auth: bool,
     /// OpenID issuers whose user tokens are accepted (Cognito by default).
     pub trusted_issuers: Vec<export_auth::oidc::TrustedIssuer>,
+    /// Where browsers reach the Exports page (`https://…`, `PAGE_URL`); the sign-in's redirect
+    /// URI is this plus `/callback`. Without it, taken from each request's host.
+    pub page_url: Option<String>,
 }
 
 fn var(name: &str) -> Result<String, String> {
@@ -73,6 +76,7 @@ impl AwsSettings {
             issuer: "https://abc123.execute-api.us-east-1.amazonaws.com".into(),
             enforce_auth: false,
             trusted_issuers: Vec::new(),
+            page_url: None,
         }
     }
 
@@ -81,7 +85,9 @@ impl AwsSettings {
     /// `MAX_FILE_BYTES`, `MAX_FILE_RESOURCES`, `RETENTION_DAYS` (or `RETENTION_SECONDS`),
     /// `LOCK_LEASE_SECONDS`, `WORKER_RESERVE_MS`, `STUDY_TABLE`; for authentication `AUTH_TABLE`,
     /// `SIGNING_KEY_ID`, `TOKEN_ISSUER`, `PRESIGNED_MANIFESTS`, and the trusted OpenID issuer
-    /// `OIDC_ISSUER`, `OIDC_AUDIENCE`, `OIDC_JWKS_URL` (Cognito's, by default in the template).
+    /// `OIDC_ISSUER`, `OIDC_AUDIENCE`, `OIDC_JWKS_URL` (Cognito's, by default in the template),
+    /// which is also where the Exports page signs people in (as client `OIDC_AUDIENCE`), at
+    /// `PAGE_URL`.
     pub fn from_env() -> Result<Self, String> {
         let defaults = Settings::default();
         Ok(AwsSettings {
@@ -104,6 +110,7 @@ impl AwsSettings {
             // The deployment cannot turn authentication off: no variable is read for it.
             enforce_auth: true,
             trusted_issuers: trusted_issuers()?,
+            page_url: std::env::var("PAGE_URL").ok().filter(|u| !u.is_empty()),
             export: Settings {
                 // Manifests list the API's download route, which checks the token and redirects
                 // to a fresh presigned URL; PRESIGNED_MANIFESTS=true lists presigned URLs instead.
@@ -122,7 +129,8 @@ impl AwsSettings {
     }
 }
 
-/// The OpenID issuer of `OIDC_ISSUER` / `OIDC_AUDIENCE` / `OIDC_JWKS_URL`, if set.
+/// The OpenID issuer of `OIDC_ISSUER` / `OIDC_AUDIENCE` / `OIDC_JWKS_URL`, if set; with
+/// `OIDC_PAGE_CLIENT`, trusted for the page's client too.
 fn trusted_issuers() -> Result<Vec<export_auth::oidc::TrustedIssuer>, String> {
     use export_auth::oidc::{IssuerKeys, TrustedIssuer};
     let issuer = std::env::var("OIDC_ISSUER").unwrap_or_default();
@@ -131,9 +139,21 @@ fn trusted_issuers() -> Result<Vec<export_auth::oidc::TrustedIssuer>, String> {
     }
     let jwks = std::env::var("OIDC_JWKS_URL")
         .unwrap_or_else(|_| format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/')));
-    Ok(vec![TrustedIssuer {
+    let mut trusted = vec![TrustedIssuer {
         audience: var("OIDC_AUDIENCE")?,
-        issuer,
-        keys: IssuerKeys::Url(jwks),
-    }])
+        issuer: issuer.clone(),
+        keys: IssuerKeys::Url(jwks.clone()),
+    }];
+    // The Exports page's own client at the issuer: its ID tokens are accepted too.
+    if let Some(page_client) = std::env::var("OIDC_PAGE_CLIENT")
+        .ok()
+        .filter(|c| !c.is_empty())
+    {
+        trusted.push(TrustedIssuer {
+            audience: page_client,
+            issuer,
+            keys: IssuerKeys::Url(jwks),
+        });
+    }
+    Ok(trusted)
 }

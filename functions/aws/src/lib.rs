@@ -13,6 +13,7 @@ pub mod logging;
 pub mod output;
 pub mod resources;
 pub mod service;
+pub mod session_store;
 pub mod study_store;
 
 pub use config::AwsSettings;

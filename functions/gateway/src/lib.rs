@@ -18,6 +18,7 @@ use export_core::{Api, ApiError, Body};
 use export_study::error::StudyError;
 use export_study::router::{StudyApi, error_response as study_error_response};
 use export_study::service::Caller;
+use export_web::{RequestContext, WebPage};
 use http::header::ACCEPT;
 use http::{HeaderValue, Request, Response};
 use request_log::{LoggedStream, RequestRecord};
@@ -30,6 +31,8 @@ pub struct Gateway {
     pub auth: Arc<Authenticator>,
     /// The study export API, where the deployment has one.
     pub study: Option<Arc<StudyApi>>,
+    /// The Exports page, where the deployment has one.
+    pub web: Option<Arc<WebPage>>,
 }
 
 /// The address a request came from, as the transport saw it (set by the local server and the
@@ -43,7 +46,14 @@ impl Gateway {
             fhir,
             auth,
             study: None,
+            web: None,
         }
+    }
+
+    /// With the Exports page at `/`.
+    pub fn with_web(mut self, web: Arc<WebPage>) -> Self {
+        self.web = Some(web);
+        self
     }
 
     /// With the study export API at `/api/v1`.
@@ -112,6 +122,16 @@ impl Gateway {
         }
         if StudyApi::owns(path) {
             return self.study_route(request, record).await;
+        }
+        if let Some(web) = &self.web
+            && WebPage::owns(path)
+        {
+            record.route = page_route(path).to_string();
+            let context = RequestContext {
+                request_id: record.request_id.clone(),
+                client_address: client_address(request),
+            };
+            return web.handle(request, &context).await;
         }
         let fhir_base = self.fhir.base_path();
         if path != fhir_base && !path.starts_with(&format!("{fhir_base}/")) {
@@ -187,12 +207,34 @@ impl Gateway {
         let caller = Caller {
             principal,
             request_id: record.request_id.clone(),
-            client_address: request
-                .extensions()
-                .get::<ClientAddress>()
-                .map(|a| a.0.clone()),
+            client_address: client_address(request),
         };
         study.handle(request, Some(&caller)).await
+    }
+}
+
+/// The address the transport saw.
+fn client_address(request: &Request<Bytes>) -> Option<String> {
+    request
+        .extensions()
+        .get::<ClientAddress>()
+        .map(|a| a.0.clone())
+}
+
+/// The page's route as the request log names it (ids left out).
+fn page_route(path: &str) -> &'static str {
+    match path {
+        "/" => "/",
+        "/login" => "/login",
+        "/callback" => "/callback",
+        "/logout" => "/logout",
+        p if p.starts_with("/static/") => "/static/{name}",
+        p if p.ends_with("/exports/history") => "/studies/{id}/exports/history",
+        p if p.ends_with("/exports") => "/studies/{id}/exports",
+        p if p.contains("/exports/") => "/studies/{id}/exports/{job}/{action}",
+        p if p.ends_with("/audit") => "/studies/{id}/audit",
+        p if p.ends_with("/webhooks") => "/studies/{id}/webhooks",
+        _ => "/studies/{id}/…",
     }
 }
 

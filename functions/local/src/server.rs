@@ -19,6 +19,8 @@ use export_study::queue::{InProcessQueue, run_duties, run_queue};
 use export_study::router::StudyApi;
 use export_study::service::{StudyPorts, StudyService};
 use export_study::webhooks::HttpWebhookSender;
+use export_web::WebPage;
+use export_web::relying_party::{OidcSettings, RelyingParty, UreqOidcHttp};
 use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
@@ -73,6 +75,7 @@ impl LocalService {
             .signing_key()
             .map_err(|e| export_core::StoreError(e.0))?;
         let store = Arc::new(store);
+        let sessions: Arc<dyn export_web::session::SessionStore> = store.clone();
         let auth_ports = AuthPorts {
             clients: store.clone(),
             replay: store.clone(),
@@ -117,8 +120,28 @@ impl LocalService {
             "/fhir",
             secured,
         ));
-        let gateway =
-            Gateway::new(api, authenticator).with_study(Arc::new(StudyApi::new(study.clone())));
+        let study_api = Arc::new(StudyApi::new(study.clone()));
+        // The page signs people in at this server's own OpenID provider (when sign-in is on).
+        let issuer = authenticator.config.issuer.clone();
+        let sign_in = secured.then(|| {
+            RelyingParty::new(
+                OidcSettings {
+                    issuer: issuer.clone(),
+                    client_id: export_auth::oidc::LOCAL_AUDIENCE.into(),
+                },
+                Arc::new(UreqOidcHttp),
+            )
+        });
+        let web = Arc::new(WebPage {
+            study: study_api.clone(),
+            auth: authenticator.clone(),
+            sessions: sessions.clone(),
+            sign_in,
+            public_url: Some(issuer),
+        });
+        let gateway = Gateway::new(api, authenticator)
+            .with_study(study_api)
+            .with_web(web);
         Ok(LocalService {
             gateway: Arc::new(gateway),
             exporter,

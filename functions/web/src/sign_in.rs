@@ -255,7 +255,8 @@ impl WebPage {
             }
             (Some(_), None) => Err(sign_in_again()),
             (None, found) => {
-                let principal = self.authenticate(None).await.map_err(|_| forbidden())?;
+                // Authentication is on but no identity provider is configured for the page.
+                let principal = self.authenticate(None).await.map_err(|_| no_sign_in())?;
                 let (session, new_cookie) = match found {
                     Some(s) if s.kind == SessionKind::Open => (s, None),
                     _ => {
@@ -305,6 +306,20 @@ pub(crate) fn unavailable() -> Response<Body> {
                 "The page cannot answer right now",
                 "Try again in a moment. If it keeps happening, contact support.",
                 Some(("/", "Go to your studies")),
+            ),
+        ),
+    )
+}
+
+fn no_sign_in() -> Response<Body> {
+    browser::page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        bare_page(
+            "Sign-in unavailable",
+            problem_page(
+                "Sign-in is not set up here",
+                "This deployment has no identity provider for people. Its administrator can configure one (an OpenID issuer).",
+                None,
             ),
         ),
     )

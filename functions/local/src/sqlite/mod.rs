@@ -1,7 +1,7 @@
 //! The embedded store: one SQLite file holding the FHIR resources (every version, with the
 //! Patient-compartment index written at load time), the jobs, their parts, the export lock,
 //! what authentication keeps (clients, users, memberships, API key hashes, the signing key), and
-//! the study exports' jobs, settings, audit trail and webhook outbox.
+//! the study exports' jobs, settings, audit trail and webhook outbox, and the page's sessions.
 //!
 //! Resources are versioned: each row knows when the next version replaced it (`superseded`), so
 //! an export reads exactly the versions current at its transaction time, whatever is written
@@ -66,6 +66,7 @@ CREATE INDEX IF NOT EXISTS study_jobs_by_study ON study_jobs (study, requested);
 CREATE TABLE IF NOT EXISTS study_settings (study TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS study_idempotency (key TEXT PRIMARY KEY, created INTEGER NOT NULL, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit_log (seq INTEGER PRIMARY KEY, study TEXT, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS web_sessions (key TEXT PRIMARY KEY, expires INTEGER NOT NULL, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS webhook_outbox (
     id     TEXT PRIMARY KEY,
     study  TEXT NOT NULL,
@@ -150,4 +151,5 @@ mod auth;
 mod jobs;
 mod lock;
 mod resources;
+mod sessions;
 mod study;

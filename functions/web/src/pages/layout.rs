@@ -41,6 +41,7 @@ pub fn page(
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · Study exports" }
+                link rel="icon" href="data:,";
                 link rel="stylesheet" href="/static/app.css";
                 script src="/static/app.js" defer {}
             }
@@ -93,6 +94,7 @@ pub fn bare_page(title: &str, content: Markup) -> Markup {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · Study exports" }
+                link rel="icon" href="data:,";
                 link rel="stylesheet" href="/static/app.css";
             }
             body {
@@ -113,9 +115,16 @@ fn nav_link(href: &str, text: &str, current: bool) -> Markup {
     }
 }
 
+/// What a path segment keeps as is: letters, digits and RFC 3986's unreserved marks.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// A path segment, percent-encoded.
 pub fn enc(segment: &str) -> String {
-    percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
+    percent_encoding::utf8_percent_encode(segment, SEGMENT).to_string()
 }
 
 /// An RFC 3339 time as people read it: `2026-11-30 14:05 UTC`.
