@@ -7,6 +7,7 @@ use crate::jwt;
 use crate::oidc::{IssuerKeys, LOCAL_AUDIENCE, TrustedIssuer, UserTokens};
 use crate::ports::AuthPorts;
 use crate::principal::Principal;
+use crate::provider::LocalProvider;
 use crate::rate_limit::RateLimiter;
 use crate::scopes::Scopes;
 use crate::smart::{ACCESS_AUDIENCE, TokenService};
@@ -26,6 +27,9 @@ pub struct AuthConfig {
     pub issuer: String,
     /// Other OpenID issuers whose user tokens are accepted.
     pub trusted_issuers: Vec<TrustedIssuer>,
+    /// Whether this service is itself an OpenID provider for its users with passwords (the
+    /// local server; on AWS, Cognito signs people in).
+    pub provider: bool,
 }
 
 /// Turns credentials into principals.
@@ -33,6 +37,8 @@ pub struct Authenticator {
     pub config: AuthConfig,
     pub ports: AuthPorts,
     pub tokens: TokenService,
+    /// The local OpenID provider, where [`AuthConfig::provider`] turns it on.
+    pub provider: Option<LocalProvider>,
     users: UserTokens,
     /// Limits kick-offs and status polls per principal.
     requests: RateLimiter,
@@ -55,6 +61,9 @@ impl Authenticator {
         Authenticator {
             users: UserTokens::new(issuers, ports.fetcher.clone(), ports.signer.clone()),
             tokens: TokenService::new(ports.clone(), is_resource_type),
+            provider: config
+                .provider
+                .then(|| LocalProvider::new(&config.issuer, ports.clone())),
             // Polls every second are well within; a client hammering the API is not.
             requests: RateLimiter::new(120, 20.0),
             config,

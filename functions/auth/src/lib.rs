@@ -5,6 +5,8 @@
 //!   short-lived access token carrying SMART scopes ([`scopes`]).
 //! - People: OpenID Connect bearer tokens from trusted issuers ([`oidc`]), the local server being
 //!   one of them; their rights are study memberships kept here ([`principal::Membership`]).
+//!   Locally the server is also the OpenID provider that signs them in ([`provider`], with
+//!   passwords kept as Argon2id hashes, [`password`]).
 //! - Integrations: API keys ([`api_keys`]), stored only as hashes.
 //!
 //! Storage and signing are ports ([`ports`]): SQLite and a local key on one machine, DynamoDB and
@@ -17,8 +19,10 @@ pub mod error;
 pub mod jwks;
 pub mod jwt;
 pub mod oidc;
+pub mod password;
 pub mod ports;
 pub mod principal;
+pub mod provider;
 pub mod random;
 pub mod rate_limit;
 pub mod scopes;

@@ -57,11 +57,16 @@ pub struct User {
     /// The stable `sub` of the tokens the local issuer signs for this user.
     pub subject: String,
     pub created: i64,
+    /// The Argon2id hash (a PHC string) of the password the local sign-in page checks; none for
+    /// people who only get tokens from `bulk-export token` or another issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
 }
 
 #[async_trait]
 pub trait UserStore: Send + Sync {
-    /// Adds a user, or updates the name of an existing one (the subject never changes).
+    /// Adds a user, or replaces the name and password hash of an existing one (the subject and
+    /// creation time never change).
     async fn put_user(&self, user: &User) -> StoreResult<()>;
     async fn user(&self, email: &str) -> StoreResult<Option<User>>;
     async fn users(&self) -> StoreResult<Vec<User>>;

@@ -31,6 +31,7 @@ fn setup() -> Setup {
         enforce: true,
         issuer: ISSUER.into(),
         trusted_issuers: vec![],
+        provider: false,
     };
     Setup {
         memory,
@@ -442,6 +443,7 @@ async fn bearer_tokens_and_api_keys() {
         name: "Ana".into(),
         subject: "u-1".into(),
         created: NOW,
+        password_hash: None,
     };
     let member = Membership::new("study-1", Role::Investigator, vec![]).unwrap();
     s.memory.grant(&user.email, &member).await.unwrap();
@@ -527,6 +529,7 @@ async fn without_enforcement_no_credential_is_the_local_administrator() {
         enforce: false,
         issuer: ISSUER.into(),
         trusted_issuers: vec![],
+        provider: false,
     };
     let auth = Authenticator::new(config, ports, is_type);
     assert_eq!(

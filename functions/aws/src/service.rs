@@ -98,6 +98,8 @@ impl AwsService {
             enforce: settings.enforce_auth,
             issuer: settings.issuer.clone(),
             trusted_issuers: settings.trusted_issuers.clone(),
+            // People sign in with Cognito's hosted UI here, never with passwords of this service.
+            provider: false,
         };
         let authenticator =
             Authenticator::new(config, auth_ports, export_core::fhir::is_resource_type);

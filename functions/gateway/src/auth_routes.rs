@@ -1,5 +1,8 @@
 //! The public auth endpoints: the SMART token endpoint, this service's JWK Set (what its tokens
-//! verify against), and the SMART configuration document.
+//! verify against), and the SMART configuration document; where the deployment has it, the local
+//! OpenID provider's endpoints ([`oidc_provider`]).
+
+mod oidc_provider;
 
 use crate::Gateway;
 use crate::request_log::RequestRecord;
@@ -19,6 +22,9 @@ impl Gateway {
         request: &Request<Bytes>,
         record: &mut RequestRecord,
     ) -> Option<Response<Body>> {
+        if let Some(response) = self.oidc_provider_route(request, record).await {
+            return Some(response);
+        }
         let path = request.uri().path();
         let discovery = format!("{}/.well-known/smart-configuration", self.fhir.base_path());
         let route = match path {

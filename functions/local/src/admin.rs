@@ -42,13 +42,23 @@ pub enum ClientsCommand {
 
 #[derive(Subcommand)]
 pub enum UsersCommand {
-    /// Add a user of the local issuer (or rename one).
+    /// Add a user of the local issuer (or rename one). With a password, they can sign in on the
+    /// page; given again, it replaces the old one (without one, the old one is kept).
     Add {
         #[arg(long)]
         email: String,
         #[arg(long)]
         name: String,
+        /// Read the password from the first line of standard input (the safe way: it stays out
+        /// of the shell history and the process list).
+        #[arg(long, conflicts_with = "password")]
+        password_stdin: bool,
+        /// The password on the command line (for development and scripts only: other users of
+        /// the machine can see it in the process list).
+        #[arg(long)]
+        password: Option<String>,
     },
+    /// Every user: e-mail, name, and whether they have a password (never the hash).
     List,
 }
 
@@ -266,26 +276,72 @@ pub fn clients(target: &Target, command: ClientsCommand) -> CliResult {
 pub fn users(target: &Target, command: UsersCommand) -> CliResult {
     let store = open(target)?.users;
     match command {
-        UsersCommand::Add { email, name } => {
+        UsersCommand::Add {
+            email,
+            name,
+            password_stdin,
+            password,
+        } => {
             if !email.contains('@') {
                 return Err("--email must be an e-mail address".into());
             }
+            let password = match (password_stdin, password) {
+                (true, _) => Some(read_password_line()?),
+                (false, given) => given,
+            };
+            if let Some(password) = &password {
+                export_auth::password::check_new(password)?;
+            }
+            let email = email.to_ascii_lowercase();
+            let existing = block(store.user(&email))?;
+            let password_hash = match &password {
+                Some(password) => Some(export_auth::password::hash(password)),
+                None => existing.and_then(|u| u.password_hash),
+            };
+            let signs_in = password_hash.is_some();
             let user = User {
-                email: email.to_ascii_lowercase(),
+                email,
                 name,
                 subject: export_auth::random::hex_id(),
                 created: now(),
+                password_hash,
             };
             block(store.put_user(&user))?;
-            println!("user {} ready", user.email);
+            if password.is_some() && matches!(target, Target::DynamoDb(_)) {
+                eprintln!(
+                    "note: on AWS people sign in with the Cognito user pool; this password is only used by a local `bulk-export serve`"
+                );
+            }
+            let how = if signs_in {
+                "signs in with a password"
+            } else {
+                "no password: tokens from `bulk-export token` only"
+            };
+            println!("user {} ready ({how})", user.email);
         }
         UsersCommand::List => {
             for u in block(store.users())? {
-                println!("{}\t{}", u.email, u.name);
+                let password = if u.password_hash.is_some() {
+                    "password"
+                } else {
+                    "no password"
+                };
+                println!("{}\t{}\t{password}", u.email, u.name);
             }
         }
     }
     Ok(())
+}
+
+/// The first line of standard input, without its line ending.
+fn read_password_line() -> Result<String, Box<dyn std::error::Error>> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let password = line.trim_end_matches(['\n', '\r']).to_string();
+    if password.is_empty() {
+        return Err("--password-stdin: standard input had no password".into());
+    }
+    Ok(password)
 }
 
 /// Prints a token of the local issuer for a user (for curl, scripts and tests).

@@ -355,6 +355,8 @@ async fn run_serve(args: ServeArgs) -> CliResult {
         enforce,
         issuer: origin.clone(),
         trusted_issuers: oidc_issuers(&args)?,
+        // The sign-in page's provider for users with passwords (`users add --password-stdin`).
+        provider: true,
     };
     let mut service = LocalService::with_request_rate(
         store,
