@@ -6,6 +6,7 @@ use super::json;
 use crate::Gateway;
 use crate::request_log::RequestRecord;
 use bytes::Bytes;
+use export_auth::provider::request::LOGIN_REQUEST_SECONDS;
 use export_auth::provider::{
     AUTHORIZE_PATH, Answer, DISCOVERY_PATH, LOGIN_COOKIE, LocalProvider, TOKEN_PATH,
 };
@@ -112,7 +113,7 @@ fn answer(provider: &LocalProvider, answer: Answer, after_post: bool) -> Respons
             headers.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
             headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
             if let Some(value) = login_cookie {
-                headers.insert(SET_COOKIE, cookie(&value, secure, 600));
+                headers.insert(SET_COOKIE, cookie(&value, secure, LOGIN_REQUEST_SECONDS));
             }
             if let Some(seconds) = retry_after {
                 headers.insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
@@ -144,9 +145,9 @@ fn answer(provider: &LocalProvider, answer: Answer, after_post: bool) -> Respons
     response
 }
 
-/// The login cookie: only for the authorization endpoint, never readable by script, never sent
+/// The login cookie: as long as the form it belongs to, only for the authorization endpoint, never readable by script, never sent
 /// with another site's requests; `Secure` when the issuer is https.
-fn cookie(value: &str, secure: bool, max_age: u32) -> HeaderValue {
+fn cookie(value: &str, secure: bool, max_age: i64) -> HeaderValue {
     let secure = if secure { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
         "{LOGIN_COOKIE}={value}; Path={AUTHORIZE_PATH}; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}"
