@@ -61,6 +61,17 @@ impl WebPage {
         context: &RequestContext,
     ) -> Response<Body> {
         let path = request.uri().path().to_string();
+        // Sign-in cookies belong to one host name: on the development server (plain http on
+        // loopback), a page opened under another name (localhost for 127.0.0.1) moves to the
+        // announced one first.
+        if let Some(public) = &self.public_url
+            && !browser::needs_secure(public)
+            && request.method() == http::Method::GET
+            && browser::origin(request) != public.trim_end_matches('/')
+        {
+            let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+            return browser::redirect(&format!("{}{target}", public.trim_end_matches('/')));
+        }
         if let Some(asset) = path.strip_prefix("/static/") {
             return assets::serve(asset);
         }
