@@ -3,7 +3,9 @@
 #   formatting and clippy; the SAM template (`sam validate --lint`, cfn-lint 1.53.3) and the state
 #   machine (asl-validator); unit tests; end-to-end tests of the local server over HTTP; the AWS
 #   deployment against moto's server (started here on 127.0.0.1 and stopped at the end); and the real
-#   bulk clients smart-fetch and cumulus-etl (from PyPI) against the local server.
+#   bulk clients smart-fetch and cumulus-etl (from PyPI) against the local server; schemathesis against
+#   the study API's OpenAPI document; the Exports page in headless Chromium (Debian's chromium,
+#   Playwright for Python, axe-core from npm).
 # Needs Rust, Python 3 with pip, and Node with npm; it installs the rest into .tools/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +30,22 @@ if ! cmp -s tests/schemathesis-requirements.txt "$TOOLS/schemathesis/requirement
   python3 -m venv "$TOOLS/schemathesis"
   "$TOOLS/schemathesis/bin/pip" install --quiet --disable-pip-version-check -r tests/schemathesis-requirements.txt
   cp tests/schemathesis-requirements.txt "$TOOLS/schemathesis/requirements.txt"
+fi
+if ! cmp -s tests/browser/requirements.txt "$TOOLS/browser/requirements.txt" 2>/dev/null; then
+  rm -rf "$TOOLS/browser"
+  python3 -m venv "$TOOLS/browser"
+  "$TOOLS/browser/bin/pip" install --quiet --disable-pip-version-check -r tests/browser/requirements.txt
+  cp tests/browser/requirements.txt "$TOOLS/browser/requirements.txt"
+fi
+if [ ! -x /usr/bin/chromium ]; then
+  # The Debian package: Playwright's own browser download does not work here.
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium > /dev/null
+fi
+AXE=$TOOLS/node/node_modules/axe-core/axe.min.js
+if [ ! -f "$AXE" ]; then
+  npm install --silent --prefix "$TOOLS/node" --no-audit --no-fund axe-core@4.14.1
 fi
 ASL_VALIDATOR=$TOOLS/node/node_modules/.bin/asl-validator
 if [ ! -x "$ASL_VALIDATOR" ]; then
@@ -90,6 +108,9 @@ ST_TOKEN=$(target/debug/bulk-export token --db "$ST_DIR/store.db" --user schemat
 (cd tests && "$TOOLS/schemathesis/bin/schemathesis" run "http://127.0.0.1:$ST_PORT/api/v1/openapi.json" \
   -H "Authorization: Bearer $ST_TOKEN" --checks all --max-examples 50 --seed 1)
 kill $ST_PID 2>/dev/null || true
+
+echo "== the Exports page in headless Chromium (Playwright, axe-core)"
+"$TOOLS/browser/bin/python" tests/browser/check_page.py target/debug/bulk-export "$AXE" target/browser-artifacts
 
 echo "== real bulk clients (smart-fetch, cumulus-etl) against bulk-export serve"
 python3 tests/clients/check_clients.py target/debug/bulk-export \

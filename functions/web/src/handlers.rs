@@ -467,7 +467,10 @@ async fn create(ctx: &Ctx<'_>, study_id: &str) -> Response<Body> {
     }
     let (endpoint, body) = export_body(study_id, &form.export_type, filters, options);
     match ctx.client.post(&endpoint, &body).await {
-        Ok(_) => browser::redirect(&format!("/studies/{}/exports?notice=queued", enc(study_id))),
+        Ok(_) => browser::redirect(&format!(
+            "/studies/{}/exports?notice=queued#history-heading",
+            enc(study_id)
+        )),
         Err(failure) => {
             let status = StatusCode::from_u16(failure.status).unwrap_or(StatusCode::BAD_REQUEST);
             exports(
@@ -499,7 +502,7 @@ async fn retry(ctx: &Ctx<'_>, study_id: &str, job_id: &str) -> Response<Body> {
     );
     match ctx.client.post(&endpoint, &body).await {
         Ok(_) => browser::redirect(&format!(
-            "/studies/{}/exports?notice=retried",
+            "/studies/{}/exports?notice=retried#history-heading",
             enc(study_id)
         )),
         Err(f) => ctx.failure_page(&f),
@@ -543,7 +546,7 @@ async fn remove(ctx: &Ctx<'_>, study_id: &str, job_id: &str, action: &str) -> Re
                 "deleted"
             };
             browser::redirect(&format!(
-                "/studies/{}/exports?notice={notice}",
+                "/studies/{}/exports?notice={notice}#history-heading",
                 enc(study_id)
             ))
         }

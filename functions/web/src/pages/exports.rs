@@ -80,12 +80,12 @@ pub fn exports_page(p: &ExportsPage) -> Markup {
     let study_id = p.study["id"].as_str().unwrap_or_default();
     html! {
         h1 { "Exports" }
-        @if let Some(notice) = p.notice {
-            div class="notice" role="status" { p { (notice) } }
-        }
         (create_form(p, study_id))
         section aria-labelledby="history-heading" {
-            h2 id="history-heading" { "Export history" }
+            h2 id="history-heading" tabindex="-1" { "Export history" }
+            @if let Some(notice) = p.notice {
+                div class="notice" role="status" { p { (notice) } }
+            }
             (history_filters(p, study_id))
             div id="history" data-source=(format!("/studies/{}/exports/history?{}", enc(study_id), p.query.with_page(p.query.page))) {
                 (history(study_id, p.jobs, p.query, p.csrf))
