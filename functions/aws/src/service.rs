@@ -8,6 +8,7 @@ use crate::jobs::DynamoJobStore;
 use crate::kms::KmsSigner;
 use crate::output::S3Output;
 use crate::resources::DynamoResourceStore;
+use crate::session_store::DynamoSessionStore;
 use crate::study_store::DynamoStudyStore;
 use aws_config::SdkConfig;
 use export_auth::jwks::HttpJwksFetcher;
@@ -18,6 +19,8 @@ use export_core::{Api, Exporter, Ports};
 use export_gateway::Gateway;
 use export_study::router::StudyApi;
 use export_study::service::{StudyDispatcher, StudyPorts, StudyService};
+use export_web::WebPage;
+use export_web::relying_party::{OidcSettings, RelyingParty, UreqOidcHttp};
 use std::sync::Arc;
 
 /// Everything a function needs, built once per Lambda container.
@@ -122,8 +125,32 @@ impl AwsService {
             }),
             page_size: settings.export.page_size,
         });
-        let gateway = Gateway::new(Arc::new(api), Arc::new(authenticator))
-            .with_study(Arc::new(StudyApi::new(study.clone())));
+        let authenticator = Arc::new(authenticator);
+        let study_api = Arc::new(StudyApi::new(study.clone()));
+        // The page signs people in at the trusted OpenID issuer (Cognito's hosted UI), as its
+        // own client where one is configured (the last audience trusted).
+        let sign_in = settings.trusted_issuers.last().map(|issuer| {
+            RelyingParty::new(
+                OidcSettings {
+                    issuer: issuer.issuer.clone(),
+                    client_id: issuer.audience.clone(),
+                },
+                Arc::new(UreqOidcHttp),
+            )
+        });
+        let web = Arc::new(WebPage {
+            study: study_api.clone(),
+            auth: authenticator.clone(),
+            sessions: Arc::new(DynamoSessionStore::new(DynamoTable::new(
+                aws_sdk_dynamodb::Client::new(sdk),
+                &settings.auth_table,
+            ))),
+            sign_in,
+            public_url: settings.page_url.clone(),
+        });
+        let gateway = Gateway::new(Arc::new(api), authenticator)
+            .with_study(study_api)
+            .with_web(web);
         Ok(AwsService {
             exporter,
             gateway,

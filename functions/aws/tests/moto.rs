@@ -1244,11 +1244,27 @@ async fn the_clients_command_registers_in_the_auth_table() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// People's tokens on AWS: an ID token of a Cognito user pool (moto's) is verified against the
-/// pool's JWKS and authenticates the person (who then may not use the FHIR API: 403, not 401);
-/// a token for another app client is refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn cognito_id_tokens_authenticate_people() {
+/// A person in a moto Cognito user pool, signed in through an app client: their ID token, and
+/// how the service trusts the pool.
+struct CognitoPerson {
+    id_token: String,
+    app: String,
+    issuer: String,
+    jwks_url: String,
+}
+
+impl CognitoPerson {
+    fn trusted(&self, audience: &str) -> export_auth::oidc::TrustedIssuer {
+        export_auth::oidc::TrustedIssuer {
+            issuer: self.issuer.clone(),
+            audience: audience.to_string(),
+            keys: export_auth::oidc::IssuerKeys::Url(self.jwks_url.clone()),
+        }
+    }
+}
+
+/// ana@example.org in a new user pool, signed in with a password.
+async fn cognito_person() -> CognitoPerson {
     use aws_sdk_cognitoidentityprovider as cognito;
     let sdk = sdk_config().await;
     let idp = cognito::Client::new(&sdk);
@@ -1267,6 +1283,8 @@ async fn cognito_id_tokens_authenticate_people() {
         .user_pool_id(&pool)
         .client_name("exports-page")
         .explicit_auth_flows(cognito::types::ExplicitAuthFlowsType::AllowAdminUserPasswordAuth)
+        // Its ID tokens carry the e-mail (memberships are kept by e-mail).
+        .read_attributes("email")
         .send()
         .await
         .unwrap()
@@ -1317,11 +1335,22 @@ async fn cognito_id_tokens_authenticate_people() {
     .unwrap();
     let issuer = claims["iss"].as_str().unwrap().to_string();
     let jwks_url = format!("{}/{pool}/.well-known/jwks.json", endpoint());
-    let trusted = |audience: &str| export_auth::oidc::TrustedIssuer {
-        issuer: issuer.clone(),
-        audience: audience.to_string(),
-        keys: export_auth::oidc::IssuerKeys::Url(jwks_url.clone()),
-    };
+    CognitoPerson {
+        id_token,
+        app,
+        issuer,
+        jwks_url,
+    }
+}
+
+/// People's tokens on AWS: an ID token of a Cognito user pool (moto's) is verified against the
+/// pool's JWKS and authenticates the person (who then may not use the FHIR API: 403, not 401);
+/// a token for another app client is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cognito_id_tokens_authenticate_people() {
+    let person = cognito_person().await;
+    let (id_token, app) = (person.id_token.clone(), person.app.clone());
+    let trusted = |audience: &str| person.trusted(audience);
     let bearer = format!("Bearer {id_token}");
     let kickoff = [("authorization", bearer.as_str())];
 
@@ -1521,4 +1550,199 @@ async fn study_exports_run_on_aws() {
         "{}",
         gone.body
     );
+}
+
+/// The Exports page on AWS, through the API Lambda: without a session it sends people to sign
+/// in; a session kept in the DynamoDB auth table (as the callback stores it, with a Cognito ID
+/// token) opens the study's page as that person, whose form creates an export the worker runs and
+/// whose download redirects to S3; a POST without the session's CSRF token is refused; sign-out
+/// deletes the session item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_page_serves_people_with_sessions_in_dynamodb() {
+    use export_aws::dynamo::DynamoTable;
+    use export_aws::session_store::DynamoSessionStore;
+    use export_web::session::{Session, SessionKind, SessionStore};
+    const SITE: &str = "https://exports.example.org";
+    let person = cognito_person().await;
+    let mut aws = Deployment::create_secured(|s| {
+        s.trusted_issuers = vec![person.trusted(&person.app)];
+        s.page_url = Some(SITE.into());
+    })
+    .await;
+    aws.load(generated(4)).await;
+    aws.start_lambdas(Delivery::Once, None);
+    use export_auth::ports::MembershipStore;
+    aws.service
+        .auth_store
+        .grant(
+            "ana@example.org",
+            &export_auth::Membership {
+                study: "study-0".into(),
+                role: export_auth::Role::StudyAdmin,
+                sites: export_auth::SiteScope::All,
+            },
+        )
+        .await
+        .unwrap();
+
+    let anonymous = aws
+        .call_raw("GET", "/studies/study-0/exports", None, &[])
+        .await;
+    assert_eq!(anonymous.status, 303, "{}", anonymous.body);
+    assert_eq!(
+        anonymous.header("location").as_deref(),
+        Some("/login?return_to=%2Fstudies%2Fstudy-0%2Fexports")
+    );
+    let css = aws.call_raw("GET", "/static/app.css", None, &[]).await;
+    assert_eq!(css.status, 200);
+    assert!(css.header("content-type").unwrap().starts_with("text/css"));
+
+    // A signed-in session, stored where the callback stores it.
+    let sessions = DynamoSessionStore::new(DynamoTable::new(
+        aws_sdk_dynamodb::Client::new(&aws.sdk),
+        &aws.settings.auth_table,
+    ));
+    let now = chrono::Utc::now().timestamp();
+    let (session, cookie) = Session::new(
+        SessionKind::SignedIn {
+            id_token: person.id_token.clone(),
+            label: "ana@example.org".into(),
+        },
+        now,
+        now + 3600,
+    );
+    sessions.put_session(&session).await.unwrap();
+    let item = DynamoTable::new(
+        aws_sdk_dynamodb::Client::new(&aws.sdk),
+        &aws.settings.auth_table,
+    )
+    .get(&format!("session#{}", session.key), "session")
+    .await
+    .unwrap()
+    .expect("the session item");
+    assert_eq!(
+        export_aws::dynamo::get_n(&item, "ttl"),
+        Some(now + 3600 + 3600),
+        "DynamoDB's TTL removes it an hour after it ends"
+    );
+    assert!(
+        !format!("{item:?}").contains(&cookie),
+        "the store never holds the cookie"
+    );
+    let cookie_header = format!("bx_session={cookie}");
+    let with_cookie = |extra: &[(&'static str, &'static str)]| {
+        let mut headers: Vec<(&str, String)> = vec![("cookie", cookie_header.clone())];
+        headers.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        headers
+    };
+    let call = |method: &'static str,
+                path: String,
+                body: Option<String>,
+                headers: Vec<(&'static str, String)>| {
+        let aws = &aws;
+        async move {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            aws.call_raw(method, &path, body.as_deref(), &headers).await
+        }
+    };
+
+    let page = call(
+        "GET",
+        "/studies/study-0/exports".into(),
+        None,
+        with_cookie(&[]),
+    )
+    .await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body
+            .contains("Signed in as <strong>ana@example.org</strong>")
+    );
+    assert!(
+        page.header("content-security-policy")
+            .unwrap()
+            .contains("default-src 'none'")
+    );
+
+    let form_headers = [
+        ("content-type", "application/x-www-form-urlencoded"),
+        ("origin", SITE),
+    ];
+    let forged = call(
+        "POST",
+        "/studies/study-0/exports".into(),
+        Some("type=sites_csv&csrf=forged".into()),
+        with_cookie(&form_headers),
+    )
+    .await;
+    assert_eq!(forged.status, 403, "a POST without the session's token");
+    let created = call(
+        "POST",
+        "/studies/study-0/exports".into(),
+        Some(format!("type=sites_csv&csrf={}", session.csrf)),
+        with_cookie(&form_headers),
+    )
+    .await;
+    assert_eq!(created.status, 303, "{}", created.body);
+
+    // The worker runs it; the history fragment shows it completed, with its download.
+    let started = std::time::Instant::now();
+    let job = loop {
+        aws.check();
+        let history = call(
+            "GET",
+            "/studies/study-0/exports/history".into(),
+            None,
+            with_cookie(&[]),
+        )
+        .await;
+        if let Some((_, rest)) = history.body.split_once("id=\"download-") {
+            break rest.split('"').next().unwrap().to_string();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the export did not complete: {}",
+            history.body
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let download = call(
+        "GET",
+        format!("/studies/study-0/exports/{job}/download"),
+        None,
+        with_cookie(&[]),
+    )
+    .await;
+    assert_eq!(download.status, 307, "{}", download.body);
+    assert!(
+        download
+            .header("location")
+            .unwrap()
+            .contains("X-Amz-Signature="),
+        "a presigned S3 URL"
+    );
+
+    let signed_out = call(
+        "POST",
+        "/logout".into(),
+        Some(format!("csrf={}", session.csrf)),
+        with_cookie(&form_headers),
+    )
+    .await;
+    assert_eq!(signed_out.status, 200, "{}", signed_out.body);
+    assert!(signed_out.body.contains("You are signed out"));
+    assert!(
+        sessions.session(&session.key).await.unwrap().is_none(),
+        "sign-out deletes the session item"
+    );
+    let after = call(
+        "GET",
+        "/studies/study-0/exports".into(),
+        None,
+        with_cookie(&[]),
+    )
+    .await;
+    assert_eq!(after.status, 303, "the old cookie opens nothing");
+    aws.check();
 }
