@@ -132,6 +132,47 @@ fn type_filter_or_of_and_queries_over_get_and_post() {
     assert_eq!(got["Observation"], ids(&observations, |r| !heart(r)));
 }
 
+/// R4 number search over HTTP: `value-quantity=12.3` stands for [12.25, 12.35), so a stored
+/// 12.25 is exported and a stored 12.35 is not. The generated values have two decimals; the
+/// search values are tenths whose two edges are both among them, and the expected set is
+/// computed in whole hundredths.
+#[test]
+fn type_filter_number_edges_follow_the_significant_figures() {
+    let (server, data) = setup("typefilter-number-edges");
+    let observations = of_type(&data, "Observation");
+    let hundredths =
+        |r: &Value| (r["valueQuantity"]["value"].as_f64().unwrap() * 100.0).round() as i64;
+    let stored: BTreeSet<i64> = observations.iter().map(hundredths).collect();
+    // Tenths t (in hundredths, a multiple of 10) with t - 5 and t + 5 both stored.
+    let tenths: Vec<i64> = (1..2000)
+        .map(|t| t * 10)
+        .filter(|t| stored.contains(&(t - 5)) && stored.contains(&(t + 5)))
+        .take(30)
+        .collect();
+    assert!(tenths.len() >= 10, "{tenths:?}");
+    let search: Vec<String> = tenths
+        .iter()
+        .map(|t| format!("{}.{}", t / 100, (t % 100) / 10))
+        .collect();
+    let filter = format!("Observation?value-quantity={}", search.join(","));
+    let got = exported_ids(&server.export(&format!(
+        "/$export?_type=Observation&_typeFilter={}",
+        percent_encode(&filter)
+    )));
+    let want = ids(&observations, |r| {
+        let v = hundredths(r);
+        tenths.iter().any(|t| t - 5 <= v && v < t + 5)
+    });
+    assert!(want.iter().any(|id| {
+        let r = observations
+            .iter()
+            .find(|r| r["id"] == id.as_str())
+            .unwrap();
+        tenths.contains(&(hundredths(r) + 5))
+    }));
+    assert_eq!(got["Observation"], want, "{filter}");
+}
+
 #[test]
 fn elements_keep_selected_and_mandatory_elements_and_tag_subsetted() {
     let (server, data) = setup("elements");

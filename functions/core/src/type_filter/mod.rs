@@ -6,6 +6,7 @@
 //! [`crate::fhir::search_table`]) and are evaluated on the resource itself, so the same code
 //! filters on SQLite and on DynamoDB.
 
+mod decimal;
 mod values;
 
 use crate::fhir::fhirpath::Expression;
@@ -277,7 +278,9 @@ fn compile_criterion(resource_type: &str, pair: &str) -> Result<Criterion, Filte
 
     // Decode first, then split: `%2C` is the comma that separates alternatives (the form clients
     // such as smart-fetch send), and `\,` (`%5C%2C`) is the escape for a comma inside a value.
-    let texts = split_values(&decode(raw_value)?);
+    // The alternatives keep their escapes until each is read, so `\|` is not a separator there.
+    let decoded = decode(raw_value)?;
+    let texts = split_unescaped(&decoded, ',', usize::MAX);
     if texts.iter().any(|t| t.is_empty()) {
         return Err(FilterError(format!("{name} has an empty value")));
     }
@@ -285,8 +288,8 @@ fn compile_criterion(resource_type: &str, pair: &str) -> Result<Criterion, Filte
     let mut values = Vec::new();
     if modifier == Modifier::Missing {
         missing = match texts.as_slice() {
-            [t] if t == "true" => true,
-            [t] if t == "false" => false,
+            [t] if unescape(t) == "true" => true,
+            [t] if unescape(t) == "false" => false,
             _ => {
                 return Err(FilterError(format!("{name} must be true or false")));
             }
@@ -320,18 +323,41 @@ fn parse_modifier(kind: ParamKind, modifier: &str) -> Option<Modifier> {
     })
 }
 
-/// Splits a parameter value at commas that are not escaped as `\,`.
-fn split_values(raw: &str) -> Vec<String> {
-    let mut out = vec![String::new()];
-    let mut chars = raw.chars().peekable();
+/// The characters R4 search escapes with a backslash inside a value: the separators of
+/// alternatives (`,`), of composite parts (`$`) and of `system|code` (`|`), and the backslash.
+const ESCAPED: [char; 4] = [',', '$', '|', '\\'];
+
+/// Splits `text` into at most `parts` parts at each `separator` that is not escaped (`\,`, and
+/// not the comma of `\\,`, an escaped backslash before a separator). The parts keep their escapes:
+/// [`unescape`] reads each once it is split as far as it will be.
+fn split_unescaped(text: &str, separator: char, parts: usize) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if c == '\\' && chars.peek().is_some_and(|(_, next)| ESCAPED.contains(next)) {
+            chars.next();
+        } else if c == separator && out.len() + 1 < parts {
+            out.push(&text[start..i]);
+            start = i + c.len_utf8();
+        }
+    }
+    out.push(&text[start..]);
+    out
+}
+
+/// Removes the escapes: `\,` `\$` `\|` `\\` become the character. A backslash before any other
+/// character is not an escape and stays, as does a trailing one.
+fn unescape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
-        match c {
-            '\\' if chars.peek() == Some(&',') => {
-                out.last_mut().expect("one value").push(',');
+        match chars.peek() {
+            Some(next) if c == '\\' && ESCAPED.contains(next) => {
+                out.push(*next);
                 chars.next();
             }
-            ',' => out.push(String::new()),
-            c => out.last_mut().expect("one value").push(c),
+            _ => out.push(c),
         }
     }
     out

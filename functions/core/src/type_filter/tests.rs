@@ -522,9 +522,10 @@ fn reference_by_id_compares_the_id() {
     assert!(!passes("Observation?subject=p2", &versioned));
 }
 
-/// Only `\,` is an escaped comma: a backslash before anything else is part of the value.
+/// A backslash escapes only what R4 escapes (`,` `$` `|` `\`): before anything else it is part
+/// of the value.
 #[test]
-fn backslash_only_escapes_a_comma() {
+fn backslash_before_other_characters_is_kept() {
     let patient = |v: &str| json!({"resourceType": "Patient", "identifier": [{"system": "urn:t", "value": v}]});
     let f = filter(r"Patient?identifier=urn:t|a\b");
     assert!(f.matches("Patient", &patient(r"a\b")));
@@ -889,5 +890,286 @@ fn date_approximately() {
     assert!(passes(
         "Patient?birthdate=ap2000-01-01",
         &patient_born("2000-01-01")
+    ));
+}
+
+/// A resource as the export reads it: parsed from its stored JSON text, so a stored decimal is
+/// whatever serde_json makes of the digits written in the file.
+fn stored(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"))
+}
+
+fn risk(probability: &str) -> Value {
+    stored(&format!(
+        r#"{{"resourceType":"RiskAssessment","status":"final","subject":{{"reference":"Patient/p"}},"prediction":[{{"probabilityDecimal":{probability}}}]}}"#
+    ))
+}
+
+fn heart_rate(value: &str) -> Value {
+    stored(&format!(
+        r#"{{"resourceType":"Observation","status":"final","code":{{"text":"x"}},"valueQuantity":{{"value":{value},"system":"http://unitsofmeasure.org","code":"/min"}}}}"#
+    ))
+}
+
+/// `i / 10^scale` written out in decimal digits (`decimal(45, 3)` is `0.045`), with integer
+/// arithmetic only, so the expected edges below never pass through binary floating point.
+fn decimal(i: u64, scale: u32) -> String {
+    let unit = 10u64.pow(scale);
+    format!("{}.{:0width$}", i / unit, i % unit, width = scale as usize)
+}
+
+/// R4 search (search.html#number): a search number stands for the range of its significant
+/// figures, half a unit of its last digit either side, lower edge included: `100` is
+/// [99.5, 100.5), `100.00` [99.995, 100.005), `ne100` is outside [99.5, 100.5). So
+/// `probability=0.05` is [0.045, 0.055) and matches a stored 0.045; `probability=0.10` is
+/// [0.095, 0.105) and does not match 0.105.
+#[test]
+fn number_precision_edges_are_exact() {
+    for (search, stored_value, expected) in [
+        ("0.05", "0.045", true),
+        ("0.05", "0.0549", true),
+        ("0.05", "0.055", false),
+        ("0.05", "0.0449", false),
+        ("0.10", "0.095", true),
+        ("0.10", "0.105", false),
+        ("0.10", "0.1049999", true),
+        ("100", "99.5", true),
+        ("100", "100.4999", true),
+        ("100", "100.5", false),
+        ("100", "99.4999", false),
+        ("100.00", "99.995", true),
+        ("100.00", "100.005", false),
+        ("100.00", "100.004", true),
+        ("ne100", "100.5", true),
+        ("ne100", "99.5", false),
+        ("ne0.10", "0.105", true),
+        ("ne0.05", "0.045", false),
+        ("0.3", "0.25", true),
+        ("0.3", "0.35", false),
+        ("-0.3", "-0.35", true),
+        ("-0.3", "-0.25", false),
+        ("0", "0", true),
+        ("0.0", "-0.05", true),
+        ("0.0", "0.05", false),
+    ] {
+        assert_eq!(
+            passes(
+                &format!("RiskAssessment?probability={search}"),
+                &risk(stored_value)
+            ),
+            expected,
+            "probability={search} on {stored_value}"
+        );
+    }
+}
+
+/// Every two-decimal search value from 0.01 to 19.99 against the two edges of its range: the low
+/// edge (`s - 0.005`) is in, the high edge (`s + 0.005`) is out. Numbers and quantities alike.
+#[test]
+fn number_and_quantity_edges_of_every_two_decimal_value() {
+    let mut wrong = Vec::new();
+    for i in 1..2000u64 {
+        let search = decimal(i, 2);
+        let (low, high) = (decimal(10 * i - 5, 3), decimal(10 * i + 5, 3));
+        for (edge, expected) in [(&low, true), (&high, false)] {
+            if passes(&format!("RiskAssessment?probability={search}"), &risk(edge)) != expected {
+                wrong.push(format!("probability={search} on {edge}"));
+            }
+            if passes(
+                &format!("Observation?value-quantity={search}"),
+                &heart_rate(edge),
+            ) != expected
+            {
+                wrong.push(format!("value-quantity={search} on {edge}"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} wrong edges, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+}
+
+/// The prefixes compare with the exact values: `gt`/`lt`/`ge`/`le` (and `sa`/`eb`, which are
+/// `gt`/`lt` for numbers) against the search number exactly, even beyond the 15 to 17 digits a
+/// double holds; `ap` within 10% of the search value (R4's recommendation), edges included, and
+/// never narrower than the value's implicit range.
+#[test]
+fn number_prefix_edges_are_exact() {
+    for (search, stored_value, expected) in [
+        ("gt0.1000000000000000001", "0.1", false),
+        ("ge0.1000000000000000001", "0.1", false),
+        ("sa0.1000000000000000001", "0.1", false),
+        ("lt0.1000000000000000001", "0.1", true),
+        ("eb0.1000000000000000001", "0.1", true),
+        ("le0.0999999999999999999", "0.1", false),
+        ("lt0.0999999999999999999", "0.1", false),
+        ("gt0.0999999999999999999", "0.1", true),
+        ("0.1000000000000000001", "0.1", false),
+        ("ge0.3", "0.3", true),
+        ("le0.3", "0.3", true),
+        ("gt0.3", "0.3", false),
+        ("lt0.3", "0.3", false),
+        // 10% of 0.30 is 0.03: [0.27, 0.33].
+        ("ap0.30", "0.33", true),
+        ("ap0.30", "0.27", true),
+        ("ap0.30", "0.3301", false),
+        ("ap0.30", "0.2699", false),
+        // 10% of 1.10 is 0.11: [0.99, 1.21].
+        ("ap1.10", "1.21", true),
+        ("ap1.10", "0.99", true),
+        ("ap1.10", "1.2101", false),
+        // 10% of -0.70 is 0.07: [-0.77, -0.63].
+        ("ap-0.70", "-0.77", true),
+        ("ap-0.70", "-0.63", true),
+        ("ap-0.70", "-0.6299", false),
+        // Never narrower than the implicit range: 10% of 0.3 is 0.03, its range is ±0.05.
+        ("ap0.3", "0.35", true),
+        ("ap0.3", "0.3501", false),
+    ] {
+        assert_eq!(
+            passes(
+                &format!("RiskAssessment?probability={search}"),
+                &risk(stored_value)
+            ),
+            expected,
+            "probability={search} on {stored_value}"
+        );
+    }
+}
+
+/// A quantity's prefix and number follow the number rules (R4 search.html#quantity), on
+/// Quantity.value and Money.value alike.
+#[test]
+fn quantity_edges_are_exact() {
+    for (search, stored_value, expected) in [
+        ("0.05", "0.045", true),
+        ("0.05", "0.055", false),
+        ("0.10|http://unitsofmeasure.org|/min", "0.095", true),
+        ("0.10|http://unitsofmeasure.org|/min", "0.105", false),
+        ("ap0.30||/min", "0.33", true),
+        ("ap0.30||/min", "0.3301", false),
+        ("ge0.1000000000000000001", "0.1", false),
+    ] {
+        assert_eq!(
+            passes(
+                &format!("Observation?value-quantity={search}"),
+                &heart_rate(stored_value)
+            ),
+            expected,
+            "value-quantity={search} on {stored_value}"
+        );
+    }
+    let invoice = |value: &str| {
+        stored(&format!(
+            r#"{{"resourceType":"Invoice","status":"issued","totalNet":{{"value":{value},"currency":"USD"}}}}"#
+        ))
+    };
+    assert!(passes("Invoice?totalnet=0.10||USD", &invoice("0.095")));
+    assert!(!passes("Invoice?totalnet=0.10||USD", &invoice("0.105")));
+}
+
+/// A Money's currency is a code of the ISO 4217 system (R4 Money: "ISO 4217 Currency Code";
+/// its code system is `urn:iso:std:iso:4217`), so `number|urn:iso:std:iso:4217|code` finds it,
+/// as `number||code` and `number|urn:iso:std:iso:4217|` do; another system does not.
+#[test]
+fn money_currency_is_a_code_of_iso_4217() {
+    let invoice = json!({"resourceType": "Invoice", "status": "issued",
+        "totalNet": {"value": 100, "currency": "USD"}});
+    for (q, expected) in [
+        ("100|urn:iso:std:iso:4217|USD", true),
+        ("100||USD", true),
+        ("100|urn:iso:std:iso:4217|", true),
+        ("ge99|urn:iso:std:iso:4217|USD", true),
+        ("100|urn:iso:std:iso:4217|EUR", false),
+        ("200|urn:iso:std:iso:4217|USD", false),
+        ("100|http://unitsofmeasure.org|USD", false),
+        ("100|urn:other|USD", false),
+        ("100|http://unitsofmeasure.org|", false),
+    ] {
+        assert_eq!(
+            passes(&format!("Invoice?totalnet={q}"), &invoice),
+            expected,
+            "{q}"
+        );
+    }
+    // A Quantity whose code is a currency but whose system is UCUM is not money.
+    let o = heart_rate("100");
+    assert!(!passes(
+        "Observation?value-quantity=100|urn:iso:std:iso:4217|/min",
+        &o
+    ));
+}
+
+/// R4 search escaping (search.html#escaping): `$`, `,` and `|` inside a value
+/// are written `\$`, `\,` and `\|`, and `\` itself `\\`. So `\|` is part of a token's code, not
+/// the system separator, and `a\\,b` is the two alternatives `a\` and `b`.
+#[test]
+fn escapes_follow_r4() {
+    let patient = |system: &str, value: &str| json!({"resourceType": "Patient", "identifier": [{"system": system, "value": value}]});
+    /// (system, value) of an identifier.
+    type Ids = &'static [(&'static str, &'static str)];
+    let cases: &[(&str, Ids, Ids)] = &[
+        (
+            r"urn:t|a\|b",
+            &[("urn:t", "a|b")],
+            &[("urn:t", "a"), ("urn:t", "b"), ("urn:t", r"a\|b")],
+        ),
+        (
+            r"urn:t|a\\,b",
+            &[("urn:t", r"a\"), ("urn:t", "b")],
+            &[("urn:t", r"a\,b"), ("urn:t", r"a\\"), ("urn:t", "a,b")],
+        ),
+        (r"urn:t|a\,b", &[("urn:t", "a,b")], &[("urn:t", "a")]),
+        (r"urn:t|a\$b", &[("urn:t", "a$b")], &[("urn:t", r"a\$b")]),
+        (r"urn:t|a\\b", &[("urn:t", r"a\b")], &[("urn:t", r"a\\b")]),
+        // No unescaped `|`: a code in any system.
+        (
+            r"a\|b",
+            &[("urn:t", "a|b"), ("urn:u", "a|b")],
+            &[("a", "b")],
+        ),
+        // An escaped `|` in the system.
+        (r"urn:a\|b|c", &[("urn:a|b", "c")], &[("urn:a", "b|c")]),
+        // Percent-encoded escapes (`%5C%7C`) are the same once decoded.
+        ("urn:t|a%5C%7Cb", &[("urn:t", "a|b")], &[("urn:t", "a")]),
+        (
+            "urn:t|a%5C%5C%2Cb",
+            &[("urn:t", r"a\"), ("urn:t", "b")],
+            &[],
+        ),
+    ];
+    for (value, matching, other) in cases {
+        let f = filter(&format!("Patient?identifier={value}"));
+        for (s, v) in *matching {
+            assert!(
+                f.matches("Patient", &patient(s, v)),
+                "{value} finds {s}|{v}"
+            );
+        }
+        for (s, v) in *other {
+            assert!(
+                !f.matches("Patient", &patient(s, v)),
+                "{value} does not find {s}|{v}"
+            );
+        }
+    }
+    // Strings, and a quantity's system and code.
+    let named = json!({"resourceType": "Patient", "name": [{"family": "a|b,c$d"}]});
+    assert!(passes(r"Patient?family=a\|b\,c\$d", &named));
+    assert!(passes(r"Patient?family:exact=a\|b\,c\$d", &named));
+    assert!(!passes(r"Patient?family:exact=a\|b", &named));
+    let odd_unit = stored(
+        r#"{"resourceType":"Observation","status":"final","code":{"text":"x"},"valueQuantity":{"value":1,"system":"urn:u|v","code":"a|b"}}"#,
+    );
+    assert!(passes(
+        r"Observation?value-quantity=1|urn:u\|v|a\|b",
+        &odd_unit
+    ));
+    assert!(!passes(
+        r"Observation?value-quantity=1|urn:u|v|a\|b",
+        &odd_unit
     ));
 }

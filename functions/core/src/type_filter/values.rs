@@ -2,7 +2,8 @@
 //! following the R4 search rules: prefixes on dates, numbers and quantities with implicit
 //! precision ranges, `system|code` tokens, case- and accent-insensitive string prefixes.
 
-use super::{Modifier, ParamKind};
+use super::decimal::Decimal;
+use super::{Modifier, ParamKind, split_unescaped, unescape};
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
 use serde_json::Value;
 
@@ -32,55 +33,96 @@ pub enum SearchValue {
     /// Milliseconds since the epoch, `[low, high)`.
     Date(Prefix, i64, i64),
     Text(String),
-    /// The number and half the unit of its last significant digit.
-    Number(Prefix, f64, f64),
+    Number(NumberValue),
     Quantity {
-        prefix: Prefix,
-        number: f64,
-        half_unit: f64,
+        number: NumberValue,
         system: Option<String>,
         code: Option<String>,
     },
 }
 
+/// A number search value (alone, or the number of a quantity) with the exact edges its prefix
+/// compares against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NumberValue {
+    prefix: Prefix,
+    value: Decimal,
+    /// The implicit range `[low, high)` of the value's significant figures.
+    low: Decimal,
+    high: Decimal,
+    /// `ap`: `[near_low, near_high]`, 10% of the value either side (R4's recommendation), or
+    /// the implicit range where that is wider.
+    near_low: Decimal,
+    near_high: Decimal,
+}
+
+impl NumberValue {
+    fn parse(text: &str) -> Result<NumberValue, String> {
+        let (prefix, rest) = prefix(text);
+        let value = Decimal::parse(rest).ok_or_else(|| format!("'{rest}' is not a number"))?;
+        let half = value.half_unit();
+        let near = value.tenth_of_magnitude().max(half.clone());
+        Ok(NumberValue {
+            prefix,
+            low: value.minus(&half),
+            high: value.plus(&half),
+            near_low: value.minus(&near),
+            near_high: value.plus(&near),
+            value,
+        })
+    }
+
+    /// The R4 number prefix rules; `eq` and `ne` use the implicit range of the search value's
+    /// precision, the others the value itself.
+    fn matches(&self, v: &Decimal) -> bool {
+        let n = &self.value;
+        let within = self.low <= *v && *v < self.high;
+        match self.prefix {
+            Prefix::Eq => within,
+            Prefix::Ne => !within,
+            Prefix::Gt | Prefix::Sa => v > n,
+            Prefix::Lt | Prefix::Eb => v < n,
+            Prefix::Ge => v >= n,
+            Prefix::Le => v <= n,
+            Prefix::Ap => self.near_low <= *v && *v <= self.near_high,
+        }
+    }
+}
+
+/// The system of the codes in Money.currency (R4 Money: an ISO 4217 currency code).
+const ISO_4217: &str = "urn:iso:std:iso:4217";
+
 impl SearchValue {
+    /// Reads one value (one alternative of a comma-separated list, its escapes still in it).
     pub fn parse(kind: ParamKind, text: &str) -> Result<SearchValue, String> {
         Ok(match kind {
-            ParamKind::Token => match text.split_once('|') {
-                None => SearchValue::Token {
-                    system: None,
-                    code: Some(text.to_string()),
+            ParamKind::Token => match split_unescaped(text, '|', 2).as_slice() {
+                [system, code] => SearchValue::Token {
+                    system: Some(unescape(system)),
+                    code: (!code.is_empty()).then(|| unescape(code)),
                 },
-                Some((system, code)) => SearchValue::Token {
-                    system: Some(system.to_string()),
-                    code: (!code.is_empty()).then(|| code.to_string()),
+                _ => SearchValue::Token {
+                    system: None,
+                    code: Some(unescape(text)),
                 },
             },
-            ParamKind::Reference => SearchValue::Reference(text.to_string()),
-            ParamKind::String | ParamKind::Uri => SearchValue::Text(text.to_string()),
+            ParamKind::Reference => SearchValue::Reference(unescape(text)),
+            ParamKind::String | ParamKind::Uri => SearchValue::Text(unescape(text)),
             ParamKind::Date => {
-                let (prefix, rest) = prefix(text);
+                let text = unescape(text);
+                let (prefix, rest) = prefix(&text);
                 let (low, high) = date_range(rest)
                     .ok_or_else(|| format!("'{rest}' is not a FHIR date, dateTime or instant"))?;
                 SearchValue::Date(prefix, low, high)
             }
-            ParamKind::Number => {
-                let (prefix, rest) = prefix(text);
-                let (n, half) = number(rest)?;
-                SearchValue::Number(prefix, n, half)
-            }
+            ParamKind::Number => SearchValue::Number(NumberValue::parse(&unescape(text))?),
             ParamKind::Quantity => {
-                let (prefix, rest) = prefix(text);
-                let mut parts = rest.splitn(3, '|');
-                let (number, half_unit) = number(parts.next().unwrap_or(""))?;
-                let system = parts.next().filter(|s| !s.is_empty()).map(str::to_string);
-                let code = parts.next().filter(|s| !s.is_empty()).map(str::to_string);
+                let parts = split_unescaped(text, '|', 3);
+                let part = |i: usize| parts.get(i).filter(|s| !s.is_empty()).map(|s| unescape(s));
                 SearchValue::Quantity {
-                    prefix,
-                    number,
-                    half_unit,
-                    system,
-                    code,
+                    number: NumberValue::parse(&part(0).unwrap_or_default())?,
+                    system: part(1),
+                    code: part(2),
                 }
             }
         })
@@ -105,25 +147,6 @@ fn prefix(text: &str) -> (Prefix, &str) {
         }
     }
     (Prefix::Eq, text)
-}
-
-/// A decimal and half the unit of its last significant digit (`100` → 0.5, `1.50` → 0.005).
-fn number(text: &str) -> Result<(f64, f64), String> {
-    let value: f64 = text
-        .parse()
-        .ok()
-        .filter(|v: &f64| v.is_finite())
-        .ok_or_else(|| format!("'{text}' is not a number"))?;
-    let (mantissa, exponent) = match text.split_once(['e', 'E']) {
-        Some((m, e)) => (
-            m,
-            e.parse::<i32>()
-                .map_err(|_| format!("'{text}' is not a number"))?,
-        ),
-        None => (text, 0),
-    };
-    let decimals = mantissa.split_once('.').map_or(0, |(_, d)| d.len() as i32);
-    Ok((value, 0.5 * 10f64.powi(exponent - decimals)))
 }
 
 /// Whether one value found in a resource matches one search value.
@@ -159,31 +182,35 @@ pub fn matches_value(
         (ParamKind::Date, SearchValue::Date(prefix, low, high)) => date_ranges(found)
             .into_iter()
             .any(|target| date_matches(*prefix, (*low, *high), target)),
-        (ParamKind::Number, SearchValue::Number(prefix, n, half)) => found
-            .as_f64()
-            .or_else(|| found.get("value").and_then(Value::as_f64))
-            .is_some_and(|v| number_matches(*prefix, *n, *half, v)),
+        (ParamKind::Number, SearchValue::Number(number)) => match found {
+            Value::Object(_) => found.get("value"),
+            _ => Some(found),
+        }
+        .and_then(decimal)
+        .is_some_and(|v| number.matches(&v)),
         (
             ParamKind::Quantity,
             SearchValue::Quantity {
-                prefix,
                 number,
-                half_unit,
                 system,
                 code,
             },
         ) => {
-            let Some(value) = found.get("value").and_then(Value::as_f64) else {
+            let Some(value) = found.get("value").and_then(decimal) else {
                 return false;
             };
             let text = |k: &str| found.get(k).and_then(Value::as_str);
-            let system_ok = system.as_deref().is_none_or(|s| text("system") == Some(s));
+            // A Money's currency is a code of ISO 4217; a Quantity has its own system and code,
+            // and its unit is compared only when no system is asked for.
+            let (found_system, found_code) = match text("currency") {
+                Some(currency) => (Some(ISO_4217), Some(currency)),
+                None => (text("system"), text("code")),
+            };
+            let system_ok = system.as_deref().is_none_or(|s| found_system == Some(s));
             let code_ok = code.as_deref().is_none_or(|c| {
-                text("code") == Some(c)
-                    || text("currency") == Some(c)
-                    || (system.is_none() && text("unit") == Some(c))
+                found_code == Some(c) || (system.is_none() && text("unit") == Some(c))
             });
-            system_ok && code_ok && number_matches(*prefix, *number, *half_unit, value)
+            system_ok && code_ok && number.matches(&value)
         }
         _ => false,
     }
@@ -393,16 +420,10 @@ fn date_matches(prefix: Prefix, (low, high): (i64, i64), (t_low, t_high): (i64, 
     }
 }
 
-/// The R4 number prefix rules; `eq` and `ne` use the implicit range of the search value's precision.
-fn number_matches(prefix: Prefix, n: f64, half: f64, v: f64) -> bool {
-    let within = v >= n - half && v < n + half;
-    match prefix {
-        Prefix::Eq => within,
-        Prefix::Ne => !within,
-        Prefix::Gt | Prefix::Sa => v > n,
-        Prefix::Lt | Prefix::Eb => v < n,
-        Prefix::Ge => v >= n,
-        Prefix::Le => v <= n,
-        Prefix::Ap => (v - n).abs() <= (n.abs() * 0.1).max(half),
+/// A JSON number, exactly.
+fn decimal(found: &Value) -> Option<Decimal> {
+    match found {
+        Value::Number(n) => Decimal::of_json(n),
+        _ => None,
     }
 }
