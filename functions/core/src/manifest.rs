@@ -25,7 +25,21 @@ pub fn deletion_bundle(resource_type: &str, id: &str) -> Value {
 
 /// Orders parts as the manifest lists them: by type, then partition, then sequence.
 pub fn sort_parts(parts: &mut [PartRecord]) {
-    parts.sort_by(|a, b| (&a.resource_type, &a.key).cmp(&(&b.resource_type, &b.key)));
+    parts.sort_by(|a, b| {
+        (&a.resource_type, key_order(&a.key)).cmp(&(&b.resource_type, key_order(&b.key)))
+    });
+}
+
+/// A part key's folder, then its partition and sequence as numbers: the names pad them to 3 and
+/// 4 digits, which a large export outgrows (`1000-0000` would sort between `100-…` and `101-…`).
+/// Keys of another form (the error file) sort by name after those.
+fn key_order(key: &str) -> (&str, Option<(u32, u32)>, &str) {
+    let (folder, name) = key.rsplit_once('/').unwrap_or(("", key));
+    let numbers = name
+        .strip_suffix(".ndjson")
+        .and_then(|n| n.split_once('-'))
+        .and_then(|(partition, seq)| Some((partition.parse().ok()?, seq.parse().ok()?)));
+    (folder, numbers, name)
 }
 
 /// The manifest of a job's parts; `urls[i]` is the download URL of `parts[i]`, `next` the URL of
@@ -99,4 +113,54 @@ pub fn progress_line(job: &Job, items_done: usize, resources: u64) -> String {
         "{items_done}/{} work items done, {resources} resources written",
         job.items_total
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(resource_type: &str, key: String) -> PartRecord {
+        PartRecord {
+            job_id: "j".into(),
+            key,
+            resource_type: resource_type.into(),
+            item: 0,
+            seq: 0,
+            count: 1,
+            bytes: 1,
+            is_error: false,
+            is_deleted: false,
+            continues: false,
+        }
+    }
+
+    /// By type, then partition, then sequence, as numbers: past the padding of the names too.
+    #[test]
+    fn parts_sort_by_type_partition_and_sequence() {
+        let want = [
+            part("Bundle", deleted_part_key("j", "Condition", 0, 0)),
+            part("Bundle", deleted_part_key("j", "Observation", 0, 0)),
+            part("Condition", part_key("j", "Condition", 0, 0)),
+            part("Condition", part_key("j", "Condition", 0, 1)),
+            part("Condition", part_key("j", "Condition", 0, 9999)),
+            part("Condition", part_key("j", "Condition", 0, 10000)),
+            part("Condition", part_key("j", "Condition", 0, 10001)),
+            part("Condition", part_key("j", "Condition", 1, 0)),
+            part(
+                "OperationOutcome",
+                "j/OperationOutcome/error-0000.ndjson".into(),
+            ),
+            part("Patient", part_key("j", "by-Patient", 99, 3)),
+            part("Patient", part_key("j", "by-Patient", 100, 0)),
+            part("Patient", part_key("j", "by-Patient", 999, 0)),
+            part("Patient", part_key("j", "by-Patient", 1000, 0)),
+            part("Patient", part_key("j", "by-Patient", 1001, 0)),
+        ];
+        let mut parts = want.to_vec();
+        parts.reverse();
+        parts.swap(2, 9);
+        sort_parts(&mut parts);
+        let keys = |p: &[PartRecord]| p.iter().map(|p| p.key.clone()).collect::<Vec<_>>();
+        assert_eq!(keys(&parts), keys(&want));
+    }
 }
