@@ -1123,3 +1123,302 @@ fn provenance_by_target_uses_the_target_at_the_transaction_time() {
     now.values_mut().for_each(|ids| ids.sort());
     assert_same_ids(&got, &now, "after the writes");
 }
+
+/// The partition and sequence of a part's URL (`…/<folder>/<partition>-<seq>.ndjson`), and its
+/// folder.
+fn part_position(url: &str) -> (String, u32, u32) {
+    let mut segments = url.rsplit('/');
+    let name = segments.next().unwrap().strip_suffix(".ndjson").unwrap();
+    let folder = segments.next().unwrap().to_string();
+    let (partition, seq) = name.split_once('-').unwrap();
+    (folder, partition.parse().unwrap(), seq.parse().unwrap())
+}
+
+/// One organized file as downloaded: its lines, parsed, and its text.
+fn organized_file(entry: &Value) -> (Vec<Value>, String) {
+    assert!(
+        entry.get("type").is_none(),
+        "organized entries have no type"
+    );
+    let url = entry["url"].as_str().unwrap();
+    let r = get(url);
+    assert_eq!(r.status, 200, "{url}");
+    assert!(r.body.ends_with('\n'), "{url}: last line is complete");
+    let lines: Vec<Value> = r
+        .body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len() as u64,
+        entry["count"].as_u64().unwrap(),
+        "{url}"
+    );
+    (lines, r.body)
+}
+
+/// A patient's block: its id, and the `(type, id)` of its resources after the Patient.
+type Block = (String, Vec<(String, String)>);
+
+/// Whether a file (its lines and its text) keeps to the export's file limit.
+type FileLimit = Box<dyn Fn(&[Value], &str) -> bool>;
+
+/// The patient a block header names, if `line` is one.
+fn header_patient(line: &Value) -> Option<String> {
+    if line["resourceType"] != "Parameters" {
+        return None;
+    }
+    assert_eq!(line["parameter"].as_array().unwrap().len(), 1, "{line}");
+    assert_eq!(line["parameter"][0]["name"], "header", "{line}");
+    let reference = line["parameter"][0]["valueReference"]["reference"]
+        .as_str()
+        .unwrap();
+    Some(reference.strip_prefix("Patient/").unwrap().to_string())
+}
+
+/// Reads an organized manifest in its order and puts cut blocks back together, checking the
+/// Bulk Data IG's `continuesInFile` on the way: a file whose last block goes on names the next
+/// file, which starts with the same block's header; a file whose last block is complete names
+/// none, and the next file starts a new block (with its Patient). Returns the blocks in order as
+/// (patient, its resources as `(type, id)`), and the longest chain of files one block spanned.
+fn organized_blocks(
+    manifest: &Value,
+    fits: impl Fn(&[Value], &str) -> bool,
+) -> (Vec<Block>, usize) {
+    assert_eq!(manifest["outputOrganizedBy"], "Patient");
+    let entries = manifest["output"].as_array().unwrap();
+    let mut blocks: Vec<Block> = Vec::new();
+    let (mut chain, mut longest_chain) = (1, 1);
+    let mut continues_in: Option<String> = None;
+    for entry in entries {
+        let url = entry["url"].as_str().unwrap();
+        let (lines, text) = organized_file(entry);
+        assert!(fits(&lines, &text), "{url} is within the file limit");
+        let first = header_patient(&lines[0]).expect("every file starts with a block header");
+        match continues_in.take() {
+            Some(next) => {
+                assert_eq!(next, url, "continuesInFile names the file that follows");
+                let (patient, _) = blocks.last().unwrap();
+                assert_eq!(
+                    &first, patient,
+                    "{url} goes on with the block the previous file ended with"
+                );
+                chain += 1;
+                longest_chain = longest_chain.max(chain);
+            }
+            None => chain = 1,
+        }
+        let mut patient_line = None;
+        for (i, line) in lines.iter().enumerate() {
+            if patient_line == Some(i) {
+                continue;
+            }
+            match header_patient(line) {
+                Some(patient) if i == 0 && chain > 1 => assert_eq!(patient, first),
+                Some(patient) => {
+                    // A new block: the header, then the Patient itself.
+                    let next = lines
+                        .get(i + 1)
+                        .unwrap_or_else(|| panic!("{url}: the header of {patient} ends the file"));
+                    assert_eq!(next["resourceType"], "Patient", "{url}");
+                    assert_eq!(next["id"], patient.as_str(), "{url}");
+                    patient_line = Some(i + 1);
+                    blocks.push((patient, Vec::new()));
+                }
+                None => blocks.last_mut().unwrap().1.push((
+                    line["resourceType"].as_str().unwrap().to_string(),
+                    line["id"].as_str().unwrap().to_string(),
+                )),
+            }
+        }
+        continues_in = entry["continuesInFile"].as_str().map(String::from);
+    }
+    assert!(continues_in.is_none(), "the last file continues nowhere");
+    (blocks, longest_chain)
+}
+
+/// `organizeOutputBy=Patient` with blocks cut across files, over more than one work item (slice
+/// of patients): each patient's block is there once, whole, in one piece across its chain of
+/// files, with its resources grouped by type; the manifest lists the files in order (partition,
+/// then sequence), so reading them in that order reads the patients in order.
+#[test]
+fn organized_blocks_cut_across_files_over_several_slices() {
+    let dir = scratch_dir("organize-slices");
+    let mut data = read_ndjson_dir(&generated_store(&dir, 130));
+    // A patient with nothing else: a block of a header and the Patient.
+    let lonely = json!({"resourceType": "Patient", "id": "pat-lonely", "gender": "unknown"});
+    load_file(&dir, "lonely.ndjson", &format!("{lonely}\n"));
+    data.push(lonely);
+    let types = [
+        "AllergyIntolerance",
+        "Condition",
+        "Patient",
+        "ResearchSubject",
+    ];
+    let reference = CompartmentReference::load();
+    let mut patients: Vec<String> = all_patients(&data).into_iter().collect();
+    patients.sort();
+    let want: Vec<(String, BTreeMap<String, Vec<String>>)> = patients
+        .iter()
+        .map(|p| {
+            // Besides the Patient itself, which opens the block (another Patient can be in
+            // the compartment, through Patient.link).
+            let block = expected(&data, |r| {
+                let t = r["resourceType"].as_str().unwrap();
+                !(t == "Patient" && r["id"] == p.as_str())
+                    && types.contains(&t)
+                    && reference.patients_of(r).iter().any(|q| q == p)
+            });
+            (p.clone(), block)
+        })
+        .collect();
+    assert!(
+        want.iter()
+            .any(|(_, b)| b.values().map(Vec::len).sum::<usize>() >= 12)
+    );
+
+    let path = format!(
+        "/Patient/$export?organizeOutputBy=Patient&_type={}",
+        types.join(",")
+    );
+    let limits: [(&[&str], FileLimit); 2] = [
+        (
+            &["--max-file-resources", "6"],
+            Box::new(|lines: &[Value], _: &str| lines.len() <= 6),
+        ),
+        // A file may pass the byte limit only when it holds a header and a single resource.
+        (
+            &["--max-file-bytes", "2000"],
+            Box::new(|lines: &[Value], text: &str| text.len() <= 2000 || lines.len() == 2),
+        ),
+    ];
+    for (limit, fits) in limits {
+        let server = Server::start(&dir, limit);
+        let manifest = server.export(&path);
+        let entries = manifest["output"].as_array().unwrap();
+
+        // Listed in order: partition, then sequence, each partition's files numbered from 0.
+        let positions: Vec<(String, u32, u32)> = entries
+            .iter()
+            .map(|e| part_position(e["url"].as_str().unwrap()))
+            .collect();
+        let mut sorted = positions.clone();
+        sorted.sort();
+        assert_eq!(positions, sorted, "{limit:?}: manifest order");
+        for pair in positions.windows(2) {
+            let ((_, p0, s0), (_, p1, s1)) = (&pair[0], &pair[1]);
+            assert!(
+                (p1 == p0 && *s1 == s0 + 1) || (p1 > p0 && *s1 == 0),
+                "{limit:?}: {pair:?}"
+            );
+        }
+        let partitions: BTreeSet<u32> = positions.iter().map(|(_, p, _)| *p).collect();
+        assert!(
+            partitions.len() >= 2,
+            "{limit:?}: the patients span several work items: {partitions:?}"
+        );
+
+        let (blocks, longest_chain) = organized_blocks(&manifest, fits);
+        assert!(
+            longest_chain >= 3,
+            "{limit:?}: a block went on over several files"
+        );
+        // Every patient once, in order of id, each block whole and grouped by type.
+        let got_patients: Vec<&String> = blocks.iter().map(|(p, _)| p).collect();
+        assert_eq!(
+            got_patients,
+            patients.iter().collect::<Vec<_>>(),
+            "{limit:?}"
+        );
+        for ((patient, content), (_, want_block)) in blocks.iter().zip(&want) {
+            let mut runs: Vec<&str> = content.iter().map(|(t, _)| t.as_str()).collect();
+            runs.dedup();
+            let distinct: BTreeSet<&str> = runs.iter().copied().collect();
+            assert_eq!(
+                runs.len(),
+                distinct.len(),
+                "{limit:?}: {patient}'s resources are grouped by type: {runs:?}"
+            );
+            let mut got_block: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (t, id) in content {
+                got_block.entry(t.clone()).or_default().push(id.clone());
+            }
+            assert_same_ids(
+                &ids_once(got_block),
+                want_block,
+                &format!("{limit:?}: block of {patient}"),
+            );
+        }
+    }
+}
+
+/// Sorts each type's ids, asserting none is there twice.
+fn ids_once(mut by_type: BTreeMap<String, Vec<String>>) -> BTreeMap<String, Vec<String>> {
+    for (t, ids) in by_type.iter_mut() {
+        ids.sort();
+        let before = ids.len();
+        ids.dedup();
+        assert_eq!(before, ids.len(), "a {t} is there twice");
+    }
+    by_type
+}
+
+/// The manifest lists a by-type export's files by type, then partition, then sequence (the
+/// README's deterministic `<Type>/<partition>-<seq>` names, in order); each type is split only
+/// when a file is full, so every file but the last of a type holds `--max-file-resources` lines.
+#[test]
+fn manifest_lists_files_by_type_then_sequence() {
+    let dir = scratch_dir("manifest-order");
+    let data = read_ndjson_dir(&generated_store(&dir, 8));
+    let server = Server::start(&dir, &["--max-file-resources", "40"]);
+    let manifest = server.export("/$export?_type=Observation,Patient,Condition,Encounter");
+    let entries = manifest["output"].as_array().unwrap();
+    let listed: Vec<(String, String, u32, u32)> = entries
+        .iter()
+        .map(|e| {
+            let (folder, partition, seq) = part_position(e["url"].as_str().unwrap());
+            assert_eq!(folder, e["type"].as_str().unwrap());
+            (
+                e["type"].as_str().unwrap().to_string(),
+                folder,
+                partition,
+                seq,
+            )
+        })
+        .collect();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(listed, sorted, "manifest order");
+    let types: Vec<&str> = listed.iter().map(|(t, ..)| t.as_str()).collect();
+    let mut distinct = types.clone();
+    distinct.dedup();
+    assert_eq!(
+        distinct,
+        ["Condition", "Encounter", "Observation", "Patient"]
+    );
+    for (i, entry) in entries.iter().enumerate() {
+        let last_of_its_type = listed.get(i + 1).is_none_or(|next| next.0 != listed[i].0);
+        let (_, _, _, seq) = &listed[i];
+        if i > 0 && listed[i - 1].0 == listed[i].0 {
+            assert_eq!(*seq, listed[i - 1].3 + 1, "{entry}");
+        } else {
+            assert_eq!(*seq, 0, "{entry}");
+        }
+        if !last_of_its_type {
+            assert_eq!(entry["count"], 40, "{entry}");
+        }
+    }
+    let observations = of_type(&data, "Observation").len();
+    assert!(observations > 400, "{observations}");
+    assert_eq!(
+        listed.iter().filter(|(t, ..)| t == "Observation").count(),
+        observations.div_ceil(40)
+    );
+    assert_eq!(
+        exported_ids(&manifest),
+        expected(
+            &data,
+            of_types(&["Observation", "Patient", "Condition", "Encounter"])
+        )
+    );
+}
