@@ -113,7 +113,15 @@ impl UserTokens {
             return Err(invalid("the token is not valid yet"));
         }
         let subject = text("sub").ok_or_else(|| invalid("the token has no sub"))?;
-        let email = text("email").map(|e| e.to_ascii_lowercase());
+        // Memberships are kept by e-mail, so an address counts only if the issuer vouches for it:
+        // `email_verified` true (a person could otherwise set someone else's address in their
+        // profile), or the local issuer, whose users an administrator made.
+        let verified = matches!(trusted.keys, IssuerKeys::Own)
+            || matches!(claims.get("email_verified"), Some(Value::Bool(true)))
+            || claims.get("email_verified").and_then(Value::as_str) == Some("true");
+        let email = text("email")
+            .filter(|_| verified)
+            .map(|e| e.to_ascii_lowercase());
         let memberships = match &email {
             Some(email) => ports.memberships.memberships(email).await?,
             None => Vec::new(),

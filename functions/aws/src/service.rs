@@ -128,8 +128,13 @@ impl AwsService {
         let authenticator = Arc::new(authenticator);
         let study_api = Arc::new(StudyApi::new(study.clone()));
         // The page signs people in at the trusted OpenID issuer (Cognito's hosted UI), as its
-        // own client where one is configured (the last audience trusted).
-        let sign_in = settings.trusted_issuers.last().map(|issuer| {
+        // own client (the last audience trusted), once the page's address is configured; without
+        // it the page says sign-in is not set up.
+        let page_issuer = settings
+            .page_url
+            .as_ref()
+            .and(settings.trusted_issuers.last());
+        let sign_in = page_issuer.map(|issuer| {
             RelyingParty::new(
                 OidcSettings {
                     issuer: issuer.issuer.clone(),
@@ -138,16 +143,16 @@ impl AwsService {
                 Arc::new(UreqOidcHttp),
             )
         });
-        let web = Arc::new(WebPage {
-            study: study_api.clone(),
-            auth: authenticator.clone(),
-            sessions: Arc::new(DynamoSessionStore::new(DynamoTable::new(
+        let web = Arc::new(WebPage::new(
+            study_api.clone(),
+            authenticator.clone(),
+            Arc::new(DynamoSessionStore::new(DynamoTable::new(
                 aws_sdk_dynamodb::Client::new(sdk),
                 &settings.auth_table,
             ))),
             sign_in,
-            public_url: settings.page_url.clone(),
-        });
+            settings.page_url.clone(),
+        ));
         let gateway = Gateway::new(Arc::new(api), authenticator)
             .with_study(study_api)
             .with_web(web);

@@ -3,6 +3,7 @@
 
 use crate::dynamo::{DynamoTable, attr_n, attr_s, dynamo_err, get_s};
 use async_trait::async_trait;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use export_core::{StoreError, StoreResult};
 use export_web::session::{Session, SessionStore};
 
@@ -49,6 +50,30 @@ impl SessionStore for DynamoSessionStore {
         serde_json::from_str(&doc)
             .map(Some)
             .map_err(StoreError::from)
+    }
+
+    async fn touch_session(&self, session: &Session) -> StoreResult<()> {
+        let put = self
+            .table
+            .client
+            .put_item()
+            .table_name(&self.table.name)
+            .item("pk", attr_s(&partition(&session.key)))
+            .item("sk", attr_s(SORT_KEY))
+            .item("doc", attr_s(&serde_json::to_string(session)?))
+            .item("ttl", attr_n(session.expires + 3600))
+            .condition_expression("attribute_exists(pk)")
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(e))
+                if e.err().code() == Some("ConditionalCheckFailedException") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(dynamo_err(e)),
+        }
     }
 
     async fn delete_session(&self, key: &str) -> StoreResult<()> {

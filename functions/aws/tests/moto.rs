@@ -1285,6 +1285,7 @@ async fn cognito_person() -> CognitoPerson {
         .explicit_auth_flows(cognito::types::ExplicitAuthFlowsType::AllowAdminUserPasswordAuth)
         // Its ID tokens carry the e-mail (memberships are kept by e-mail).
         .read_attributes("email")
+        .read_attributes("email_verified")
         .send()
         .await
         .unwrap()
@@ -1299,6 +1300,13 @@ async fn cognito_person() -> CognitoPerson {
             cognito::types::AttributeType::builder()
                 .name("email")
                 .value("ana@example.org")
+                .build()
+                .unwrap(),
+        )
+        .user_attributes(
+            cognito::types::AttributeType::builder()
+                .name("email_verified")
+                .value("true")
                 .build()
                 .unwrap(),
         )
@@ -1629,7 +1637,8 @@ async fn the_page_serves_people_with_sessions_in_dynamodb() {
         !format!("{item:?}").contains(&cookie),
         "the store never holds the cookie"
     );
-    let cookie_header = format!("bx_session={cookie}");
+    // An https site: the cookie has the __Host- prefix.
+    let cookie_header = format!("__Host-bx_session={cookie}");
     let with_cookie = |extra: &[(&'static str, &'static str)]| {
         let mut headers: Vec<(&str, String)> = vec![("cookie", cookie_header.clone())];
         headers.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));

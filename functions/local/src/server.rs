@@ -132,13 +132,13 @@ impl LocalService {
                 Arc::new(UreqOidcHttp),
             )
         });
-        let web = Arc::new(WebPage {
-            study: study_api.clone(),
-            auth: authenticator.clone(),
-            sessions: sessions.clone(),
+        let web = Arc::new(WebPage::new(
+            study_api.clone(),
+            authenticator.clone(),
+            sessions.clone(),
             sign_in,
-            public_url: Some(issuer),
-        });
+            Some(issuer),
+        ));
         let gateway = Gateway::new(api, authenticator)
             .with_study(study_api)
             .with_web(web);

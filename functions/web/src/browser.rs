@@ -17,6 +17,16 @@ pub const SESSION_COOKIE: &str = "bx_session";
 /// The cookie of a sign-in in progress.
 pub const LOGIN_COOKIE: &str = "bx_login";
 
+/// A cookie's name as set on `secure` sites: `__Host-` there, so the browser accepts it only
+/// from this host, over https, for the whole site (a sibling subdomain cannot plant one).
+pub fn cookie_name(base: &'static str, secure: bool) -> &'static str {
+    match (base, secure) {
+        (SESSION_COOKIE, true) => "__Host-bx_session",
+        (LOGIN_COOKIE, true) => "__Host-bx_login",
+        (base, _) => base,
+    }
+}
+
 /// An HTML page.
 pub fn page(status: StatusCode, markup: Markup) -> Response<Body> {
     let mut response = Response::new(Body::Full(Bytes::from(markup.into_string())));

@@ -7,7 +7,7 @@
 //! script are served from the binary: no build step, no CDN, a strict Content-Security-Policy.
 //!
 //! Paths: `/` (the studies), `/studies/{id}/exports…`, `/studies/{id}/audit`,
-//! `/studies/{id}/webhooks`, `/login`, `/callback`, `/logout`, `/static/…`.
+//! `/studies/{id}/webhooks`, `/login`, `/callback`, `/logout`, `/signed-out`, `/static/…`.
 
 pub mod api_client;
 mod assets;
@@ -20,6 +20,7 @@ mod sign_in;
 
 use bytes::Bytes;
 use export_auth::Authenticator;
+use export_auth::rate_limit::RateLimiter;
 use export_core::Body;
 use export_study::router::StudyApi;
 use http::{Request, Response};
@@ -37,6 +38,9 @@ pub struct WebPage {
     pub sign_in: Option<RelyingParty>,
     /// Where browsers reach the site (`https://host`); without it, taken from each request.
     pub public_url: Option<String>,
+    /// Sign-ins started per client address: each one stores a row, so anonymous visitors
+    /// cannot fill the session store.
+    login_starts: RateLimiter,
 }
 
 /// What the transport knows about a request.
@@ -47,10 +51,30 @@ pub struct RequestContext {
 }
 
 impl WebPage {
+    pub fn new(
+        study: Arc<StudyApi>,
+        auth: Arc<Authenticator>,
+        sessions: Arc<dyn SessionStore>,
+        sign_in: Option<RelyingParty>,
+        public_url: Option<String>,
+    ) -> Self {
+        WebPage {
+            study,
+            auth,
+            sessions,
+            sign_in,
+            public_url,
+            // Ten at once, then one every six seconds per address.
+            login_starts: RateLimiter::new(10, 1.0 / 6.0),
+        }
+    }
+
     /// Whether `path` is the page's.
     pub fn owns(path: &str) -> bool {
-        matches!(path, "/" | "/login" | "/callback" | "/logout")
-            || path.starts_with("/studies/")
+        matches!(
+            path,
+            "/" | "/login" | "/callback" | "/logout" | "/signed-out"
+        ) || path.starts_with("/studies/")
             || path.starts_with("/static/")
     }
 
@@ -76,9 +100,10 @@ impl WebPage {
             return assets::serve(asset);
         }
         match path.as_str() {
-            "/login" => self.login(request).await,
+            "/login" => self.login(request, context).await,
             "/callback" => self.callback(request).await,
             "/logout" => self.logout(request).await,
+            "/signed-out" => sign_in::signed_out(),
             _ => self.study_pages(request, context).await,
         }
     }

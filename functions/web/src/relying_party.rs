@@ -10,7 +10,6 @@ use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +30,8 @@ pub struct OidcSettings {
 pub struct Endpoints {
     pub authorization: String,
     pub token: String,
+    /// Where the provider's own session ends (RP-initiated logout), when it has one.
+    pub end_session: Option<String>,
 }
 
 /// What the token endpoint answered.
@@ -89,6 +90,7 @@ impl RelyingParty {
         let endpoints = Endpoints {
             authorization: endpoint("authorization_endpoint")?,
             token: endpoint("token_endpoint")?,
+            end_session: endpoint("end_session_endpoint").ok(),
         };
         *self.endpoints.lock().expect("endpoints") = Some((endpoints.clone(), Instant::now()));
         Ok(endpoints)
@@ -150,9 +152,33 @@ impl RelyingParty {
     }
 }
 
-/// The PKCE S256 challenge of a verifier.
+impl RelyingParty {
+    /// Where to send the browser so the provider's session ends too, and back to
+    /// `after` (a shared ward computer must not sign the next person in unasked): OpenID
+    /// RP-initiated logout where the provider has it; Cognito's hosted UI has `/logout` beside
+    /// `/oauth2/authorize` instead.
+    pub async fn logout_url(&self, after: &str) -> Option<String> {
+        let endpoints = self.endpoints().await.ok()?;
+        let client_id = self.settings.client_id.as_str();
+        if let Some(end) = endpoints.end_session {
+            let query = form_urlencoded::Serializer::new(String::new())
+                .append_pair("client_id", client_id)
+                .append_pair("post_logout_redirect_uri", after)
+                .finish();
+            return Some(format!("{end}?{query}"));
+        }
+        let domain = endpoints.authorization.strip_suffix("/oauth2/authorize")?;
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("client_id", client_id)
+            .append_pair("logout_uri", after)
+            .finish();
+        Some(format!("{domain}/logout?{query}"))
+    }
+}
+
+/// The PKCE S256 challenge of a verifier (the provider's own rule, shared).
 pub fn challenge(verifier: &str) -> String {
-    URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
+    export_auth::provider::pkce::s256(verifier)
 }
 
 /// A new PKCE verifier: 256 random bits, 43 characters of the unreserved set.
@@ -381,6 +407,52 @@ mod tests {
         assert!(
             error.contains("invalid_grant") && !error.contains("secret"),
             "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sign_out_ends_the_providers_session_too() {
+        let (rp, _) = party("https://idp.example/tenant", (200, json!({})));
+        assert_eq!(
+            rp.logout_url("https://page/signed-out").await,
+            None,
+            "no known way"
+        );
+        let cognito = RelyingParty::new(
+            rp.settings.clone(),
+            Arc::new(FakeProvider {
+                discovery: json!({"issuer": "https://idp.example/tenant",
+                    "authorization_endpoint": "https://pool.auth.example/oauth2/authorize",
+                    "token_endpoint": "https://idp.example/token"}),
+                token_answer: (200, json!({})),
+                sent: Mutex::new(Vec::new()),
+            }),
+        );
+        assert_eq!(
+            cognito
+                .logout_url("https://page/signed-out")
+                .await
+                .as_deref(),
+            Some(
+                "https://pool.auth.example/logout?client_id=page&logout_uri=https%3A%2F%2Fpage%2Fsigned-out"
+            )
+        );
+        let oidc = RelyingParty::new(
+            rp.settings.clone(),
+            Arc::new(FakeProvider {
+                discovery: json!({"issuer": "https://idp.example/tenant",
+                    "authorization_endpoint": "https://idp.example/authorize",
+                    "token_endpoint": "https://idp.example/token",
+                    "end_session_endpoint": "https://idp.example/logout"}),
+                token_answer: (200, json!({})),
+                sent: Mutex::new(Vec::new()),
+            }),
+        );
+        assert_eq!(
+            oidc.logout_url("https://page/signed-out").await.as_deref(),
+            Some(
+                "https://idp.example/logout?client_id=page&post_logout_redirect_uri=https%3A%2F%2Fpage%2Fsigned-out"
+            )
         );
     }
 

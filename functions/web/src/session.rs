@@ -2,8 +2,9 @@
 //! sign-in in progress (state, nonce, PKCE verifier).
 //!
 //! The browser holds only a random 256-bit id in an `HttpOnly` cookie; the store keys sessions
-//! by the SHA-256 of that id, so a leaked store does not give working cookies. A session ends at
-//! sign-out, when its token expires, or after [`IDLE_LIMIT`] without a request.
+//! by the SHA-256 of that id, so a leaked store does not give working cookies (it does hold the
+//! ID tokens, each valid for at most an hour: the store is as sensitive as the tokens). A session
+//! ends at sign-out, when its token expires, or after [`IDLE_LIMIT`] without a request.
 
 use async_trait::async_trait;
 use export_core::StoreResult;
@@ -12,6 +13,8 @@ use sha2::{Digest, Sha256};
 
 /// A signed-in session ends after this long without a request (seconds).
 pub const IDLE_LIMIT: i64 = 30 * 60;
+/// A session where no sign-in is needed (authentication off) lasts this long (seconds).
+pub const OPEN_SESSION: i64 = 12 * 3600;
 /// A sign-in must come back from the identity provider within this long (seconds).
 pub const LOGIN_LIMIT: i64 = 10 * 60;
 
@@ -97,6 +100,9 @@ pub trait SessionStore: Send + Sync {
     /// The session with this key, if it exists (expired ones may be returned; callers check).
     async fn session(&self, key: &str) -> StoreResult<Option<Session>>;
     async fn delete_session(&self, key: &str) -> StoreResult<()>;
+    /// Writes the session back only if it still exists (a request in flight at sign-out must
+    /// not bring it back).
+    async fn touch_session(&self, session: &Session) -> StoreResult<()>;
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use crate::browser::{self, LOGIN_COOKIE, SESSION_COOKIE};
 use crate::pages::layout::bare_page;
 use crate::pages::views::{problem_page, signed_out_page};
 use crate::relying_party::{claim, new_verifier};
-use crate::session::{LOGIN_LIMIT, Session, SessionKind, key_of};
+use crate::session::{LOGIN_LIMIT, OPEN_SESSION, Session, SessionKind, key_of};
 use bytes::Bytes;
 use export_auth::Principal;
 use export_core::Body;
@@ -28,33 +28,44 @@ fn now() -> i64 {
 
 impl WebPage {
     /// `GET /login`: starts the authorization code flow.
-    pub(crate) async fn login(&self, request: &Request<Bytes>) -> Response<Body> {
+    pub(crate) async fn login(
+        &self,
+        request: &Request<Bytes>,
+        context: &crate::RequestContext,
+    ) -> Response<Body> {
         let Some(rp) = &self.sign_in else {
             return browser::redirect("/");
         };
+        let address = context.client_address.as_deref().unwrap_or("unknown");
+        if let Err(wait) = self.login_starts.check(address) {
+            let mut response = browser::page(
+                StatusCode::TOO_MANY_REQUESTS,
+                bare_page(
+                    "Slow down",
+                    problem_page(
+                        "Too many sign-ins started",
+                        "Wait a minute, then try again.",
+                        None,
+                    ),
+                ),
+            );
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(wait));
+            return response;
+        }
         let origin = self.origin(request);
         let return_to = browser::query(request)
             .get("return_to")
-            .filter(|p| p.starts_with('/') && !p.starts_with("//") && !p.contains('\\'))
-            .cloned()
+            .and_then(|p| safe_return_to(p))
             .unwrap_or_else(|| "/".into());
-        let kind = SessionKind::Login {
-            state: export_auth::random::token::<24>(),
-            nonce: export_auth::random::token::<24>(),
-            verifier: new_verifier(),
-            return_to,
-        };
-        let SessionKind::Login {
-            state,
-            nonce,
-            verifier,
-            ..
-        } = &kind
-        else {
-            unreachable!("built above")
-        };
+        let (state, nonce, verifier) = (
+            export_auth::random::token::<24>(),
+            export_auth::random::token::<24>(),
+            new_verifier(),
+        );
         let url = match rp
-            .authorization_url(&format!("{origin}/callback"), state, nonce, verifier)
+            .authorization_url(&format!("{origin}/callback"), &state, &nonce, &verifier)
             .await
         {
             Ok(url) => url,
@@ -62,6 +73,12 @@ impl WebPage {
                 tracing::error!(error = %e, "the identity provider's discovery failed");
                 return unavailable();
             }
+        };
+        let kind = SessionKind::Login {
+            state,
+            nonce,
+            verifier,
+            return_to,
         };
         let now = now();
         let (session, cookie) = Session::new(kind, now, now + LOGIN_LIMIT);
@@ -71,7 +88,13 @@ impl WebPage {
         }
         let mut response = browser::redirect(&url);
         let secure = browser::needs_secure(&origin);
-        browser::set_cookie(&mut response, LOGIN_COOKIE, &cookie, LOGIN_LIMIT, secure);
+        browser::set_cookie(
+            &mut response,
+            browser::cookie_name(LOGIN_COOKIE, secure),
+            &cookie,
+            LOGIN_LIMIT,
+            secure,
+        );
         response
     }
 
@@ -91,10 +114,15 @@ impl WebPage {
                     problem_page("Sign-in failed", message, Some(("/login", "Sign in again"))),
                 ),
             );
-            browser::clear_cookie(&mut response, LOGIN_COOKIE, secure);
+            browser::clear_cookie(
+                &mut response,
+                browser::cookie_name(LOGIN_COOKIE, secure),
+                secure,
+            );
             response
         };
-        let Some(cookie) = browser::cookie(request, LOGIN_COOKIE) else {
+        let Some(cookie) = browser::cookie(request, browser::cookie_name(LOGIN_COOKIE, secure))
+        else {
             return failed("This sign-in was not started here, or took too long. Start again.");
         };
         let key = key_of(&cookie);
@@ -123,7 +151,21 @@ impl WebPage {
             );
         }
         if let Some(error) = query.get("error") {
-            tracing::info!(error = %error, "the identity provider refused a sign-in");
+            // Only RFC 6749's codes reach the log: the value comes from the browser.
+            let known = [
+                "access_denied",
+                "invalid_request",
+                "unauthorized_client",
+                "unsupported_response_type",
+                "invalid_scope",
+                "server_error",
+                "temporarily_unavailable",
+                "login_required",
+                "interaction_required",
+                "consent_required",
+            ];
+            let error = known.into_iter().find(|k| k == error).unwrap_or("other");
+            tracing::info!(error, "the identity provider refused a sign-in");
             return failed("The identity provider did not sign you in.");
         }
         let Some(code) = query.get("code") else {
@@ -167,10 +209,14 @@ impl WebPage {
         }
         tracing::info!(principal = %principal.id(), "signed in to the page");
         let mut response = browser::redirect(return_to);
-        browser::clear_cookie(&mut response, LOGIN_COOKIE, secure);
+        browser::clear_cookie(
+            &mut response,
+            browser::cookie_name(LOGIN_COOKIE, secure),
+            secure,
+        );
         browser::set_cookie(
             &mut response,
-            SESSION_COOKIE,
+            browser::cookie_name(SESSION_COOKIE, secure),
             &cookie,
             (expires - now).max(0),
             secure,
@@ -178,7 +224,8 @@ impl WebPage {
         response
     }
 
-    /// `POST /logout`: ends the session (its CSRF token required).
+    /// `POST /logout`: ends the session (its CSRF token required), then the identity
+    /// provider's own session where it has a way to end it.
     pub(crate) async fn logout(&self, request: &Request<Bytes>) -> Response<Body> {
         if request.method() != Method::POST {
             return method_not_allowed("POST");
@@ -186,7 +233,8 @@ impl WebPage {
         let origin = self.origin(request);
         let secure = browser::needs_secure(&origin);
         let fields = browser::form(request.body());
-        if let Some(cookie) = browser::cookie(request, SESSION_COOKIE) {
+        if let Some(cookie) = browser::cookie(request, browser::cookie_name(SESSION_COOKIE, secure))
+        {
             let key = key_of(&cookie);
             if let Ok(Some(session)) = self.sessions.session(&key).await {
                 if !browser::same_origin(request, &origin)
@@ -197,12 +245,21 @@ impl WebPage {
                 let _ = self.sessions.delete_session(&key).await;
             }
         }
-        if self.sign_in.is_none() {
+        let Some(rp) = &self.sign_in else {
             return browser::redirect("/");
-        }
-        let mut response =
-            browser::page(StatusCode::OK, bare_page("Signed out", signed_out_page()));
-        browser::clear_cookie(&mut response, SESSION_COOKIE, secure);
+        };
+        let mut response = match rp.logout_url(&format!("{origin}/signed-out")).await {
+            Some(url) => browser::redirect(&url),
+            None => signed_out(),
+        };
+        browser::clear_cookie(
+            &mut response,
+            browser::cookie_name(SESSION_COOKIE, secure),
+            secure,
+        );
+        response
+            .headers_mut()
+            .insert("clear-site-data", HeaderValue::from_static("\"cache\""));
         response
     }
 
@@ -214,7 +271,8 @@ impl WebPage {
         request: &Request<Bytes>,
     ) -> Result<Visitor, Response<Body>> {
         let now = now();
-        let found = match browser::cookie(request, SESSION_COOKIE) {
+        let secure = browser::needs_secure(&self.origin(request));
+        let found = match browser::cookie(request, browser::cookie_name(SESSION_COOKIE, secure)) {
             Some(cookie) => match self.sessions.session(&key_of(&cookie)).await {
                 Ok(found) => found.filter(|s| s.is_live(now)),
                 Err(e) => {
@@ -225,10 +283,35 @@ impl WebPage {
             None => None,
         };
         let sign_in_again = || {
-            let back = request
-                .uri()
-                .path_and_query()
-                .map_or("/".to_string(), |p| p.as_str().to_string());
+            // The script's refresh cannot follow a sign-in (another site): it gets 401 and
+            // reloads the page, which then signs in.
+            let fetched = request
+                .headers()
+                .get("sec-fetch-mode")
+                .is_some_and(|m| m != "navigate")
+                || request.uri().path().ends_with("/exports/history");
+            if fetched {
+                return browser::page(
+                    StatusCode::UNAUTHORIZED,
+                    maud::html! { p role="alert" { "Your session has ended: reload the page to sign in again." } },
+                );
+            }
+            // After signing in, a GET comes back where it was; a form sent with an ended
+            // session comes back to the page it was on, not to its action.
+            let back = if request.method() == Method::GET {
+                request
+                    .uri()
+                    .path_and_query()
+                    .map_or("/".to_string(), |p| p.as_str().to_string())
+            } else {
+                let path = request.uri().path();
+                match path.split('/').nth(2) {
+                    Some(study) if path.starts_with("/studies/") => {
+                        format!("/studies/{study}/exports")
+                    }
+                    _ => "/".to_string(),
+                }
+            };
             let query = form_urlencoded::Serializer::new(String::new())
                 .append_pair("return_to", &back)
                 .finish();
@@ -245,7 +328,9 @@ impl WebPage {
                 };
                 if now - session.last_seen >= TOUCH_EVERY {
                     session.last_seen = now;
-                    let _ = self.sessions.put_session(&session).await;
+                    // Only if it still exists: a request in flight at sign-out must not bring
+                    // the session back.
+                    let _ = self.sessions.touch_session(&session).await;
                 }
                 Ok(Visitor {
                     session,
@@ -260,7 +345,7 @@ impl WebPage {
                 let (session, new_cookie) = match found {
                     Some(s) if s.kind == SessionKind::Open => (s, None),
                     _ => {
-                        let (s, cookie) = Session::new(SessionKind::Open, now, now + 12 * 3600);
+                        let (s, cookie) = Session::new(SessionKind::Open, now, now + OPEN_SESSION);
                         if let Err(e) = self.sessions.put_session(&s).await {
                             tracing::error!(error = %e, "could not store a session");
                             return Err(unavailable());
@@ -294,6 +379,22 @@ impl WebPage {
                 }
             })
     }
+}
+
+/// `GET /signed-out` (where the identity provider sends the browser back after its logout).
+pub(crate) fn signed_out() -> Response<Body> {
+    browser::page(StatusCode::OK, bare_page("Signed out", signed_out_page()))
+}
+
+/// A path of this site to return to after signing in, or `None`: only a path (one leading
+/// slash, not two), no backslash, no space or control character (browsers drop tabs and line
+/// breaks from URLs, which turns `/\t/evil.example` into `//evil.example`).
+pub(crate) fn safe_return_to(path: &str) -> Option<String> {
+    let ok = path.starts_with('/')
+        && !path.starts_with("//")
+        && path.len() <= 2048
+        && path.chars().all(|c| c.is_ascii_graphic() && c != '\\');
+    ok.then(|| path.to_string())
 }
 
 /// 503 with a page that says to try again.
@@ -355,4 +456,35 @@ pub(crate) fn method_not_allowed(allow: &'static str) -> Response<Body> {
         .headers_mut()
         .insert(http::header::ALLOW, HeaderValue::from_static(allow));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_return_to;
+
+    #[test]
+    fn only_paths_of_this_site_are_returned_to() {
+        for good in [
+            "/",
+            "/studies/study-0/exports?page=2",
+            "/studies/a%20b/audit",
+        ] {
+            assert_eq!(safe_return_to(good).as_deref(), Some(good));
+        }
+        for bad in [
+            "//evil.example",
+            "/\t/evil.example",
+            "/\u{9}/evil.example",
+            "/\n/evil.example",
+            "/\\evil.example",
+            "\\/evil.example",
+            "https://evil.example/",
+            "evil.example",
+            "/ /x",
+            "/é",
+            "",
+        ] {
+            assert_eq!(safe_return_to(bad), None, "{bad:?}");
+        }
+    }
 }

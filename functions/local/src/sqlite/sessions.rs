@@ -46,6 +46,19 @@ impl SessionStore for SqliteStore {
             .transpose()
     }
 
+    async fn touch_session(&self, session: &Session) -> StoreResult<()> {
+        let (key, doc) = (session.key.clone(), serde_json::to_string(session)?);
+        self.run(move |conn| {
+            conn.execute(
+                "UPDATE web_sessions SET doc = ?2 WHERE key = ?1",
+                params![key, doc],
+            )
+            .map_err(db_err)
+            .map(drop)
+        })
+        .await
+    }
+
     async fn delete_session(&self, key: &str) -> StoreResult<()> {
         let key = key.to_string();
         self.run(move |conn| {

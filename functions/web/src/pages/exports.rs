@@ -87,6 +87,10 @@ pub fn exports_page(p: &ExportsPage) -> Markup {
                 div class="notice" role="status" { p { (notice) } }
             }
             (history_filters(p, study_id))
+            // The script announces status changes here (a region that stays while the table is
+            // replaced) and offers the pause; without script both stay hidden.
+            p id="history-status" class="visually-hidden" aria-live="polite" {}
+            button type="button" id="history-pause" class="secondary" aria-pressed="false" hidden { "Pause updates" }
             div id="history" data-source=(format!("/studies/{}/exports/history?{}", enc(study_id), p.query.with_page(p.query.page))) {
                 (history(study_id, p.jobs, p.query, p.csrf))
             }
@@ -207,22 +211,22 @@ fn create_form(p: &ExportsPage, study_id: &str) -> Markup {
                             div {
                                 label for="from" { "From" }
                                 input type="date" id="from" name="from" value=(form.from)
-                                    aria-describedby="dates-hint" aria-invalid=[date_error.map(|_| "true")];
+                                    aria-describedby=(described("dates-hint", date_error.map(|_| "dates-error"))) aria-invalid=[date_error.map(|_| "true")];
                             }
                             div {
                                 label for="to" { "To" }
                                 input type="date" id="to" name="to" value=(form.to)
-                                    aria-describedby="dates-hint" aria-invalid=[date_error.map(|_| "true")];
+                                    aria-describedby=(described("dates-hint", date_error.map(|_| "dates-error"))) aria-invalid=[date_error.map(|_| "true")];
                             }
                         }
-                        fieldset class="checks" aria-describedby="sites-hint" {
+                        fieldset class="checks" aria-describedby=(described("sites-hint", field_error(form, &["filters.sites"]).map(|_| "sites-error"))) {
                             legend { "Sites" }
                             p class="hint" id="sites-hint" {
                                 @if site_role { "Only your sites are listed. None checked: all of them." }
                                 @else { "None checked: every site." }
                             }
                             @if let Some(e) = field_error(form, &["filters.sites"]) {
-                                p class="field-error" { (e.message) }
+                                p class="field-error" id="sites-error" { (e.message) }
                             }
                             @for (i, site) in sites.iter().enumerate() {
                                 @let id = site["id"].as_str().unwrap_or_default();
@@ -238,11 +242,11 @@ fn create_form(p: &ExportsPage, study_id: &str) -> Markup {
                                 }
                             }
                         }
-                        fieldset class="checks" aria-describedby="statuses-hint" {
+                        fieldset class="checks" aria-describedby=(described("statuses-hint", field_error(form, &["filters.statuses"]).map(|_| "statuses-error"))) {
                             legend { "Participant statuses" }
                             p class="hint" id="statuses-hint" { "None checked: every status." }
                             @if let Some(e) = field_error(form, &["filters.statuses"]) {
-                                p class="field-error" { (e.message) }
+                                p class="field-error" id="statuses-error" { (e.message) }
                             }
                             @for (i, status) in statuses.iter().filter_map(Value::as_str).enumerate() {
                                 div class="choice" {
@@ -257,12 +261,12 @@ fn create_form(p: &ExportsPage, study_id: &str) -> Markup {
                         legend { "CSV options" }
                         p class="hint" { "For Sites CSV, Participants CSV and the dashboard's CSV files." }
                         @if let Some(e) = field_error(form, &["options"]) {
-                            p class="field-error" { (e.message) }
+                            p class="field-error" id="options-error" { (e.message) }
                         }
                         div class="dates" {
                             div {
                                 label for="encoding" { "Encoding" }
-                                select id="encoding" name="encoding" {
+                                select id="encoding" name="encoding" aria-describedby=[field_error(form, &["options"]).map(|_| "options-error")] {
                                     @for e in &encodings {
                                         option value=(e) selected[*e == encoding] { (encoding_label(e)) }
                                     }
@@ -270,7 +274,7 @@ fn create_form(p: &ExportsPage, study_id: &str) -> Markup {
                             }
                             div {
                                 label for="delimiter" { "Delimiter" }
-                                select id="delimiter" name="delimiter" {
+                                select id="delimiter" name="delimiter" aria-describedby=[field_error(form, &["options"]).map(|_| "options-error")] {
                                     @for d in &delimiters {
                                         option value=(d) selected[*d == delimiter] { (delimiter_label(d)) }
                                     }
@@ -282,6 +286,14 @@ fn create_form(p: &ExportsPage, study_id: &str) -> Markup {
                 }
             }
         }
+    }
+}
+
+/// An `aria-describedby` of a hint and, when there is one, an error.
+fn described(hint: &str, error: Option<&str>) -> String {
+    match error {
+        Some(error) => format!("{hint} {error}"),
+        None => hint.to_string(),
     }
 }
 
@@ -382,12 +394,8 @@ pub fn history(study_id: &str, jobs: &Value, query: &HistoryQuery, csrf: &str) -
     let page = jobs["page"].as_u64().unwrap_or(1).max(1);
     let page_size = jobs["page_size"].as_u64().unwrap_or(20).max(1);
     let pages = total.div_ceil(page_size).max(1);
-    let running = items.iter().filter(|j| j["status"] == "pending").count();
     let base = format!("/studies/{}/exports", enc(study_id));
     html! {
-        p class="visually-hidden" aria-live="polite" {
-            @if running > 0 { (running) " export(s) running on this page." } @else { "No export running on this page." }
-        }
         @if items.is_empty() {
             p { "No export matches." }
         } @else {
@@ -432,11 +440,11 @@ fn row(base: &str, job: &Value, csrf: &str) -> Markup {
     let job_base = format!("{base}/{}", enc(id));
     let pending = status == "pending";
     html! {
-        tr data-pending=[pending.then_some("true")] data-status=(status) id=(format!("job-{id}")) {
-            td { time datetime=(job["requested_at"].as_str().unwrap_or_default()) { (when(job["requested_at"].as_str().unwrap_or_default())) } }
-            td { (type_label(export_type)) }
-            td { (job["requestor"].as_str().unwrap_or_default()) }
-            td {
+        tr data-pending=[pending.then_some("true")] data-status=(status) data-label=(format!("{} export, {}", type_label(export_type), when(job["requested_at"].as_str().unwrap_or_default()))) id=(format!("job-{id}")) {
+            td data-label="Requested" { time datetime=(job["requested_at"].as_str().unwrap_or_default()) { (when(job["requested_at"].as_str().unwrap_or_default())) } }
+            td data-label="Type" { (type_label(export_type)) }
+            td data-label="Requested by" { (job["requestor"].as_str().unwrap_or_default()) }
+            td data-label="Status" {
                 span class=(format!("status status-{status}")) { (status_label(status)) }
                 @if pending {
                     @if let Some(progress) = job["progress"].as_str() {
@@ -451,7 +459,7 @@ fn row(base: &str, job: &Value, csrf: &str) -> Markup {
                     br; span class="muted" { "Its files were deleted after the study's retention period: generate it again." }
                 }
             }
-            td class="num" {
+            td class="num" data-label="Size" {
                 @if let Some(bytes) = job["size"].as_u64() {
                     (size(bytes))
                     @if let Some(n) = job["file_count"].as_u64().filter(|n| *n > 1) {
@@ -459,14 +467,14 @@ fn row(base: &str, job: &Value, csrf: &str) -> Markup {
                     }
                 }
             }
-            td {
+            td data-label="Files kept until" {
                 @if status == "completed" {
                     @if let Some(expires) = job["expires_at"].as_str() {
                         time datetime=(expires) { (when(expires)) }
                     }
                 }
             }
-            td class="actions" {
+            td class="actions" data-label="Actions" {
                 @match status {
                     "pending" => {
                         a class="button secondary" href=(format!("{job_base}/cancel")) id=(format!("cancel-{id}")) { "Cancel" span class="visually-hidden" { " the " (type_label(export_type)) " export" } }

@@ -288,6 +288,7 @@ pub fn signed_out_page() -> Markup {
     html! {
         h1 { "You are signed out" }
         p { a href="/login" { "Sign in again" } }
+        p class="muted" { "On a shared computer, also close the browser." }
     }
 }
 
