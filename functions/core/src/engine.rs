@@ -368,8 +368,10 @@ impl Exporter {
     /// The data (fixed by the transaction time) and the size limits alone decide where parts
     /// begin and end, so a repeated or concurrent run writes identical parts under the same keys and
     /// re-records identical records: nothing is ever cleared, so a duplicate can never remove what
-    /// another run wrote. With a `deadline`, the item stops at the first part boundary past it and
-    /// returns where to continue.
+    /// another run wrote. With a `deadline`, the item stops at the first part boundary past it (a
+    /// page read with no part open is one too; [`Settings::part_scan_limit`] bounds how much is
+    /// read before a part ends) and returns where to continue. It starts from the furthest of
+    /// `resume` and the progress recorded by any earlier run.
     pub async fn export_item(
         &self,
         item: &WorkItem,
@@ -389,6 +391,7 @@ impl Exporter {
         {
             return Ok(ItemOutcome::Done);
         }
+        let resume = self.furthest(item, resume).await?;
         if job.params.organize_by.is_some() && !item.deleted {
             return self.export_blocks(&job, item, resume, deadline).await;
         }
@@ -464,6 +467,21 @@ impl Exporter {
             }
             for (resource, position) in page.resources.into_iter().zip(page.cursors) {
                 let provenance = parsed.pop_front();
+                // A file that read its share of the store ends before this resource.
+                if part
+                    .as_ref()
+                    .is_some_and(|open| open.scanned >= self.settings.part_scan_limit)
+                {
+                    let open = part.take().expect("open part");
+                    let at = cursor.clone().unwrap_or_default();
+                    seq += 1;
+                    if let Some(stop) = self.cut(open, item, false, &at, seq, deadline).await? {
+                        return Ok(stop);
+                    }
+                }
+                if let Some(open) = &mut part {
+                    open.scanned += 1;
+                }
                 if skip_group.as_deref() == Some(resource.id.as_str()) {
                     cursor = Some(position);
                     continue;
@@ -491,18 +509,11 @@ impl Exporter {
                     && (open.bytes + line_len > self.settings.max_file_bytes
                         || open.count + 1 > self.settings.max_file_resources)
                 {
-                    self.finish_part(part.take().expect("open part"), item, false)
-                        .await?;
+                    let open = part.take().expect("open part");
+                    let at = cursor.clone().unwrap_or_default();
                     seq += 1;
-                    if !self.still_active(&item.job_id).await? {
-                        return Ok(ItemOutcome::Stopped);
-                    }
-                    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                        let cursor = cursor.unwrap_or_default();
-                        return Ok(ItemOutcome::Continue(ItemCursor {
-                            cursor,
-                            next_seq: seq,
-                        }));
+                    if let Some(stop) = self.cut(open, item, false, &at, seq, deadline).await? {
+                        return Ok(stop);
                     }
                 }
                 let open = match &mut part {
@@ -526,6 +537,20 @@ impl Exporter {
             if page.next.is_some() {
                 cursor = page.next;
             }
+            // Between files, a worker past its deadline stops after any page: nothing is open.
+            if part.is_none()
+                && let Some(at) = &cursor
+                && deadline.is_some_and(|d| std::time::Instant::now() >= d)
+            {
+                self.ports
+                    .jobs
+                    .record_progress(&item.job_id, item.item, at, seq)
+                    .await?;
+                return Ok(ItemOutcome::Continue(ItemCursor {
+                    cursor: at.clone(),
+                    next_seq: seq,
+                }));
+            }
             self.pause_after_page().await;
             if last_job_check.elapsed() >= std::time::Duration::from_millis(500) {
                 last_job_check = std::time::Instant::now();
@@ -538,6 +563,53 @@ impl Exporter {
             }
         }
         self.close_item(part, item).await
+    }
+
+    /// Closes a full part (its successor is `next_seq`) and records that the item goes on after
+    /// `cursor`. Returns where the item stops instead of going on: the job is no longer active,
+    /// or the deadline passed (continue from here).
+    pub(crate) async fn cut(
+        &self,
+        part: OpenPart,
+        item: &WorkItem,
+        continues: bool,
+        cursor: &str,
+        next_seq: u32,
+        deadline: Option<std::time::Instant>,
+    ) -> StoreResult<Option<ItemOutcome>> {
+        self.finish_part(part, item, continues).await?;
+        if !self.still_active(&item.job_id).await? {
+            return Ok(Some(ItemOutcome::Stopped));
+        }
+        self.ports
+            .jobs
+            .record_progress(&item.job_id, item.item, cursor, next_seq)
+            .await?;
+        Ok(deadline
+            .is_some_and(|d| std::time::Instant::now() >= d)
+            .then(|| {
+                ItemOutcome::Continue(ItemCursor {
+                    cursor: cursor.to_string(),
+                    next_seq,
+                })
+            }))
+    }
+
+    /// The later of the position a message carries and the one recorded for the item: a
+    /// redelivered or retried message resumes after the last part any run finished.
+    async fn furthest(
+        &self,
+        item: &WorkItem,
+        resume: Option<ItemCursor>,
+    ) -> StoreResult<Option<ItemCursor>> {
+        let recorded = self.ports.jobs.progress(&item.job_id, item.item).await?;
+        Ok(match (resume, recorded) {
+            (Some(r), Some((cursor, next_seq))) if next_seq > r.next_seq => {
+                Some(ItemCursor { cursor, next_seq })
+            }
+            (None, Some((cursor, next_seq))) => Some(ItemCursor { cursor, next_seq }),
+            (resume, _) => resume,
+        })
     }
 
     /// Finishes an item's last part, if any, and marks the item done. Like every finished part,
@@ -894,6 +966,7 @@ impl Exporter {
             buffer,
             count,
             bytes,
+            ..
         } = part;
         if !buffer.is_empty() {
             writer.write(buffer.freeze()).await?;
@@ -975,6 +1048,8 @@ pub(crate) struct OpenPart {
     pub(crate) buffer: BytesMut,
     pub(crate) count: u64,
     pub(crate) bytes: u64,
+    /// Resources read from the store since the part was opened, kept or not.
+    pub(crate) scanned: u64,
 }
 
 impl OpenPart {
@@ -987,6 +1062,7 @@ impl OpenPart {
             buffer: BytesMut::new(),
             count: 0,
             bytes: 0,
+            scanned: 0,
         }
     }
 

@@ -144,6 +144,7 @@ impl Exporter {
         };
         let settings = &self.settings;
         let mut part: Option<OpenPart> = None;
+        let mut read_any = false;
         while at.patient < slice.len() {
             let patient = &slice[at.patient];
             let header = block_header(patient);
@@ -152,12 +153,47 @@ impl Exporter {
                 let scope =
                     ReadScope::of_patients(job, resource_type, Arc::new(vec![patient.clone()]));
                 loop {
+                    // Between files, a worker past its deadline stops before any page once this
+                    // run has read one.
+                    if read_any
+                        && part.is_none()
+                        && deadline.is_some_and(|d| std::time::Instant::now() >= d)
+                    {
+                        let at_text = serde_json::to_string(&at)?;
+                        self.ports
+                            .jobs
+                            .record_progress(&item.job_id, item.item, &at_text, seq)
+                            .await?;
+                        return Ok(ItemOutcome::Continue(ItemCursor {
+                            cursor: at_text,
+                            next_seq: seq,
+                        }));
+                    }
+                    read_any = true;
                     let page = self
                         .ports
                         .resources
                         .read_page(&scope, at.store.as_deref(), settings.page_size)
                         .await?;
                     for (resource, position) in page.resources.into_iter().zip(page.cursors) {
+                        // A file that read its share of the store ends before this resource.
+                        if part
+                            .as_ref()
+                            .is_some_and(|open| open.scanned >= settings.part_scan_limit)
+                        {
+                            let open = part.take().expect("open part");
+                            seq += 1;
+                            let at_text = serde_json::to_string(&at)?;
+                            if let Some(stop) = self
+                                .cut(open, item, at.in_block, &at_text, seq, deadline)
+                                .await?
+                            {
+                                return Ok(stop);
+                            }
+                        }
+                        if let Some(open) = &mut part {
+                            open.scanned += 1;
+                        }
                         let is_the_group =
                             resource_type == "Group" && skip_group == Some(resource.id.as_str());
                         let line = match is_the_group {
@@ -177,16 +213,13 @@ impl Exporter {
                                 || open.count + lines > settings.max_file_resources)
                         {
                             let open = part.take().expect("open part");
-                            self.finish_part(open, item, at.in_block).await?;
                             seq += 1;
-                            if !self.still_active(&item.job_id).await? {
-                                return Ok(ItemOutcome::Stopped);
-                            }
-                            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                                return Ok(ItemOutcome::Continue(ItemCursor {
-                                    cursor: serde_json::to_string(&at)?,
-                                    next_seq: seq,
-                                }));
+                            let at_text = serde_json::to_string(&at)?;
+                            if let Some(stop) = self
+                                .cut(open, item, at.in_block, &at_text, seq, deadline)
+                                .await?
+                            {
+                                return Ok(stop);
                             }
                         }
                         let open = match &mut part {

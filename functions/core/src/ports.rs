@@ -236,6 +236,24 @@ pub trait JobStore: Send + Sync {
         Ok(self.completed_items(job_id).await?.contains(&item))
     }
 
+    /// Records how far an item got: every part before `next_seq` is finished and recorded, and
+    /// the item goes on after the store position `cursor`. A retried delivery resumes there
+    /// instead of redoing the item; a store may keep only the furthest position. Stores whose
+    /// runner never retries an item keep nothing.
+    async fn record_progress(
+        &self,
+        _job_id: &str,
+        _item: u32,
+        _cursor: &str,
+        _next_seq: u32,
+    ) -> StoreResult<()> {
+        Ok(())
+    }
+    /// The furthest position recorded by [`JobStore::record_progress`]: `(cursor, next_seq)`.
+    async fn progress(&self, _job_id: &str, _item: u32) -> StoreResult<Option<(String, u32)>> {
+        Ok(None)
+    }
+
     /// Records a finished part; recording the same key again replaces it (idempotent).
     async fn record_part(&self, part: &PartRecord) -> StoreResult<()>;
     async fn parts(&self, job_id: &str) -> StoreResult<Vec<PartRecord>>;

@@ -15,6 +15,12 @@ pub struct Settings {
     pub lock_lease: Duration,
     /// Resources read from the store per page (bounds a worker's memory).
     pub page_size: usize,
+    /// A file is also closed once this many resources were read from the store while it was
+    /// open, whether or not they were kept: then a selective `_typeFilter` over a big type
+    /// still reaches a file boundary, where a worker near its deadline can stop, after a
+    /// bounded read. It counts stored rows, not pages or time, so boundaries depend only on
+    /// the data and a repeated item rewrites identical files.
+    pub part_scan_limit: u64,
     /// `Retry-After` (seconds) for status polls while an export runs.
     pub poll_retry_after: u64,
     /// `Retry-After` (seconds) on a 429 while another export runs.
@@ -37,6 +43,7 @@ impl Default for Settings {
             retention: Duration::from_secs(24 * 3600),
             lock_lease: Duration::from_secs(60),
             page_size: 1000,
+            part_scan_limit: 200_000,
             poll_retry_after: 1,
             busy_retry_after: 10,
             concurrency: 2,
