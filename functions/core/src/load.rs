@@ -49,9 +49,44 @@ pub fn data_files(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
 
 fn is_data_file(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    [".ndjson", ".ndjson.gz", ".json", ".json.gz"]
-        .iter()
-        .any(|ext| name.ends_with(ext))
+    FileKind::of(name).is_some()
+}
+
+/// The kinds of data file an import reads, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// `.ndjson`: one resource per line.
+    Ndjson,
+    /// `.ndjson.gz`.
+    NdjsonGz,
+    /// `.json`: a Bundle (collection, transaction, batch) or one resource.
+    Json,
+    /// `.json.gz`.
+    JsonGz,
+}
+
+impl FileKind {
+    /// The kind of a file name, or `None` if it is not a data file.
+    pub fn of(name: &str) -> Option<FileKind> {
+        [
+            (".ndjson", FileKind::Ndjson),
+            (".ndjson.gz", FileKind::NdjsonGz),
+            (".json", FileKind::Json),
+            (".json.gz", FileKind::JsonGz),
+        ]
+        .into_iter()
+        .find(|(ext, _)| name.ends_with(ext))
+        .map(|(_, kind)| kind)
+    }
+
+    pub fn is_gzip(self) -> bool {
+        matches!(self, FileKind::NdjsonGz | FileKind::JsonGz)
+    }
+
+    /// One resource per line (so a file can be split at line boundaries).
+    pub fn is_ndjson(self) -> bool {
+        matches!(self, FileKind::Ndjson | FileKind::NdjsonGz)
+    }
 }
 
 /// Reads one file, handing every good resource to `sink` and every bad one to `issues`.
@@ -67,17 +102,26 @@ pub fn read_file(
         .unwrap_or("")
         .to_string();
     let display = path.display().to_string();
+    let kind = FileKind::of(&name).unwrap_or(FileKind::Json);
     let file = File::open(path)?;
-    let reader: Box<dyn Read> = if name.ends_with(".gz") {
+    let reader: Box<dyn Read> = if kind.is_gzip() {
         Box::new(MultiGzDecoder::new(file))
     } else {
         Box::new(file)
     };
     let reader = BufReader::with_capacity(1 << 20, reader);
-    if name.trim_end_matches(".gz").ends_with(".ndjson") {
+    if kind.is_ndjson() {
         read_ndjson(reader, &display, now, sink, issues)
     } else {
         read_json(reader, &display, now, sink, issues)
+    }
+}
+
+/// One NDJSON line (not blank): the resource it holds, or why it cannot be loaded.
+pub fn parse_line(line: &str, now: Instant) -> Result<NewResource, String> {
+    match serde_json::from_str::<Value>(line) {
+        Ok(value) => prepare(value, now),
+        Err(e) => Err(format!("not valid JSON: {e}")),
     }
 }
 
@@ -99,24 +143,19 @@ fn read_ndjson(
         if line.trim().is_empty() {
             continue;
         }
-        let location = || format!("{file}:{number}");
-        match serde_json::from_str::<Value>(&line) {
-            Ok(value) => match prepare(value, now) {
-                Ok(resource) => sink(resource),
-                Err(message) => issues(LoadIssue {
-                    location: location(),
-                    message,
-                }),
-            },
-            Err(e) => issues(LoadIssue {
-                location: location(),
-                message: format!("not valid JSON: {e}"),
+        match parse_line(&line, now) {
+            Ok(resource) => sink(resource),
+            Err(message) => issues(LoadIssue {
+                location: format!("{file}:{number}"),
+                message,
             }),
         }
     }
 }
 
-fn read_json(
+/// Reads a JSON file (a Bundle or one resource) named `file` in locations. Every entry gives
+/// exactly one call of `sink` or `issues`, in order, so a reader can resume after `n` of them.
+pub fn read_json(
     reader: impl Read,
     file: &str,
     now: Instant,
