@@ -2,7 +2,10 @@
 //! batched reads and writes that retry what DynamoDB leaves unprocessed.
 
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, KeysAndAttributes, Put, PutRequest, TransactWriteItem, Update, WriteRequest,
+};
 use export_core::error::{StoreError, StoreResult};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -48,6 +51,33 @@ pub fn get_n(item: &Item, name: &str) -> Option<i64> {
 
 pub fn dynamo_err(e: impl std::fmt::Debug) -> StoreError {
     StoreError::new(format!("dynamodb: {e:?}"))
+}
+
+/// Why a transaction did not apply.
+#[derive(Debug)]
+pub enum TransactError {
+    /// A condition did not hold or another transaction touched the same items: nothing was
+    /// written; read again and retry.
+    Cancelled,
+    /// Anything else (the request may or may not have been applied).
+    Failed(StoreError),
+}
+
+/// One action of a transaction: a put, or a `SET` of one number, each with an optional condition.
+pub enum TxAction {
+    Put {
+        item: Item,
+        /// `None`: unconditional; `Some(None)`: only if the item does not exist; `Some(Some(v))`:
+        /// only if its numeric attribute `v` equals the value.
+        expect: Option<Option<(String, i64)>>,
+    },
+    /// Sets a numeric attribute of an item that must exist.
+    SetNumber {
+        pk: String,
+        sk: String,
+        name: String,
+        value: i64,
+    },
 }
 
 /// Which sort keys of a partition a query reads.
@@ -141,7 +171,88 @@ impl DynamoTable {
         Ok(())
     }
 
+    /// Puts an item unless one with its key exists; returns whether it was written.
+    pub async fn put_if_absent(&self, item: Item) -> StoreResult<bool> {
+        let out = self
+            .client
+            .put_item()
+            .table_name(&self.name)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await;
+        match out {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(dynamo_err(e)),
+        }
+    }
+
+    /// Applies all actions or none (DynamoDB's TransactWriteItems: at most 100 actions, 4 MB).
+    pub async fn transact(&self, actions: Vec<TxAction>) -> Result<(), TransactError> {
+        let failed = |e| TransactError::Failed(dynamo_err(e));
+        let mut items = Vec::with_capacity(actions.len());
+        for action in actions {
+            let item = match action {
+                TxAction::Put { item, expect } => {
+                    let put = Put::builder().table_name(&self.name).set_item(Some(item));
+                    let put = match expect {
+                        None => put,
+                        Some(None) => put.condition_expression("attribute_not_exists(pk)"),
+                        Some(Some((name, value))) => put
+                            .condition_expression("#e = :e")
+                            .expression_attribute_names("#e", name)
+                            .expression_attribute_values(":e", attr_n(value)),
+                    };
+                    TransactWriteItem::builder()
+                        .put(put.build().map_err(failed)?)
+                        .build()
+                }
+                TxAction::SetNumber {
+                    pk,
+                    sk,
+                    name,
+                    value,
+                } => {
+                    let update = Update::builder()
+                        .table_name(&self.name)
+                        .set_key(Some(Self::key(&pk, &sk)))
+                        .update_expression("SET #a = :v")
+                        .expression_attribute_names("#a", name)
+                        .expression_attribute_values(":v", attr_n(value))
+                        .condition_expression("attribute_exists(pk)")
+                        .build()
+                        .map_err(failed)?;
+                    TransactWriteItem::builder().update(update).build()
+                }
+            };
+            items.push(item);
+        }
+        match self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match e.as_service_error() {
+                Some(TransactWriteItemsError::TransactionCanceledException(_))
+                | Some(TransactWriteItemsError::TransactionInProgressException(_)) => {
+                    Err(TransactError::Cancelled)
+                }
+                _ => Err(TransactError::Failed(dynamo_err(e))),
+            },
+        }
+    }
+
     /// Adds strings to a string-set attribute, creating the item if needed (idempotent).
+    /// DynamoDB refuses a set that names a value twice, so the values are deduplicated here.
     pub async fn add_to_set(
         &self,
         pk: &str,
@@ -155,7 +266,7 @@ impl DynamoTable {
             .set_key(Some(Self::key(pk, sk)))
             .update_expression("ADD #a :v")
             .expression_attribute_names("#a", name)
-            .expression_attribute_values(":v", AttributeValue::Ss(values.to_vec()))
+            .expression_attribute_values(":v", AttributeValue::Ss(unique(values)))
             .send()
             .await
             .map_err(dynamo_err)?;
@@ -321,6 +432,25 @@ impl DynamoTable {
     }
 }
 
-async fn backoff(attempt: u32) {
+/// The values once each, in order (a string set must not repeat one).
+fn unique(values: &[String]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    values
+        .iter()
+        .filter(|v| seen.insert(v.as_str()))
+        .cloned()
+        .collect()
+}
+
+pub async fn backoff(attempt: u32) {
     tokio::time::sleep(Duration::from_millis(50u64 << attempt.min(6))).await;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn set_values_are_sent_once_each() {
+        let values = ["a", "b", "a", "c", "b"].map(String::from);
+        assert_eq!(super::unique(&values), ["a", "b", "c"]);
+    }
 }

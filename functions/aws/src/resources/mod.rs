@@ -4,12 +4,13 @@
 //!
 //! | item | pk | sk | holds |
 //! |---|---|---|---|
-//! | version | `r#<type>#<shard>` | `<lastUpdated µs, 20 digits>#<id>#<version>` | body, `lu`, `sup`, `pats`, `del` |
-//! | compartment entry | `p#<patient>` | `<type>#<id>#<version>` | body, `lu`, `sup`, `pats`, `del` |
-//! | history | `h#<type>#<id>` | `v<version>` | `lu`, `sup`, `shard`, `vsk`, `del` |
-//! | current pointer | `h#<type>#<id>` | `current` | `v`, `lu`, `shard`, `vsk`, `pats`, `del` |
+//! | version | `r#<type>#<shard>` | `<lastUpdated µs, 20 digits>#<id>#<version>` | body, `lu`, `sup`, patients, `del` |
+//! | compartment entry | `p#<patient>` | `<type>#<id>#<version>` | body, `lu`, `sup`, patients, `del`, `h` |
+//! | history | `h#<type>#<id>` | `v<version>` | `v`, `lu`, `sup`, `shard`, `vsk`, patients, `del`, `h` |
+//! | current pointer | `h#<type>#<id>` | `current` | `v`, `lu`, `shard`, `vsk`, patients, `del`, `h` |
 //! | type registry | `types` | `<type>` | |
 //! | Provenance by target | `t#<type>/<id>` | `prov` | `ids` (string set of Provenance ids) |
+//! | table settings | `config` | `table` | `shards`, `bucket` ([`table_config`]) |
 //!
 //! Each type's versions are spread over `shards` partitions, so workers read one type in
 //! parallel, and sorted by lastUpdated, so `_since`/`_until` read only their window. A version's
@@ -17,12 +18,23 @@
 //! at its transaction time. The compartment entries are written at load time, so a Patient or Group
 //! export reads its members' entries and never scans the store. A deletion is a version with
 //! `del = 1` that keeps the compartments of the version it deletes.
+//!
+//! What does not fit an item goes to S3 ([`blobs`]): a body is the `body` string, or `bref`, the
+//! key of an object in the table's bucket; the patients are the `pats` list, or for a version in
+//! many compartments (a big Group) `pref`, the key of a sorted JSON list. The entries of such a
+//! wide version carry no `sup` of their own: they are visible while the history item of their
+//! version has the same content hash `h` and no `sup` at the export's time, so one transaction
+//! still supersedes them all ([`write`]). The shard count and the bucket are stored with the data
+//! ([`table_config`]).
 
-use crate::dynamo::{
-    DynamoTable, SortKeys, attr_n, attr_s, attr_string_list, get_n, get_s, get_string_list,
-};
+pub mod blobs;
+pub mod table_config;
+mod write;
+
+use crate::dynamo::{DynamoTable, Item, SortKeys, get_n, get_s, get_string_list};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
+use blobs::{BlobRef, Blobs};
 use bytes::Bytes;
 use export_core::error::{StoreError, StoreResult};
 use export_core::fhir::reference;
@@ -30,20 +42,27 @@ use export_core::fhir::time::{Instant, from_micros, to_micros};
 use export_core::ports::{
     NewResource, Page, PatientScope, ReadScope, ResourceStore, ResourceVersion, StoredResource,
 };
-use export_core::provenance;
+use futures_util::StreamExt;
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use table_config::{Requested, TableConfig};
 
 /// Patients per work item when an export is limited to a patient set.
 const PATIENTS_PER_PARTITION: usize = 50;
 /// Known Patient creation times kept in memory before the cache is cleared.
 const PATIENT_CACHE_LIMIT: usize = 100_000;
+/// Bodies fetched from S3 at once for one page (they are put back in the page's order).
+const BODY_FETCHES: usize = 8;
 
 /// The resource table.
 pub struct DynamoResourceStore {
     table: DynamoTable,
-    shards: u32,
+    requested: Requested,
+    /// The table's stored settings, once read (or written).
+    config: Mutex<Option<TableConfig>>,
+    /// S3, for bodies and patient lists too big for an item.
+    blobs: Option<Blobs>,
     /// For "does this patient exist at the export's transaction time": the transaction time the
     /// answers are for, and patient id → answer.
     patient_exists_at: Mutex<(i64, HashMap<String, bool>)>,
@@ -71,11 +90,121 @@ fn history_pk(resource_type: &str, id: &str) -> String {
 }
 
 impl DynamoResourceStore {
+    /// A store that expects `shards` partitions per type: a new table gets that count, and
+    /// writing into a table that holds another one is an error (reads use the stored count).
     pub fn new(table: DynamoTable, shards: u32) -> Self {
         DynamoResourceStore {
             table,
-            shards: shards.max(1),
+            requested: Requested {
+                shards: shards.max(1),
+                shards_fixed: true,
+                bucket: None,
+            },
+            config: Mutex::new(None),
+            blobs: None,
             patient_exists_at: Mutex::new((i64::MIN, HashMap::new())),
+        }
+    }
+
+    /// Uses whatever shard count the table holds; the one given to [`Self::new`] is only for a new
+    /// table.
+    pub fn shards_from_table(mut self) -> Self {
+        self.requested.shards_fixed = false;
+        self
+    }
+
+    /// Reads bodies and patient lists kept in S3 with `s3`; `bucket` is where this process puts
+    /// new ones (a table that names another bucket refuses its writes).
+    pub fn with_bodies(mut self, s3: aws_sdk_s3::Client, bucket: Option<String>) -> Self {
+        self.blobs = Some(Blobs::new(s3));
+        self.requested.bucket = bucket.filter(|b| !b.is_empty());
+        self
+    }
+
+    /// The table's settings: stored ones once they exist, else what this process was given.
+    pub async fn table_config(&self) -> StoreResult<TableConfig> {
+        if let Some(config) = self.config.lock().expect("config").clone() {
+            return Ok(config);
+        }
+        match table_config::read(&self.table).await? {
+            Some(stored) => {
+                *self.config.lock().expect("config") = Some(stored.clone());
+                Ok(stored)
+            }
+            // Nothing written yet: not remembered, so the first writer's settings are seen.
+            None => Ok(TableConfig {
+                shards: self.requested.shards,
+                bucket: self.requested.bucket.clone(),
+            }),
+        }
+    }
+
+    /// The stored settings for a write: written first if the table has none; an error if they
+    /// contradict what this process was given.
+    async fn table_config_for_write(&self) -> StoreResult<TableConfig> {
+        let cached = self.config.lock().expect("config").clone();
+        if let Some(config) = cached
+            && (config.bucket.is_some() || self.requested.bucket.is_none())
+        {
+            table_config::check(&config, &self.requested)?;
+            return Ok(config);
+        }
+        let stored = table_config::read_for_write(&self.table, &self.requested).await?;
+        *self.config.lock().expect("config") = Some(stored.clone());
+        Ok(stored)
+    }
+
+    /// The S3 object an item's `attribute` names.
+    async fn blob(&self, item: &Item, attribute: &str) -> StoreResult<Option<(&Blobs, BlobRef)>> {
+        let Some(key) = get_s(item, attribute) else {
+            return Ok(None);
+        };
+        let blobs = self.blobs.as_ref().ok_or_else(|| {
+            StoreError::new("a resource is kept in S3, but this store has no S3 client")
+        })?;
+        let bucket = self.table_config().await?.bucket.ok_or_else(|| {
+            StoreError::new("a resource is kept in S3, but the table names no bucket")
+        })?;
+        Ok(Some((blobs, BlobRef { bucket, key })))
+    }
+
+    /// The body of a version item or compartment entry.
+    async fn body_of(&self, item: &Item) -> StoreResult<Bytes> {
+        if let Some(body) = get_s(item, "body") {
+            return Ok(Bytes::from(body));
+        }
+        match self.blob(item, "bref").await? {
+            Some((blobs, blob)) => blobs.get(&blob).await,
+            None => Err(StoreError::new("resource item without body")),
+        }
+    }
+
+    /// The resources of some items, in their order; bodies kept in S3 are fetched a few at a
+    /// time.
+    async fn stored_all(&self, items: &[Item]) -> StoreResult<Vec<StoredResource>> {
+        // By index: a closure over `&Item` trips the `Send` check of the async trait.
+        let bodies: Vec<StoreResult<Bytes>> = futures_util::stream::iter(0..items.len())
+            .map(|i| self.body_of(&items[i]))
+            .buffered(BODY_FETCHES)
+            .collect()
+            .await;
+        items
+            .iter()
+            .zip(bodies)
+            .map(|(item, body)| {
+                Ok(StoredResource {
+                    id: get_s(item, "id").unwrap_or_default(),
+                    json: body?,
+                })
+            })
+            .collect()
+    }
+
+    /// The patients whose compartments hold an item's version (sorted when kept in S3).
+    async fn patients_of(&self, item: &Item) -> StoreResult<Arc<Vec<String>>> {
+        match self.blob(item, "pref").await? {
+            Some((blobs, blob)) => blobs.patients(&blob).await,
+            None => Ok(Arc::new(get_string_list(item, "pats"))),
         }
     }
 
@@ -194,24 +323,31 @@ impl DynamoResourceStore {
             }
             candidates.push(item);
         }
-        let existing = if any_patient {
-            let wanted: BTreeSet<String> = candidates.iter().flat_map(patients_attr).collect();
-            Some(self.patients_existing(&wanted, as_of).await?)
-        } else {
-            None
-        };
-        for item in candidates {
-            if let Some(existing) = &existing {
-                let in_compartment = patients_attr(&item)
+        let mut kept = Vec::with_capacity(candidates.len());
+        if any_patient {
+            let mut patients = Vec::with_capacity(candidates.len());
+            for item in &candidates {
+                patients.push(self.patients_of(item).await?);
+            }
+            let wanted: BTreeSet<String> =
+                patients.iter().flat_map(|p| p.iter().cloned()).collect();
+            let existing = self.patients_existing(&wanted, as_of).await?;
+            for (item, patients) in candidates.into_iter().zip(patients) {
+                if patients
                     .iter()
-                    .any(|p| existing.get(p).copied().unwrap_or(false));
-                if !in_compartment {
-                    continue;
+                    .any(|p| existing.get(p).copied().unwrap_or(false))
+                {
+                    kept.push(item);
                 }
             }
-            page.cursors.push(get_s(&item, "sk").unwrap_or_default());
-            page.resources.push(stored(&item)?);
+        } else {
+            kept = candidates;
         }
+        page.cursors = kept
+            .iter()
+            .map(|item| get_s(item, "sk").unwrap_or_default())
+            .collect();
+        page.resources = self.stored_all(&kept).await?;
         if !page.more {
             page.next = None;
         }
@@ -253,7 +389,8 @@ impl DynamoResourceStore {
         );
         let prefix = format!("{}#", scope.resource_type);
         let mut page = Page::default();
-        while index < end && page.resources.len() < limit {
+        let mut kept = Vec::new();
+        while index < end && kept.len() < limit {
             let patient = &patients[index];
             let (items, last) = self
                 .table
@@ -261,21 +398,23 @@ impl DynamoResourceStore {
                     &format!("p#{patient}"),
                     SortKeys::Prefix(&prefix),
                     after.as_deref(),
-                    limit - page.resources.len(),
+                    limit - kept.len(),
                 )
                 .await?;
+            let superseded = self.wide_superseded(&scope.resource_type, &items).await?;
             for item in items {
                 let sk = get_s(&item, "sk").unwrap_or_default();
                 let lu = get_n(&item, "lu").unwrap_or(i64::MAX);
+                let sup = match item.contains_key("pref") {
+                    false => Some(get_n(&item, "sup")),
+                    true => superseded.get(&sk).copied(),
+                };
                 let visible = lu > since
                     && lu <= until
-                    && get_n(&item, "sup").is_none_or(|sup| sup > as_of)
+                    && sup.is_some_and(|sup| sup.is_none_or(|sup| sup > as_of))
                     && is_deletion(&item) == scope.deleted;
-                let owned_earlier = patients_attr(&item)
-                    .iter()
-                    .any(|other| other < patient && patients.binary_search(other).is_ok());
-                if visible && !owned_earlier {
-                    page.resources.push(stored(&item)?);
+                if visible && !self.owned_earlier(&item, patient, patients).await? {
+                    kept.push(item);
                     page.cursors.push(format!("{index}|{sk}"));
                 }
                 after = Some(sk);
@@ -285,9 +424,73 @@ impl DynamoResourceStore {
                 after = None;
             }
         }
+        page.resources = self.stored_all(&kept).await?;
         page.more = index < end;
         page.next = Some(format!("{index}|{}", after.unwrap_or_default()));
         Ok(page)
+    }
+}
+
+impl DynamoResourceStore {
+    /// For the entries of wide versions (`pref`) among `items`: entry `sk` → the `sup` of its
+    /// version's history item (`None`: current), for those whose history item exists with the
+    /// same content hash. An entry left by a write that never completed has none: not visible.
+    async fn wide_superseded(
+        &self,
+        resource_type: &str,
+        items: &[Item],
+    ) -> StoreResult<HashMap<String, Option<i64>>> {
+        let mut wanted = Vec::new();
+        let mut by_history = HashMap::new();
+        for item in items.iter().filter(|i| i.contains_key("pref")) {
+            let (Some(sk), Some(id)) = (get_s(item, "sk"), get_s(item, "id")) else {
+                continue;
+            };
+            let Some((_, version)) = sk.rsplit_once('#') else {
+                continue;
+            };
+            let key = (history_pk(resource_type, &id), format!("v{version}"));
+            by_history.insert(key.clone(), (sk.clone(), get_s(item, "h")));
+            wanted.push(key);
+        }
+        let mut superseded = HashMap::new();
+        if wanted.is_empty() {
+            return Ok(superseded);
+        }
+        for history in self.table.batch_get(&wanted).await? {
+            let key = (
+                get_s(&history, "pk").unwrap_or_default(),
+                get_s(&history, "sk").unwrap_or_default(),
+            );
+            if let Some((sk, hash)) = by_history.get(&key)
+                && hash.is_some()
+                && get_s(&history, "h") == *hash
+            {
+                superseded.insert(sk.clone(), get_n(&history, "sup"));
+            }
+        }
+        Ok(superseded)
+    }
+
+    /// Whether a resource read in `patient`'s compartment is also in the compartment of a listed
+    /// patient that sorts before it (it is exported there, once). Lists kept in S3 are sorted, so
+    /// the scan stops at `patient`.
+    async fn owned_earlier(
+        &self,
+        item: &Item,
+        patient: &str,
+        listed: &[String],
+    ) -> StoreResult<bool> {
+        let patients = self.patients_of(item).await?;
+        let earlier_listed =
+            |other: &String| other.as_str() < patient && listed.binary_search(other).is_ok();
+        Ok(match item.contains_key("pref") {
+            true => patients
+                .iter()
+                .take_while(|other| other.as_str() < patient)
+                .any(earlier_listed),
+            false => patients.iter().any(earlier_listed),
+        })
     }
 }
 
@@ -304,18 +507,6 @@ fn version_key(resource_type: &str, history: &HashMap<String, AttributeValue>) -
     )
 }
 
-fn patients_attr(item: &HashMap<String, AttributeValue>) -> Vec<String> {
-    get_string_list(item, "pats")
-}
-
-fn stored(item: &HashMap<String, AttributeValue>) -> StoreResult<StoredResource> {
-    let body = get_s(item, "body").ok_or_else(|| StoreError::new("resource item without body"))?;
-    Ok(StoredResource {
-        id: get_s(item, "id").unwrap_or_default(),
-        json: Bytes::from(body),
-    })
-}
-
 #[async_trait]
 impl ResourceStore for DynamoResourceStore {
     async fn resource_types(&self) -> StoreResult<Vec<String>> {
@@ -330,7 +521,7 @@ impl ResourceStore for DynamoResourceStore {
     ) -> StoreResult<u32> {
         Ok(match listed_patients {
             Some(n) => n.div_ceil(PATIENTS_PER_PARTITION).clamp(1, 256) as u32,
-            None => self.shards,
+            None => self.table_config().await?.shards,
         })
     }
 
@@ -386,18 +577,25 @@ impl ResourceStore for DynamoResourceStore {
             .into_iter()
             .filter_map(|item| Some(((get_s(&item, "pk")?, get_s(&item, "sk")?), item)))
             .collect();
-        plan.into_iter()
-            .map(|key| {
-                let Some(item) = key.and_then(|k| items.get(&k)) else {
-                    return Ok(None);
-                };
-                Ok(Some(ResourceVersion {
-                    json: stored(item)?.json,
-                    last_updated: from_micros(get_n(item, "lu").unwrap_or(0)),
-                    patients: patients_attr(item),
-                }))
-            })
-            .collect()
+        let found: Vec<Option<&Item>> = plan
+            .into_iter()
+            .map(|key| key.and_then(|k| items.get(&k)))
+            .collect();
+        let present: Vec<Item> = found.iter().flatten().map(|i| (*i).clone()).collect();
+        let mut bodies = self.stored_all(&present).await?.into_iter();
+        let mut versions = Vec::with_capacity(found.len());
+        for item in found {
+            let Some(item) = item else {
+                versions.push(None);
+                continue;
+            };
+            versions.push(Some(ResourceVersion {
+                json: bodies.next().map(|b| b.json).unwrap_or_default(),
+                last_updated: from_micros(get_n(item, "lu").unwrap_or(0)),
+                patients: self.patients_of(item).await?.to_vec(),
+            }));
+        }
+        Ok(versions)
     }
 
     async fn provenance_targeting(&self, targets: &[String]) -> StoreResult<Vec<String>> {
@@ -443,8 +641,8 @@ impl ResourceStore for DynamoResourceStore {
         }
     }
 
-    /// Writes a batch: new items with batched writes (unprocessed items retried), then marks the
-    /// versions they replace as superseded.
+    /// Writes a batch, each version atomically with its current pointer and the superseded marks
+    /// of the version it replaces (see [`write`]).
     async fn put_resources(&self, resources: Vec<NewResource>) -> StoreResult<()> {
         let mut seen = std::collections::HashSet::new();
         let mut batches: Vec<Vec<NewResource>> = vec![Vec::new()];
@@ -481,130 +679,5 @@ impl DynamoResourceStore {
             .into_iter()
             .filter_map(|item| get_s(&item, "pk").map(|pk| (pk, item)))
             .collect())
-    }
-
-    async fn put_batch(&self, resources: Vec<NewResource>) -> StoreResult<()> {
-        let targets: Vec<(String, String)> = resources
-            .iter()
-            .map(|r| (r.resource_type.clone(), r.id.clone()))
-            .collect();
-        let current = self.current_pointers(&targets).await?;
-        let mut puts = Vec::new();
-        let mut supersede = Vec::new();
-        let mut types = BTreeSet::new();
-        let mut provenance_by_target: std::collections::BTreeMap<String, Vec<String>> =
-            Default::default();
-        for mut r in resources {
-            let hpk = history_pk(&r.resource_type, &r.id);
-            let previous = current.get(&hpk);
-            if r.deleted {
-                // Deleting what does not exist (or is already deleted) changes nothing; a
-                // deletion stays in the compartments of the version it deletes.
-                match previous {
-                    Some(p) if !is_deletion(p) => r.patients = patients_attr(p),
-                    _ => continue,
-                }
-            }
-            let version = previous.and_then(|p| get_n(p, "v")).unwrap_or(0) + 1;
-            if let Some(meta) = r.json.get_mut("meta").and_then(Value::as_object_mut) {
-                meta.insert("versionId".into(), Value::String(version.to_string()));
-            }
-            if r.resource_type == "Provenance" && !r.deleted {
-                for target in provenance::targets(&r.json) {
-                    provenance_by_target
-                        .entry(target)
-                        .or_default()
-                        .push(r.id.clone());
-                }
-            }
-            let body = serde_json::to_string(&r.json)?;
-            let lu = to_micros(r.last_updated);
-            let shard = shard_of(&r.id, self.shards);
-            let vsk = format!("{}#{}#{version:010}", lu_key(lu), r.id);
-            let pats = attr_string_list(&r.patients);
-            let mut version_item = HashMap::from([
-                (
-                    "pk".to_string(),
-                    attr_s(&version_pk(&r.resource_type, shard)),
-                ),
-                ("sk".to_string(), attr_s(&vsk)),
-                ("id".to_string(), attr_s(&r.id)),
-                ("lu".to_string(), attr_n(lu)),
-                ("body".to_string(), attr_s(&body)),
-            ]);
-            if !r.patients.is_empty() {
-                version_item.insert("pats".into(), pats.clone());
-            }
-            let deletion_mark = r.deleted.then(|| ("del".to_string(), attr_n(1)));
-            version_item.extend(deletion_mark.clone());
-            puts.push(version_item);
-            for patient in &r.patients {
-                let mut entry = HashMap::from([
-                    ("pk".to_string(), attr_s(&format!("p#{patient}"))),
-                    (
-                        "sk".to_string(),
-                        attr_s(&format!("{}#{}#{version:010}", r.resource_type, r.id)),
-                    ),
-                    ("id".to_string(), attr_s(&r.id)),
-                    ("lu".to_string(), attr_n(lu)),
-                    ("body".to_string(), attr_s(&body)),
-                    ("pats".to_string(), pats.clone()),
-                ]);
-                entry.extend(deletion_mark.clone());
-                puts.push(entry);
-            }
-            let history = |sk: String| {
-                let mut item = HashMap::from([
-                    ("pk".to_string(), attr_s(&hpk)),
-                    ("sk".to_string(), attr_s(&sk)),
-                    ("v".to_string(), attr_n(version)),
-                    ("lu".to_string(), attr_n(lu)),
-                    ("shard".to_string(), attr_n(shard as i64)),
-                    ("vsk".to_string(), attr_s(&vsk)),
-                    ("pats".to_string(), pats.clone()),
-                ]);
-                item.extend(deletion_mark.clone());
-                item
-            };
-            puts.push(history(format!("v{version:010}")));
-            puts.push(history("current".to_string()));
-            types.insert(r.resource_type.clone());
-            if let Some(previous) = previous {
-                supersede.push((r.resource_type.clone(), r.id.clone(), previous.clone(), lu));
-            }
-        }
-        for t in types {
-            puts.push(HashMap::from([
-                ("pk".to_string(), attr_s("types")),
-                ("sk".to_string(), attr_s(&t)),
-            ]));
-        }
-        self.table.batch_put(puts).await?;
-        for (target, ids) in provenance_by_target {
-            self.table
-                .add_to_set(&format!("t#{target}"), "prov", "ids", &ids)
-                .await?;
-        }
-        for (resource_type, id, previous, lu) in supersede {
-            let version = get_n(&previous, "v").unwrap_or(1);
-            let shard = get_n(&previous, "shard").unwrap_or(0) as u32;
-            let mut keys = vec![
-                (history_pk(&resource_type, &id), format!("v{version:010}")),
-                (
-                    version_pk(&resource_type, shard),
-                    get_s(&previous, "vsk").unwrap_or_default(),
-                ),
-            ];
-            for patient in patients_attr(&previous) {
-                keys.push((
-                    format!("p#{patient}"),
-                    format!("{resource_type}#{id}#{version:010}"),
-                ));
-            }
-            for (pk, sk) in keys {
-                self.table.set_number(&pk, &sk, "sup", lu).await?;
-            }
-        }
-        Ok(())
     }
 }
