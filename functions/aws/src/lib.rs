@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod kms;
 pub mod load;
 pub mod logging;
+pub mod metrics;
 pub mod output;
 pub mod resources;
 pub mod service;
