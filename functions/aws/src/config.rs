@@ -11,8 +11,12 @@ pub struct AwsSettings {
     pub bucket: String,
     pub state_machine_arn: String,
     pub work_queue_url: String,
-    /// Partitions per resource type in the resource table.
+    /// Partitions per resource type in the resource table (a table stores its own count once
+    /// written; this is the count for a new one, and a writer with another count is refused).
     pub shards: u32,
+    /// Where resource bodies and patient lists too big for a DynamoDB item are written
+    /// (`RESOURCE_BUCKET`); readers take the bucket from the table's config item.
+    pub resource_bucket: Option<String>,
     /// Lifetime of presigned download URLs (at most 300 s).
     pub url_expiry: Duration,
     /// Store NDJSON objects gzipped (`Content-Encoding: gzip`).
@@ -65,6 +69,7 @@ impl AwsSettings {
             state_machine_arn: String::new(),
             work_queue_url: String::new(),
             shards: 4,
+            resource_bucket: None,
             url_expiry: Duration::from_secs(300),
             gzip_output: true,
             worker_reserve: Duration::from_secs(60),
@@ -97,6 +102,9 @@ impl AwsSettings {
             state_machine_arn: std::env::var("STATE_MACHINE_ARN").unwrap_or_default(),
             work_queue_url: std::env::var("WORK_QUEUE_URL").unwrap_or_default(),
             shards: number("SHARDS", 16)?,
+            resource_bucket: std::env::var("RESOURCE_BUCKET")
+                .ok()
+                .filter(|b| !b.is_empty()),
             url_expiry: Duration::from_secs(number("URL_EXPIRY_SECONDS", 300u64)?.min(300)),
             gzip_output: std::env::var("GZIP_OUTPUT").map_or(true, |v| v != "false"),
             worker_reserve: Duration::from_millis(number("WORKER_RESERVE_MS", 60_000)?),
@@ -116,7 +124,10 @@ impl AwsSettings {
                 // to a fresh presigned URL; PRESIGNED_MANIFESTS=true lists presigned URLs instead.
                 requires_access_token: std::env::var("PRESIGNED_MANIFESTS")
                     .map_or(true, |v| v != "true"),
-                max_file_bytes: number("MAX_FILE_BYTES", defaults.max_file_bytes)?,
+                max_file_bytes: crate::output::check_max_file_bytes(number(
+                    "MAX_FILE_BYTES",
+                    defaults.max_file_bytes,
+                )?)?,
                 max_file_resources: number("MAX_FILE_RESOURCES", defaults.max_file_resources)?,
                 retention: match std::env::var("RETENTION_SECONDS") {
                     Ok(_) => Duration::from_secs(number("RETENTION_SECONDS", 0)?),

@@ -25,6 +25,11 @@ pub async fn load_files(
     store: &DynamoResourceStore,
     paths: Vec<PathBuf>,
 ) -> Result<LoadReport, String> {
+    // A shard count or bucket that contradicts the table's fails before any file is read.
+    store
+        .table_config_for_write()
+        .await
+        .map_err(|e| e.to_string())?;
     let (batches, mut received) = tokio::sync::mpsc::channel::<Vec<NewResource>>(4);
     let reader = tokio::task::spawn_blocking(move || -> Result<Vec<LoadIssue>, String> {
         let now = now_millis();

@@ -16,6 +16,24 @@ use std::time::Duration;
 
 /// Bytes buffered before one multipart part is uploaded (S3's minimum is 5 MiB).
 pub const UPLOAD_PART_BYTES: usize = 8 * 1024 * 1024;
+/// S3's limit on the parts of one multipart upload.
+pub const S3_MAX_PARTS: u64 = 10_000;
+/// The largest `MaxFileBytes`: a file of this size uploads in at most 9,900 parts of
+/// [`UPLOAD_PART_BYTES`] (each part but the last is exactly that long), which leaves 1% for
+/// gzip's worst-case growth of incompressible data (well under 0.1%) and for the last line,
+/// which may pass the limit when it alone is bigger than a file.
+pub const MAX_FILE_BYTES: u64 = UPLOAD_PART_BYTES as u64 * (S3_MAX_PARTS - S3_MAX_PARTS / 100);
+
+/// `MaxFileBytes` as given, or why it cannot be used.
+pub fn check_max_file_bytes(bytes: u64) -> Result<u64, String> {
+    if bytes > MAX_FILE_BYTES {
+        return Err(format!(
+            "MAX_FILE_BYTES={bytes} is over {MAX_FILE_BYTES}: a file is uploaded to S3 in parts of \
+             {UPLOAD_PART_BYTES} bytes, and S3 takes at most {S3_MAX_PARTS} parts per object"
+        ));
+    }
+    Ok(bytes)
+}
 
 fn s3_err(e: impl std::fmt::Debug) -> StoreError {
     StoreError::new(format!("s3: {e:?}"))
@@ -350,5 +368,35 @@ impl OutputStore for S3Output {
                 .map_err(s3_err)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parts of an upload of `bytes`: full parts of UPLOAD_PART_BYTES and one for the rest.
+    fn parts(bytes: u64) -> u64 {
+        bytes.div_ceil(UPLOAD_PART_BYTES as u64)
+    }
+
+    #[test]
+    fn the_largest_file_fits_s3s_part_limit_even_when_gzip_grows_it() {
+        // Deflate's stored blocks add 5 bytes per 64 KiB, plus an 18-byte gzip frame: 0.008%.
+        let worst_gzip = MAX_FILE_BYTES + MAX_FILE_BYTES / 10_000 + 18;
+        assert!(parts(worst_gzip) <= 10_000, "{} parts", parts(worst_gzip));
+        // One more resource line of a megabyte after the limit still fits.
+        assert!(parts(worst_gzip + 1024 * 1024) <= 10_000);
+    }
+
+    #[test]
+    fn max_file_bytes_over_the_limit_is_refused_with_the_reason() {
+        assert_eq!(check_max_file_bytes(64 * 1024 * 1024), Ok(64 * 1024 * 1024));
+        assert_eq!(check_max_file_bytes(MAX_FILE_BYTES), Ok(MAX_FILE_BYTES));
+        let refused = check_max_file_bytes(MAX_FILE_BYTES + 1).unwrap_err();
+        assert!(refused.contains("at most 10000 parts"), "{refused}");
+        // 100 GiB would need 12,800 parts.
+        assert!(parts(100 << 30) > 10_000);
+        assert!(check_max_file_bytes(100 << 30).is_err());
     }
 }

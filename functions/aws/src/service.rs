@@ -52,10 +52,13 @@ impl AwsService {
         );
         let sfn = aws_sdk_sfn::Client::new(sdk);
         let sqs = aws_sdk_sqs::Client::new(sdk);
-        let resources = Arc::new(DynamoResourceStore::new(
-            DynamoTable::new(dynamodb.clone(), &settings.resources_table),
-            settings.shards,
-        ));
+        let resources = Arc::new(
+            DynamoResourceStore::new(
+                DynamoTable::new(dynamodb.clone(), &settings.resources_table),
+                settings.shards,
+            )
+            .with_bodies(s3.clone(), settings.resource_bucket.clone()),
+        );
         let jobs = Arc::new(DynamoJobStore::new(DynamoTable::new(
             dynamodb,
             &settings.jobs_table,
@@ -169,9 +172,25 @@ impl AwsService {
     }
 
     /// The resource store alone (for loading data), from the environment's SDK configuration.
-    pub async fn resource_store(table: &str, shards: u32) -> DynamoResourceStore {
-        let client = aws_sdk_dynamodb::Client::new(&sdk_config().await);
-        DynamoResourceStore::new(DynamoTable::new(client, table), shards)
+    /// `shards`: the count the caller expects (refused if the table holds another), or `None` to
+    /// use the table's (16 for a new table); `bucket`: where big bodies go.
+    pub async fn resource_store(
+        table: &str,
+        shards: Option<u32>,
+        bucket: Option<String>,
+    ) -> DynamoResourceStore {
+        let sdk = sdk_config().await;
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&sdk)
+                .force_path_style(true)
+                .build(),
+        );
+        let table = DynamoTable::new(aws_sdk_dynamodb::Client::new(&sdk), table);
+        let store = match shards {
+            Some(n) => DynamoResourceStore::new(table, n),
+            None => DynamoResourceStore::new(table, 16).shards_from_table(),
+        };
+        store.with_bodies(s3, bucket)
     }
 
     /// The auth table alone (for the administration commands), from the environment's SDK

@@ -118,9 +118,15 @@ enum Command {
         /// AWS_ENDPOINT_URL).
         #[arg(long)]
         dynamodb_table: Option<String>,
-        /// Partitions per type in the DynamoDB table (the stack's `Shards` parameter).
-        #[arg(long, default_value_t = 16)]
-        shards: u32,
+        /// Partitions per type in the DynamoDB table (the stack's `Shards` parameter). The table
+        /// stores its count with its first data; leave this out to use it (16 for a new table).
+        /// A count that differs from the stored one is refused.
+        #[arg(long)]
+        shards: Option<u32>,
+        /// The bucket for resources too big for a DynamoDB item (stack output
+        /// ResourceBucketName); stored with the table, so later loads may leave it out.
+        #[arg(long)]
+        resource_bucket: Option<String>,
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
@@ -239,9 +245,10 @@ fn main() -> ExitCode {
         Command::Load {
             dynamodb_table: Some(table),
             shards,
+            resource_bucket,
             paths,
             ..
-        } => run_load_dynamodb(&table, shards, paths),
+        } => run_load_dynamodb(&table, shards, resource_bucket, paths),
         Command::Generate {
             patients,
             out,
@@ -489,10 +496,15 @@ fn run_load(db: &Path, paths: &[PathBuf]) -> CliResult {
 }
 
 #[cfg(feature = "aws")]
-fn run_load_dynamodb(table: &str, shards: u32, paths: Vec<PathBuf>) -> CliResult {
+fn run_load_dynamodb(
+    table: &str,
+    shards: Option<u32>,
+    bucket: Option<String>,
+    paths: Vec<PathBuf>,
+) -> CliResult {
     let runtime = bulk_export_local::runtime::build()?;
     let report = runtime.block_on(async {
-        let store = export_aws::AwsService::resource_store(table, shards).await;
+        let store = export_aws::AwsService::resource_store(table, shards, bucket).await;
         export_aws::load::load_files(&store, paths).await
     })?;
     for issue in &report.issues {
@@ -510,7 +522,12 @@ fn run_load_dynamodb(table: &str, shards: u32, paths: Vec<PathBuf>) -> CliResult
 }
 
 #[cfg(not(feature = "aws"))]
-fn run_load_dynamodb(_table: &str, _shards: u32, _paths: Vec<PathBuf>) -> CliResult {
+fn run_load_dynamodb(
+    _table: &str,
+    _shards: Option<u32>,
+    _bucket: Option<String>,
+    _paths: Vec<PathBuf>,
+) -> CliResult {
     Err("this bulk-export was built without DynamoDB support: rebuild with `--features aws`".into())
 }
 

@@ -140,8 +140,8 @@ impl DynamoResourceStore {
     }
 
     /// The stored settings for a write: written first if the table has none; an error if they
-    /// contradict what this process was given.
-    async fn table_config_for_write(&self) -> StoreResult<TableConfig> {
+    /// contradict what this process was given (a load checks this before it reads its files).
+    pub async fn table_config_for_write(&self) -> StoreResult<TableConfig> {
         let cached = self.config.lock().expect("config").clone();
         if let Some(config) = cached
             && (config.bucket.is_some() || self.requested.bucket.is_none())
