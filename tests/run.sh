@@ -37,6 +37,14 @@ if ! cmp -s tests/browser/requirements.txt "$TOOLS/browser/requirements.txt" 2>/
   "$TOOLS/browser/bin/pip" install --quiet --disable-pip-version-check -r tests/browser/requirements.txt
   cp tests/browser/requirements.txt "$TOOLS/browser/requirements.txt"
 fi
+if ! cmp -s tests/lambda-requirements.txt "$TOOLS/lambda/requirements.txt" 2>/dev/null; then
+  rm -rf "$TOOLS/lambda"
+  python3 -m venv "$TOOLS/lambda"
+  "$TOOLS/lambda/bin/pip" install --quiet --disable-pip-version-check -r tests/lambda-requirements.txt
+  cp tests/lambda-requirements.txt "$TOOLS/lambda/requirements.txt"
+fi
+# functions/aws/tests/emulator.rs runs the Lambda binaries under its runtime emulator.
+export CARGO_LAMBDA=$TOOLS/lambda/bin/cargo-lambda
 if [ ! -x /usr/bin/chromium ]; then
   # The Debian package: Playwright's own browser download does not work here.
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
@@ -69,6 +77,10 @@ python3 infra/render_asl.py \
 
 echo "== SAM template (sam validate --lint)"
 AWS_DEFAULT_REGION=us-east-1 SAM_CLI_TELEMETRY=0 "$TOOLS/venv/bin/sam" validate --lint --template template.yaml
+"$TOOLS/venv/bin/cfn-lint" template.yaml
+# Logs, tracing, alarms, retention and memory stay in the template (the check also proves it fails
+# when one of them is removed).
+"$TOOLS/venv/bin/python" tests/check_template.py template.yaml
 
 echo "== moto server"
 MOTO_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
