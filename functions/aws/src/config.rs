@@ -23,8 +23,15 @@ pub struct AwsSettings {
     pub gzip_output: bool,
     /// Time a worker keeps back before its Lambda deadline to hand over to a fresh invocation.
     pub worker_reserve: Duration,
-    /// How often a worker sends Step Functions heartbeats and renews the export lock.
+    /// How often a worker renews the export lock while it exports an item.
     pub heartbeat_every: Duration,
+    /// The first retry of a failed work item waits this long; each further one twice as long.
+    pub retry_base: Duration,
+    /// The longest wait before a retry (below the lock's lease, which the sweeper renews).
+    pub retry_max: Duration,
+    /// Deliveries of a work message before it goes to the dead-letter queue: the work queue's
+    /// `maxReceiveCount` (the template sets both from one value).
+    pub work_attempts: u32,
     pub export: Settings,
     /// The table of clients, users, memberships, API key hashes and used assertion ids.
     pub auth_table: String,
@@ -74,6 +81,9 @@ impl AwsSettings {
             gzip_output: true,
             worker_reserve: Duration::from_secs(60),
             heartbeat_every: Duration::from_secs(60),
+            retry_base: Duration::from_secs(30),
+            retry_max: Duration::from_secs(300),
+            work_attempts: 5,
             export: Settings::default(),
             auth_table: format!("{prefix}-auth"),
             study_table: format!("{prefix}-study"),
@@ -88,7 +98,8 @@ impl AwsSettings {
     /// Reads `RESOURCES_TABLE`, `JOBS_TABLE`, `EXPORT_BUCKET`, `STATE_MACHINE_ARN`,
     /// `WORK_QUEUE_URL`, and optional `SHARDS`, `URL_EXPIRY_SECONDS`, `GZIP_OUTPUT`,
     /// `MAX_FILE_BYTES`, `MAX_FILE_RESOURCES`, `RETENTION_DAYS` (or `RETENTION_SECONDS`),
-    /// `LOCK_LEASE_SECONDS`, `WORKER_RESERVE_MS`, `STUDY_TABLE`; for authentication `AUTH_TABLE`,
+    /// `LOCK_LEASE_SECONDS`, `WORKER_RESERVE_MS`, `RETRY_BASE_SECONDS`, `RETRY_MAX_SECONDS`,
+    /// `WORK_MAX_ATTEMPTS`, `STUDY_TABLE`; for authentication `AUTH_TABLE`,
     /// `SIGNING_KEY_ID`, `TOKEN_ISSUER`, `PRESIGNED_MANIFESTS`, and the trusted OpenID issuer
     /// `OIDC_ISSUER`, `OIDC_AUDIENCE`, `OIDC_JWKS_URL` (Cognito's, by default in the template),
     /// which is also where the Exports page signs people in (as client `OIDC_AUDIENCE`), at
@@ -109,6 +120,9 @@ impl AwsSettings {
             gzip_output: std::env::var("GZIP_OUTPUT").map_or(true, |v| v != "false"),
             worker_reserve: Duration::from_millis(number("WORKER_RESERVE_MS", 60_000)?),
             heartbeat_every: Duration::from_secs(60),
+            retry_base: Duration::from_secs(number("RETRY_BASE_SECONDS", 30)?),
+            retry_max: Duration::from_secs(number("RETRY_MAX_SECONDS", 300)?),
+            work_attempts: number("WORK_MAX_ATTEMPTS", 5)?,
             auth_table: var("AUTH_TABLE")?,
             study_table: var("STUDY_TABLE")?,
             signing_key_id: std::env::var("SIGNING_KEY_ID")

@@ -19,14 +19,18 @@ impl SfnDispatcher {
         }
     }
 
-    /// `arn:…:stateMachine:NAME` → `arn:…:execution:NAME:JOB`.
     fn execution_arn(&self, job_id: &str) -> String {
-        format!(
-            "{}:{job_id}",
-            self.state_machine_arn
-                .replacen(":stateMachine:", ":execution:", 1)
-        )
+        execution_arn(&self.state_machine_arn, job_id)
     }
+}
+
+/// The execution of a job (executions are named after their job):
+/// `arn:…:stateMachine:NAME` → `arn:…:execution:NAME:JOB`.
+pub fn execution_arn(state_machine_arn: &str, job_id: &str) -> String {
+    format!(
+        "{}:{job_id}",
+        state_machine_arn.replacen(":stateMachine:", ":execution:", 1)
+    )
 }
 
 #[async_trait]

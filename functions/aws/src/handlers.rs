@@ -1,37 +1,32 @@
 //! The three Lambda handlers. Each binary under `functions/` is a thin `main` around one of these;
 //! the tests call them directly with real event payloads.
 //!
-//! Every Step Functions task is `sqs:sendMessage.waitForTaskToken`: the state machine sends a
-//! message carrying a task token, and the SQS-triggered function answers with
-//! `SendTaskSuccess`/`SendTaskFailure`. Work items go to the worker queue; plan, finalize and
-//! fail go to the coordinator queue.
+//! The state machine's tasks (plan, await the items, finalize, fail) are
+//! `sqs:sendMessage.waitForTaskToken` messages to the coordinator, answered with
+//! `SendTaskSuccess`/`SendTaskFailure`. Work items travel on the work queue without task tokens
+//! (see [`crate::fanout`]): a worker that finishes a job's last item answers the waiting task.
+//! The coordinator also consumes the work dead-letter queue (an item that gave up fails its job)
+//! and the scheduled duties message (expiry, webhooks, the sweep of dead executions).
 
+use crate::fanout::{self, WorkMessage};
 use crate::service::AwsService;
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_sdk_sfn::error::{ProvideErrorMetadata, SdkError};
 use bytes::Bytes;
-use export_core::engine::{ItemCursor, ItemOutcome};
-use export_core::ports::WorkItem;
+use export_core::engine::ItemOutcome;
+use export_core::job::JobStatus;
 use export_core::{Body, StoreResult};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::time::Instant;
-
-/// A work message: one item, and where to resume it when a previous invocation ran out of time.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct WorkMessage {
-    pub task_token: String,
-    pub item: WorkItem,
-    #[serde(default)]
-    pub resume: Option<ItemCursor>,
-}
 
 /// What the coordinator is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CoordinatorAction {
     Plan,
+    /// Answer once every work item is done (or the job failed).
+    Await,
     Finalize,
     Fail,
 }
@@ -79,19 +74,23 @@ pub async fn api(
     lambda_http::Response::from_parts(parts, body)
 }
 
-/// SQS → export work items. Returns the messages to retry.
+/// SQS → export work items. Returns the messages to retry; each of them is first given its
+/// backoff (see [`fanout::retry_delay`]).
 pub async fn worker(service: &AwsService, event: SqsEvent, deadline: Instant) -> SqsBatchResponse {
     let mut failures = Vec::new();
     for record in event.records {
         if let Err(e) = work(service, &record, deadline).await {
-            tracing::error!(error = %e, message = ?record.message_id, "work message will be retried");
+            let attempt = receive_count(&record);
+            tracing::error!(error = %e, message = ?record.message_id, attempt, "work message will be retried");
+            back_off(service, &record, attempt).await;
             failures.push(failure(&record));
         }
     }
     batch_response(failures)
 }
 
-/// SQS → plan, finalize or fail a job. Returns the messages to retry.
+/// SQS → plan, await, finalize or fail a job; the work dead-letter queue; the duties schedule.
+/// Returns the messages to retry.
 pub async fn coordinator(service: &AwsService, event: SqsEvent) -> SqsBatchResponse {
     let mut failures = Vec::new();
     for record in event.records {
@@ -115,6 +114,36 @@ fn batch_response(failures: Vec<BatchItemFailure>) -> SqsBatchResponse {
     response
 }
 
+/// Which delivery of its message this is (1 for the first).
+fn receive_count(record: &SqsMessage) -> u32 {
+    record
+        .attributes
+        .get("ApproximateReceiveCount")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+}
+
+/// Keeps a failed message invisible for its backoff. Best effort: without it, the message comes
+/// back after the queue's visibility timeout.
+async fn back_off(service: &AwsService, record: &SqsMessage, attempt: u32) {
+    let Some(receipt) = record.receipt_handle.as_deref() else {
+        return;
+    };
+    let settings = &service.settings;
+    let delay = fanout::retry_delay(attempt, settings.retry_base, settings.retry_max);
+    let changed = service
+        .sqs
+        .change_message_visibility()
+        .queue_url(&settings.work_queue_url)
+        .receipt_handle(receipt)
+        .visibility_timeout(delay.as_secs().min(43_200) as i32)
+        .send()
+        .await;
+    if let Err(e) = changed {
+        tracing::warn!(error = ?e, "could not delay the retry of a work message");
+    }
+}
+
 type HandlerResult = Result<(), String>;
 
 async fn work(service: &AwsService, record: &SqsMessage, deadline: Instant) -> HandlerResult {
@@ -130,14 +159,27 @@ async fn work(service: &AwsService, record: &SqsMessage, deadline: Instant) -> H
     let message: WorkMessage = match serde_json::from_str(body) {
         Ok(m) => m,
         Err(e) => {
-            // Retrying cannot fix it; the state machine's heartbeat timeout fails the item.
+            // Retrying cannot fix it, and no job can be named: it is dropped.
             tracing::error!(error = %e, "discarding a malformed work message");
             return Ok(());
         }
     };
     let exporter = &service.exporter;
     let job_id = message.item.job_id.clone();
-    let beats = heartbeat(service, &message.task_token, &job_id).await?;
+    // A job that is gone, cancelled, failed or expired needs no more work: the message is
+    // dropped (acknowledged) rather than retried.
+    let active = exporter
+        .ports
+        .jobs
+        .get(&job_id)
+        .await
+        .map_err(|e| e.to_string())?
+        .is_some_and(|j| j.status.is_active());
+    if !active {
+        tracing::info!(export_id = %job_id, item = message.item.item, "work for a stopped export dropped");
+        return Ok(());
+    }
+    let lease = keep_lease(service, &job_id).await;
     let budget = deadline
         .checked_sub(service.settings.worker_reserve)
         .unwrap_or_else(Instant::now);
@@ -145,7 +187,7 @@ async fn work(service: &AwsService, record: &SqsMessage, deadline: Instant) -> H
     let outcome = exporter
         .export_item(&message.item, message.resume.clone(), Some(budget))
         .await;
-    drop(beats);
+    drop(lease);
     log_item(&message, &outcome, started);
     match outcome {
         Ok(ItemOutcome::Continue(cursor)) => {
@@ -153,35 +195,50 @@ async fn work(service: &AwsService, record: &SqsMessage, deadline: Instant) -> H
                 resume: Some(cursor),
                 ..message
             };
-            service
-                .sqs
-                .send_message()
-                .queue_url(&service.settings.work_queue_url)
-                .message_body(serde_json::to_string(&next).map_err(|e| e.to_string())?)
-                .send()
+            fanout::enqueue(service, &[next])
                 .await
-                .map_err(|e| format!("sqs: {e:?}"))?;
-            Ok(())
+                .map_err(|e| e.to_string())
         }
-        Ok(done) => {
-            let output =
-                json!({"item": message.item.item, "stopped": done == ItemOutcome::Stopped});
-            task_success(service, &message.task_token, output).await
+        Ok(ItemOutcome::Done) => answer_if_all_done(service, &job_id).await,
+        Ok(ItemOutcome::Stopped) => Ok(()),
+        // The message comes back after its backoff and resumes from the last recorded part.
+        // The adapter's text (SDK errors, ARNs) is logged, never shown to the client.
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Answers the task waiting for a job's items once the tally says all are done. Called after
+/// every finished item and after the token is stored: whichever writes second sees both. A
+/// duplicate answer finds the token used and changes nothing.
+async fn answer_if_all_done(service: &AwsService, job_id: &str) -> HandlerResult {
+    let (done, token) = service
+        .jobs
+        .tally(job_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(token) = token else {
+        return Ok(());
+    };
+    let Some(job) = service
+        .exporter
+        .ports
+        .jobs
+        .get(job_id)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(());
+    };
+    match job.status {
+        JobStatus::InProgress if done >= u64::from(job.items_total) => {
+            task_success(service, &token, json!({"jobId": job_id, "items": done})).await
         }
-        Err(e) => {
-            // Record why on the job first (Step Functions may drop a failure's cause), then tell
-            // the state machine, whose fail handler releases the lock if this could not. The
-            // adapter's text (SDK errors, ARNs) is logged, never shown to the client.
-            tracing::error!(export_id = %job_id, item = message.item.item, error = %e, "work item failed");
-            let diagnostics = format!(
-                "work item {} ({}) failed because of an internal error; the export id is in the worker's log",
-                message.item.item, message.item.resource_type
-            );
-            if let Err(e) = exporter.fail(&job_id, &diagnostics).await {
-                tracing::error!(export_id = %job_id, error = %e, "could not mark the job failed");
-            }
-            task_failure(service, &message.task_token, "WorkItemFailed", &diagnostics).await
+        JobStatus::Accepted | JobStatus::InProgress => Ok(()),
+        JobStatus::Failed => {
+            let diagnostics = job.error.unwrap_or_default();
+            task_failure(service, &token, "WorkItemFailed", &diagnostics).await
         }
+        other => task_failure(service, &token, "ExportStopped", other.as_str()).await,
     }
 }
 
@@ -211,41 +268,41 @@ pub struct DutiesMessage {
 }
 
 async fn coordinate(service: &AwsService, record: &SqsMessage) -> HandlerResult {
-    if serde_json::from_str::<DutiesMessage>(record.body.as_deref().unwrap_or("")).is_ok() {
-        let now = export_study::service::now_ms();
-        let expired = service
-            .study
-            .expire_due(now)
-            .await
-            .map_err(|e| e.to_string())?;
-        let sender = export_study::webhooks::HttpWebhookSender;
-        let sent = service
-            .study
-            .deliver_webhooks(&sender, now)
-            .await
-            .map_err(|e| e.to_string())?;
-        tracing::info!(expired, webhooks = sent, "duties");
-        return Ok(());
+    let body = record.body.as_deref().unwrap_or("");
+    if serde_json::from_str::<DutiesMessage>(body).is_ok() {
+        return duties(service).await;
     }
-    let message: CoordinatorMessage =
-        match serde_json::from_str(record.body.as_deref().unwrap_or("")) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::error!(error = %e, "discarding a malformed coordinator message");
-                return Ok(());
-            }
-        };
+    if let Ok(dead) = serde_json::from_str::<WorkMessage>(body) {
+        // From the work dead-letter queue: the item used up its attempts.
+        return gave_up(service, &dead).await;
+    }
+    let message: CoordinatorMessage = match serde_json::from_str(body) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "discarding a malformed coordinator message");
+            return Ok(());
+        }
+    };
     let exporter = &service.exporter;
     let job_id = &message.job_id;
     let result = match message.action {
-        CoordinatorAction::Plan => exporter
-            .plan(job_id)
-            .await
-            .map(|items| json!({"jobId": job_id, "items": items})),
+        CoordinatorAction::Plan => plan(service, job_id).await.map(Some),
+        CoordinatorAction::Await => {
+            // Stored first, then the tally read (see answer_if_all_done); answered later by the
+            // worker that finishes the last item when not all are done yet.
+            return match service
+                .jobs
+                .set_waiting_token(job_id, &message.task_token)
+                .await
+            {
+                Ok(()) => answer_if_all_done(service, job_id).await,
+                Err(e) => Err(e.to_string()),
+            };
+        }
         CoordinatorAction::Finalize => exporter
             .finalize(job_id)
             .await
-            .map(|_| json!({"jobId": job_id})),
+            .map(|_| Some(json!({"jobId": job_id}))),
         CoordinatorAction::Fail => {
             // The caught error's name (e.g. States.Timeout) is safe to show; its cause may hold
             // SDK texts and ARNs, so it is logged only. A failure a worker explained was
@@ -256,63 +313,118 @@ async fn coordinate(service: &AwsService, record: &SqsMessage) -> HandlerResult 
             exporter
                 .fail(job_id, &format!("the export failed ({name})"))
                 .await
-                .map(|_| json!({"jobId": job_id}))
+                .map(|_| Some(json!({"jobId": job_id})))
         }
     };
     match result {
-        Ok(output) => task_success(service, &message.task_token, output).await,
+        Ok(Some(output)) => task_success(service, &message.task_token, output).await,
+        Ok(None) => Ok(()),
         Err(e) => {
+            tracing::error!(export_id = %job_id, error = %e, "coordinator task failed");
             task_failure(
                 service,
                 &message.task_token,
                 "CoordinatorFailed",
-                &e.to_string(),
+                "the coordinator could not complete the task; the export id is in its log",
             )
             .await
         }
     }
 }
 
-/// Sends a heartbeat and renews the export lock now and then every `heartbeat_every` until the
-/// returned guard is dropped.
-async fn heartbeat(
-    service: &AwsService,
-    token: &str,
-    job_id: &str,
-) -> Result<HeartbeatGuard, String> {
-    let beat = {
-        let (sfn, exporter, token, job_id) = (
-            service.sfn.clone(),
-            service.exporter.clone(),
-            token.to_string(),
-            job_id.to_string(),
-        );
-        move || {
-            let (sfn, exporter, token, job_id) =
-                (sfn.clone(), exporter.clone(), token.clone(), job_id.clone());
-            async move {
-                if let Err(e) = sfn.send_task_heartbeat().task_token(&token).send().await {
-                    tracing::warn!(error = ?e, "heartbeat not accepted");
-                }
-                if let Err(e) = exporter.renew_lease(&job_id).await {
-                    tracing::warn!(export_id = %job_id, error = %e, "could not renew the export lock");
-                }
+/// Plans a job and puts one message per unfinished item on the work queue. A redelivered plan
+/// sends them again: items are idempotent and counted once, so a duplicate costs work, never a
+/// line.
+async fn plan(service: &AwsService, job_id: &str) -> StoreResult<Value> {
+    let exporter = &service.exporter;
+    let items = exporter.plan(job_id).await?;
+    let running = exporter
+        .ports
+        .jobs
+        .get(job_id)
+        .await?
+        .is_some_and(|j| j.status == JobStatus::InProgress);
+    if running {
+        let done = exporter.ports.jobs.completed_items(job_id).await?;
+        let messages: Vec<WorkMessage> = items
+            .iter()
+            .filter(|i| !done.contains(&i.item))
+            .map(|item| WorkMessage {
+                item: item.clone(),
+                resume: None,
+            })
+            .collect();
+        fanout::enqueue(service, &messages).await?;
+    }
+    Ok(json!({"jobId": job_id, "items": items.len()}))
+}
+
+/// A work item that used up its attempts (from the dead-letter queue): the job fails with a
+/// clear OperationOutcome, its files are deleted and the lock freed; the waiting task is told.
+async fn gave_up(service: &AwsService, message: &WorkMessage) -> HandlerResult {
+    let job_id = &message.item.job_id;
+    let diagnostics = fanout::work_item_gave_up(&message.item, service.settings.work_attempts);
+    tracing::error!(export_id = %job_id, item = message.item.item, "work item gave up");
+    service
+        .exporter
+        .fail(job_id, &diagnostics)
+        .await
+        .map_err(|e| e.to_string())?;
+    answer_if_all_done(service, job_id).await
+}
+
+/// The scheduled duties: expire finished exports (FHIR and study), deliver webhooks, and fail
+/// exports whose execution is no longer running.
+async fn duties(service: &AwsService) -> HandlerResult {
+    let now = export_study::service::now_ms();
+    let expired = service
+        .exporter
+        .expire_due(export_core::fhir::time::now_millis())
+        .await
+        .map_err(|e| e.to_string())?;
+    let study_expired = service
+        .study
+        .expire_due(now)
+        .await
+        .map_err(|e| e.to_string())?;
+    let sender = export_study::webhooks::HttpWebhookSender;
+    let sent = service
+        .study
+        .deliver_webhooks(&sender, now)
+        .await
+        .map_err(|e| e.to_string())?;
+    let swept = crate::sweeper::sweep(service)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(expired, study_expired, webhooks = sent, swept, "duties");
+    Ok(())
+}
+
+/// Renews the export lock every `heartbeat_every` until the returned guard is dropped. A lease
+/// found lost fails the job (see `Exporter::renew_lease`), and the item then stops.
+async fn keep_lease(service: &AwsService, job_id: &str) -> LeaseGuard {
+    let (exporter, job_id) = (service.exporter.clone(), job_id.to_string());
+    let renew = move || {
+        let (exporter, job_id) = (exporter.clone(), job_id.clone());
+        async move {
+            if let Err(e) = exporter.renew_lease(&job_id).await {
+                tracing::warn!(export_id = %job_id, error = %e, "could not renew the export lock");
             }
         }
     };
-    beat().await;
+    renew().await;
     let every = service.settings.heartbeat_every;
-    Ok(HeartbeatGuard(tokio::spawn(async move {
+    LeaseGuard(tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
-            beat().await;
+            renew().await;
         }
-    })))
+    }))
 }
 
-struct HeartbeatGuard(tokio::task::JoinHandle<()>);
+struct LeaseGuard(tokio::task::JoinHandle<()>);
 
-impl Drop for HeartbeatGuard {
+impl Drop for LeaseGuard {
     fn drop(&mut self) {
         self.0.abort();
     }

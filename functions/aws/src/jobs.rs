@@ -5,17 +5,26 @@
 //! | job | `job#<id>` | `job` (`status`, `doc`, `ttl`) |
 //! | patient set chunk | `job#<id>` | `patients#<n>` |
 //! | work item | `job#<id>` | `item#<n>` (`doc`, `done`) |
+//! | item progress | `job#<id>` | `progress#<n>` (`cursor`, `next_seq`) |
+//! | tally | `job#<id>` | `tally` (`done`, `token`) |
 //! | part | `job#<id>` | `part#<key>` (`doc`, `item`) |
 //! | lock | `lock#export` | `lock` (`owner`, `expires`) |
 //!
-//! Every change of state is a conditional write; nothing is read and then written.
+//! Every change of state is a conditional write; nothing is read and then written. The tally
+//! counts finished items in the same transaction that marks each one done, so "all items done"
+//! is one read however many items a job has (see [`DynamoJobStore::tally`]).
+//!
+//! Retention: the job item's `ttl` is its expiry plus a day; every other item of a job carries a
+//! `ttl` of its creation plus [`DynamoJobStore::item_ttl`] (a bound past any run and retention),
+//! and an expired or cancelled job's items are deleted when that status is written, so nothing
+//! of a job outlives it by more than DynamoDB's TTL sweep.
 
 use crate::dynamo::{
     DynamoTable, attr_n, attr_s, attr_string_list, dynamo_err, get_n, get_s, get_string_list,
 };
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, WriteRequest};
 use export_core::error::StoreResult;
 use export_core::fhir::time::{Instant, to_micros};
 use export_core::job::{Job, JobStatus};
@@ -26,14 +35,111 @@ use std::time::Duration;
 /// Patient ids per patient-set item (keeps items far below DynamoDB's 400 KB).
 const PATIENTS_PER_ITEM: usize = 2000;
 
+/// How long a job's items (patient set, work items, progress, parts) are kept at most: a bound
+/// past the longest run (the state machine's timeout, a day) plus the longest retention (a
+/// study's, in days). Expiry deletes them sooner; this is the backstop for a job that never
+/// reaches it.
+pub const DEFAULT_ITEM_TTL: Duration = Duration::from_secs(400 * 24 * 3600);
+
 /// The jobs table.
 pub struct DynamoJobStore {
     table: DynamoTable,
+    item_ttl: Duration,
 }
 
 impl DynamoJobStore {
     pub fn new(table: DynamoTable) -> Self {
-        DynamoJobStore { table }
+        DynamoJobStore {
+            table,
+            item_ttl: DEFAULT_ITEM_TTL,
+        }
+    }
+
+    /// The `ttl` attribute (epoch seconds) for a job's item written now.
+    fn item_ttl(&self) -> AttributeValue {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        attr_n((now + self.item_ttl).as_secs() as i64)
+    }
+
+    /// How many of a job's items are done, and the task token of the execution waiting for all
+    /// of them (once it has been stored). Read after writing one's own half (an item done, or
+    /// the token), so whichever of a last worker and the waiting task writes second sees both.
+    pub async fn tally(&self, job_id: &str) -> StoreResult<(u64, Option<String>)> {
+        let item = self.table.get(&job_pk(job_id), "tally").await?;
+        Ok(match item {
+            Some(item) => (
+                get_n(&item, "done").unwrap_or(0).max(0) as u64,
+                get_s(&item, "token"),
+            ),
+            None => (0, None),
+        })
+    }
+
+    /// Stores the task token of the execution waiting for a job's items.
+    pub async fn set_waiting_token(&self, job_id: &str, token: &str) -> StoreResult<()> {
+        self.table
+            .client
+            .update_item()
+            .table_name(&self.table.name)
+            .key("pk", attr_s(&job_pk(job_id)))
+            .key("sk", attr_s("tally"))
+            .update_expression("SET #t = :t, #ttl = if_not_exists(#ttl, :ttl)")
+            .expression_attribute_names("#t", "token")
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_values(":t", attr_s(token))
+            .expression_attribute_values(":ttl", self.item_ttl())
+            .send()
+            .await
+            .map_err(dynamo_err)?;
+        Ok(())
+    }
+
+    /// Deletes every item of a job but the job itself (an expired or cancelled job keeps only
+    /// its row).
+    async fn delete_children(&self, job_id: &str) -> StoreResult<()> {
+        let keys: Vec<(String, String)> = self
+            .table
+            .query_all(&job_pk(job_id), None, Some("pk, sk"))
+            .await?
+            .iter()
+            .filter_map(|i| Some((get_s(i, "pk")?, get_s(i, "sk")?)))
+            .filter(|(_, sk)| sk != "job")
+            .collect();
+        for chunk in keys.chunks(25) {
+            let mut pending: Vec<WriteRequest> = chunk
+                .iter()
+                .map(|(pk, sk)| {
+                    let delete = DeleteRequest::builder()
+                        .key("pk", attr_s(pk))
+                        .key("sk", attr_s(sk))
+                        .build()
+                        .map_err(dynamo_err)?;
+                    Ok(WriteRequest::builder().delete_request(delete).build())
+                })
+                .collect::<StoreResult<_>>()?;
+            for attempt in 0..8u32 {
+                let out = self
+                    .table
+                    .client
+                    .batch_write_item()
+                    .request_items(&self.table.name, pending)
+                    .send()
+                    .await
+                    .map_err(dynamo_err)?;
+                pending = out
+                    .unprocessed_items
+                    .unwrap_or_default()
+                    .remove(&self.table.name)
+                    .unwrap_or_default();
+                if pending.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50 << attempt.min(6))).await;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -59,6 +165,23 @@ fn job_item(job: &Job) -> StoreResult<HashMap<String, AttributeValue>> {
 fn is_condition_failure<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
     e.as_service_error().and_then(ProvideErrorMetadata::code)
         == Some("ConditionalCheckFailedException")
+}
+
+/// Whether a transaction was cancelled because its first write's condition failed.
+fn first_condition_failed<R>(
+    e: &SdkError<aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError, R>,
+) -> bool {
+    use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+    match e.as_service_error() {
+        Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) => {
+            cancelled
+                .cancellation_reasons()
+                .first()
+                .and_then(|r| r.code())
+                == Some("ConditionalCheckFailed")
+        }
+        _ => false,
+    }
 }
 
 fn doc<T: serde::de::DeserializeOwned>(item: &HashMap<String, AttributeValue>) -> StoreResult<T> {
@@ -133,7 +256,12 @@ impl JobStore for DynamoJobStore {
             .send()
             .await;
         match result {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                if matches!(job.status, JobStatus::Expired | JobStatus::Cancelled) {
+                    self.delete_children(&job.id).await?;
+                }
+                Ok(true)
+            }
             Err(e) if is_condition_failure(&e) => Ok(false),
             Err(e) => Err(dynamo_err(e)),
         }
@@ -160,6 +288,7 @@ impl JobStore for DynamoJobStore {
                     ("pk".to_string(), attr_s(&job_pk(job_id))),
                     ("sk".to_string(), attr_s(&format!("patients#{n:05}"))),
                     ("ids".to_string(), attr_string_list(chunk)),
+                    ("ttl".to_string(), self.item_ttl()),
                 ])
             })
             .collect();
@@ -187,6 +316,7 @@ impl JobStore for DynamoJobStore {
                     ("pk".to_string(), attr_s(&job_pk(&i.job_id))),
                     ("sk".to_string(), attr_s(&format!("item#{:06}", i.item))),
                     ("doc".to_string(), attr_s(&serde_json::to_string(i)?)),
+                    ("ttl".to_string(), self.item_ttl()),
                 ]))
             })
             .collect::<StoreResult<Vec<_>>>()?;
@@ -201,10 +331,45 @@ impl JobStore for DynamoJobStore {
         items.iter().map(doc).collect()
     }
 
+    /// Marks the item done and counts it in the job's tally in one transaction; an item done
+    /// already (a duplicate or redelivered message) is counted once.
     async fn complete_item(&self, job_id: &str, item: u32) -> StoreResult<()> {
-        self.table
-            .set_number(&job_pk(job_id), &format!("item#{item:06}"), "done", 1)
-            .await
+        use aws_sdk_dynamodb::types::{TransactWriteItem, Update};
+        let pk = job_pk(job_id);
+        let mark = Update::builder()
+            .table_name(&self.table.name)
+            .key("pk", attr_s(&pk))
+            .key("sk", attr_s(&format!("item#{item:06}")))
+            .update_expression("SET done = :one")
+            .condition_expression(
+                "attribute_exists(pk) AND (attribute_not_exists(done) OR done <> :one)",
+            )
+            .expression_attribute_values(":one", attr_n(1))
+            .build()
+            .map_err(dynamo_err)?;
+        let count = Update::builder()
+            .table_name(&self.table.name)
+            .key("pk", attr_s(&pk))
+            .key("sk", attr_s("tally"))
+            .update_expression("ADD done :one SET #ttl = if_not_exists(#ttl, :ttl)")
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_values(":one", attr_n(1))
+            .expression_attribute_values(":ttl", self.item_ttl())
+            .build()
+            .map_err(dynamo_err)?;
+        let result = self
+            .table
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().update(mark).build())
+            .transact_items(TransactWriteItem::builder().update(count).build())
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if first_condition_failed(&e) => Ok(()),
+            Err(e) => Err(dynamo_err(e)),
+        }
     }
 
     async fn completed_items(&self, job_id: &str) -> StoreResult<Vec<u32>> {
@@ -227,12 +392,55 @@ impl JobStore for DynamoJobStore {
         Ok(found.is_some_and(|i| get_n(&i, "done") == Some(1)))
     }
 
+    /// Keeps only the furthest position: a slower duplicate never moves an item back.
+    async fn record_progress(
+        &self,
+        job_id: &str,
+        item: u32,
+        cursor: &str,
+        next_seq: u32,
+    ) -> StoreResult<()> {
+        let result = self
+            .table
+            .client
+            .put_item()
+            .table_name(&self.table.name)
+            .item("pk", attr_s(&job_pk(job_id)))
+            .item("sk", attr_s(&format!("progress#{item:06}")))
+            .item("cursor", attr_s(cursor))
+            .item("next_seq", attr_n(i64::from(next_seq)))
+            .item("ttl", self.item_ttl())
+            .condition_expression("attribute_not_exists(next_seq) OR next_seq < :n")
+            .expression_attribute_values(":n", attr_n(i64::from(next_seq)))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => Ok(()),
+            Err(e) => Err(dynamo_err(e)),
+        }
+    }
+
+    async fn progress(&self, job_id: &str, item: u32) -> StoreResult<Option<(String, u32)>> {
+        let found = self
+            .table
+            .get(&job_pk(job_id), &format!("progress#{item:06}"))
+            .await?;
+        Ok(found.and_then(|i| {
+            Some((
+                get_s(&i, "cursor")?,
+                u32::try_from(get_n(&i, "next_seq")?).ok()?,
+            ))
+        }))
+    }
+
     async fn record_part(&self, part: &PartRecord) -> StoreResult<()> {
         let item = HashMap::from([
             ("pk".to_string(), attr_s(&job_pk(&part.job_id))),
             ("sk".to_string(), attr_s(&format!("part#{}", part.key))),
             ("item".to_string(), attr_n(part.item as i64)),
             ("doc".to_string(), attr_s(&serde_json::to_string(part)?)),
+            ("ttl".to_string(), self.item_ttl()),
         ]);
         self.table
             .client

@@ -5,6 +5,7 @@ pub mod auth_store;
 pub mod config;
 pub mod dispatch;
 pub mod dynamo;
+pub mod fanout;
 pub mod handlers;
 pub mod jobs;
 pub mod kms;
@@ -16,6 +17,7 @@ pub mod resources;
 pub mod service;
 pub mod session_store;
 pub mod study_store;
+pub mod sweeper;
 
 pub use config::AwsSettings;
 pub use service::AwsService;

@@ -33,6 +33,8 @@ pub struct AwsService {
     pub sfn: aws_sdk_sfn::Client,
     pub sqs: aws_sdk_sqs::Client,
     pub resources: Arc<DynamoResourceStore>,
+    /// The jobs table itself, for the fan-out's tally (the engine sees it as its ports).
+    pub jobs: Arc<DynamoJobStore>,
     pub settings: AwsSettings,
 }
 
@@ -70,7 +72,7 @@ impl AwsService {
         let ports = Ports {
             resources: resources.clone(),
             jobs: jobs.clone(),
-            lock: jobs,
+            lock: jobs.clone(),
             output: output.clone(),
         };
         let mut export_settings = settings.export.clone();
@@ -167,6 +169,7 @@ impl AwsService {
             sfn,
             sqs,
             resources,
+            jobs,
             settings,
         })
     }

@@ -3,7 +3,8 @@
 //! moto tests send each to the API handler), SQS events carry valid work or coordinator messages.
 
 use export_aws::aws_lambda_events::event::sqs::SqsEvent;
-use export_aws::handlers::{CoordinatorAction, CoordinatorMessage, WorkMessage};
+use export_aws::fanout::WorkMessage;
+use export_aws::handlers::{CoordinatorAction, CoordinatorMessage};
 use std::path::PathBuf;
 
 fn events() -> Vec<(String, String)> {
@@ -38,7 +39,10 @@ fn every_sample_event_matches_its_function() {
                 serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(event.records.len(), 1, "{name}");
             let body = event.records[0].body.as_deref().unwrap();
-            if name.starts_with("worker-") {
+            if name.contains("dead-letter") {
+                // The coordinator consumes the work dead-letter queue: work messages.
+                serde_json::from_str::<WorkMessage>(body).unwrap_or_else(|e| panic!("{name}: {e}"));
+            } else if name.starts_with("worker-") {
                 let message: WorkMessage =
                     serde_json::from_str(body).unwrap_or_else(|e| panic!("{name}: {e}"));
                 assert_eq!(
@@ -51,6 +55,7 @@ fn every_sample_event_matches_its_function() {
                     serde_json::from_str(body).unwrap_or_else(|e| panic!("{name}: {e}"));
                 let expected = match message.action {
                     CoordinatorAction::Plan => "plan",
+                    CoordinatorAction::Await => "await",
                     CoordinatorAction::Finalize => "finalize",
                     CoordinatorAction::Fail => "fail",
                 };

@@ -1,6 +1,7 @@
 //! A harness that runs the AWS deployment against moto's server: real tables, bucket, queues and
 //! the real state machine (infra/statemachine.asl.json), with this process playing Lambda: HTTP API
-//! events go to the API handler, and SQS pollers feed the worker and coordinator handlers.
+//! events go to the API handler, and SQS pollers feed the worker and coordinator handlers (the
+//! coordinator also consumes the work dead-letter queue, as the template wires it).
 
 #![allow(dead_code)]
 
@@ -57,6 +58,10 @@ pub enum Delivery {
     Twice,
     /// The worker panics: the harness must fail the test (it checks itself with this).
     Panic,
+    /// The first delivery of every item's first message is killed after this long (the handler
+    /// future dropped mid-item, as a crashed or timed-out Lambda), and the message becomes
+    /// visible again at once, as when its visibility timeout ends.
+    KillFirst(Duration),
 }
 
 /// One isolated deployment in moto (names carry a unique prefix).
@@ -65,12 +70,18 @@ pub struct Deployment {
     pub service: Arc<AwsService>,
     pub settings: AwsSettings,
     pub coordinator_queue: String,
+    /// The work queue's dead-letter queue (`maxReceiveCount` = `settings.work_attempts`).
+    pub dead_letter_queue: String,
     pub state_machine_arn: String,
     running: Arc<AtomicBool>,
     /// Work messages whose handler has finished.
     pub work_handled: Arc<AtomicUsize>,
     /// Work messages that continued an item (carried a resume cursor), handled.
     pub continuations: Arc<AtomicUsize>,
+    /// Worker invocations killed by [`Delivery::KillFirst`].
+    pub killed: Arc<AtomicUsize>,
+    /// Work messages whose handler asked for a retry (a batch item failure).
+    pub retried: Arc<AtomicUsize>,
     /// Messages received and not yet finished, on both queues.
     pub in_flight: Arc<AtomicUsize>,
     /// Panics inside handlers (assertions of the harness included): they run in spawned tasks,
@@ -132,6 +143,7 @@ impl Deployment {
         };
         let work_queue = queue(format!("{prefix}-work")).await;
         let coordinator_queue = queue(format!("{prefix}-coordinator")).await;
+        let dead_letter_queue = queue(format!("{prefix}-work-dlq")).await;
         let definition = std::fs::read_to_string(repo_root().join("infra/statemachine.asl.json"))
             .unwrap()
             .replace("${CoordinatorQueueUrl}", &coordinator_queue)
@@ -154,6 +166,10 @@ impl Deployment {
             shards: 2,
             worker_reserve: Duration::from_secs(60),
             heartbeat_every: Duration::from_secs(1),
+            // Retries come back after 1 s, 2 s, 2 s…: the backoff's shape without its minutes.
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(2),
+            work_attempts: 3,
             export: Settings {
                 page_size: 200,
                 ..Settings::default()
@@ -174,6 +190,13 @@ impl Deployment {
             settings.export.requires_access_token = true;
         }
         tune(&mut settings);
+        redrive(
+            &sqs,
+            &settings.work_queue_url,
+            &dead_letter_queue,
+            settings.work_attempts,
+        )
+        .await;
         let service = Arc::new(
             AwsService::new(&sdk, settings.clone())
                 .await
@@ -184,10 +207,13 @@ impl Deployment {
             service,
             settings,
             coordinator_queue,
+            dead_letter_queue,
             state_machine_arn,
             running: Arc::new(AtomicBool::new(true)),
             work_handled: Arc::new(AtomicUsize::new(0)),
             continuations: Arc::new(AtomicUsize::new(0)),
+            killed: Arc::new(AtomicUsize::new(0)),
+            retried: Arc::new(AtomicUsize::new(0)),
             in_flight: Arc::new(AtomicUsize::new(0)),
             failures: Arc::new(std::sync::Mutex::new(Vec::new())),
             pollers: Vec::new(),
@@ -210,64 +236,131 @@ impl Deployment {
     pub fn start_lambdas(&mut self, delivery: Delivery, worker_service: Option<Arc<AwsService>>) {
         let sqs = aws_sdk_sqs::Client::new(&self.sdk);
         let worker = worker_service.unwrap_or_else(|| self.service.clone());
-        let (handled, continuations) = (self.work_handled.clone(), self.continuations.clone());
+        let (handled, continuations, killed, retried) = (
+            self.work_handled.clone(),
+            self.continuations.clone(),
+            self.killed.clone(),
+            self.retried.clone(),
+        );
         let watch = Watch {
             running: self.running.clone(),
             in_flight: self.in_flight.clone(),
             failures: self.failures.clone(),
         };
+        let work_queue = self.settings.work_queue_url.clone();
+        let visibility = sqs.clone();
         self.pollers.push(tokio::spawn(poll(
             sqs.clone(),
             self.settings.work_queue_url.clone(),
             watch.clone(),
             move |event| {
-                let (worker, handled, continuations) =
-                    (worker.clone(), handled.clone(), continuations.clone());
+                let (worker, handled, continuations, killed, retried) = (
+                    worker.clone(),
+                    handled.clone(),
+                    continuations.clone(),
+                    killed.clone(),
+                    retried.clone(),
+                );
+                let (visibility, work_queue) = (visibility.clone(), work_queue.clone());
                 async move {
                     assert!(
                         delivery != Delivery::Panic,
                         "the worker panicked on purpose"
                     );
                     let deadline = Instant::now() + Duration::from_secs(900);
-                    let body: Value =
-                        serde_json::from_str(event.records[0].body.as_deref().unwrap_or("{}"))
-                            .unwrap_or_default();
+                    let record = &event.records[0];
+                    let body: Value = serde_json::from_str(record.body.as_deref().unwrap_or("{}"))
+                        .unwrap_or_default();
+                    let first_delivery = record
+                        .attributes
+                        .get("ApproximateReceiveCount")
+                        .is_none_or(|n| n == "1");
                     // Duplicate an item's first message and first continuation (duplicating every hop
                     // of a continuation chain would grow the number of chains exponentially). The
                     // two copies run at the same time, as two Lambdas would.
                     let early =
                         body["resume"].is_null() || body["resume"]["next_seq"].as_u64() <= Some(1);
-                    let response = if delivery == Delivery::Twice && early {
-                        let (first, second) = tokio::join!(
-                            handlers::worker(&worker, event.clone(), deadline),
-                            handlers::worker(&worker, event, deadline)
-                        );
-                        assert!(
-                            first.batch_item_failures.is_empty(),
-                            "a duplicate delivery failed"
-                        );
-                        second
-                    } else {
-                        handlers::worker(&worker, event, deadline).await
+                    let response = match delivery {
+                        Delivery::Twice if early => {
+                            let (first, second) = tokio::join!(
+                                handlers::worker(&worker, event.clone(), deadline),
+                                handlers::worker(&worker, event, deadline)
+                            );
+                            assert!(
+                                first.batch_item_failures.is_empty(),
+                                "a duplicate delivery failed"
+                            );
+                            second
+                        }
+                        Delivery::KillFirst(after) if first_delivery && body["resume"].is_null() => {
+                            let receipt = record.receipt_handle.clone().unwrap_or_default();
+                            let id = record.message_id.clone().unwrap_or_default();
+                            let run = handlers::worker(&worker, event.clone(), deadline);
+                            match tokio::time::timeout(after, run).await {
+                                Ok(response) => response,
+                                Err(_) => {
+                                    // The invocation died: nothing of it runs any more, and SQS
+                                    // hands the message out again.
+                                    killed.fetch_add(1, Ordering::SeqCst);
+                                    visibility
+                                        .change_message_visibility()
+                                        .queue_url(&work_queue)
+                                        .receipt_handle(receipt)
+                                        .visibility_timeout(0)
+                                        .send()
+                                        .await
+                                        .expect("make the message visible");
+                                    let mut failure =
+                                        export_aws::aws_lambda_events::event::sqs::BatchItemFailure::default();
+                                    failure.item_identifier = id;
+                                    let mut response = export_aws::aws_lambda_events::event::sqs::SqsBatchResponse::default();
+                                    response.batch_item_failures = vec![failure];
+                                    return response;
+                                }
+                            }
+                        }
+                        _ => handlers::worker(&worker, event, deadline).await,
                     };
                     handled.fetch_add(1, Ordering::SeqCst);
                     if !body["resume"].is_null() {
                         continuations.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if !response.batch_item_failures.is_empty() {
+                        retried.fetch_add(1, Ordering::SeqCst);
                     }
                     response
                 }
             },
         )));
         let coordinator = self.service.clone();
+        let handler = move |event| {
+            let coordinator = coordinator.clone();
+            async move { handlers::coordinator(&coordinator, event).await }
+        };
+        self.pollers.push(tokio::spawn(poll(
+            sqs.clone(),
+            self.coordinator_queue.clone(),
+            watch.clone(),
+            handler.clone(),
+        )));
         self.pollers.push(tokio::spawn(poll(
             sqs,
-            self.coordinator_queue.clone(),
+            self.dead_letter_queue.clone(),
             watch,
-            move |event| {
-                let coordinator = coordinator.clone();
-                async move { handlers::coordinator(&coordinator, event).await }
-            },
+            handler,
         )));
+    }
+
+    /// Runs the scheduled duties once (expiry, webhooks, the sweep of dead executions), as the
+    /// schedule's message to the coordinator does.
+    pub async fn run_duties(&self) {
+        let mut record = SqsMessage::default();
+        record.message_id = Some("duties".into());
+        record.body = Some(r#"{"duties": true}"#.into());
+        let mut event = SqsEvent::default();
+        event.records = vec![record];
+        let response = handlers::coordinator(&self.service, event).await;
+        assert!(response.batch_item_failures.is_empty(), "the duties failed");
     }
 
     /// Fails the test if a handler panicked.
@@ -290,7 +383,11 @@ impl Deployment {
         while quiet_polls < 5 {
             self.check();
             let mut queued = 0;
-            for queue in [&self.settings.work_queue_url, &self.coordinator_queue] {
+            for queue in [
+                &self.settings.work_queue_url,
+                &self.coordinator_queue,
+                &self.dead_letter_queue,
+            ] {
                 let attributes = sqs
                     .get_queue_attributes()
                     .queue_url(queue)
@@ -599,6 +696,7 @@ where
         let Ok(out) = sqs
             .receive_message()
             .queue_url(&queue)
+            .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
             .max_number_of_messages(free as i32)
             .wait_time_seconds(1)
             .send()
@@ -615,6 +713,13 @@ where
             record.receipt_handle = message.receipt_handle.clone();
             record.body = message.body.clone();
             record.event_source = Some("aws:sqs".into());
+            record.attributes = message
+                .attributes
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k.as_str().to_string(), v))
+                .collect();
             let mut event = SqsEvent::default();
             event.records = vec![record];
             let (handler, sqs, queue, watch) =
@@ -647,6 +752,30 @@ where
             });
         }
     }
+}
+
+/// Sends a queue's messages to `dead_letter` after `attempts` deliveries (the template's
+/// `RedrivePolicy`); the queue's visibility timeout is a minute (an invocation's length here).
+async fn redrive(sqs: &aws_sdk_sqs::Client, queue: &str, dead_letter: &str, attempts: u32) {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let arn = sqs
+        .get_queue_attributes()
+        .queue_url(dead_letter)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .expect("dead-letter queue attributes")
+        .attributes
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .expect("dead-letter queue ARN");
+    let policy = serde_json::json!({"deadLetterTargetArn": arn, "maxReceiveCount": attempts});
+    sqs.set_queue_attributes()
+        .queue_url(queue)
+        .attributes(QueueAttributeName::RedrivePolicy, policy.to_string())
+        .attributes(QueueAttributeName::VisibilityTimeout, "60")
+        .send()
+        .await
+        .expect("redrive policy");
 }
 
 /// An API response.
