@@ -56,6 +56,7 @@ pub async fn api(
         _ => None,
     };
     let (mut parts, body) = request.into_parts();
+    let kickoff = crate::metrics::Kickoff::of(&parts);
     if let Some(address) = source {
         parts
             .extensions
@@ -63,6 +64,7 @@ pub async fn api(
     }
     let request = http::Request::from_parts(parts, Bytes::copy_from_slice(body.as_ref()));
     let (parts, body) = service.gateway.handle(request).await.into_parts();
+    kickoff.answered(parts.status);
     let body = match body {
         Body::Full(bytes) => match String::from_utf8(bytes.to_vec()) {
             Ok(text) => lambda_http::Body::Text(text),
@@ -189,6 +191,7 @@ async fn work(service: &AwsService, record: &SqsMessage, deadline: Instant) -> H
         .await;
     drop(lease);
     log_item(&message, &outcome, started);
+    crate::metrics::work_item(record, started);
     match outcome {
         Ok(ItemOutcome::Continue(cursor)) => {
             let next = WorkMessage {
@@ -299,8 +302,7 @@ async fn coordinate(service: &AwsService, record: &SqsMessage) -> HandlerResult 
                 Err(e) => Err(e.to_string()),
             };
         }
-        CoordinatorAction::Finalize => exporter
-            .finalize(job_id)
+        CoordinatorAction::Finalize => crate::metrics::finalize(exporter, job_id)
             .await
             .map(|_| Some(json!({"jobId": job_id}))),
         CoordinatorAction::Fail => {
@@ -310,8 +312,7 @@ async fn coordinate(service: &AwsService, record: &SqsMessage) -> HandlerResult 
             let error = message.error.unwrap_or(Value::Null);
             let name = error["Error"].as_str().unwrap_or("unknown error");
             tracing::error!(export_id = %job_id, error = %error, "the state machine failed the export");
-            exporter
-                .fail(job_id, &format!("the export failed ({name})"))
+            crate::metrics::fail(exporter, job_id, &format!("the export failed ({name})"))
                 .await
                 .map(|_| Some(json!({"jobId": job_id})))
         }
@@ -365,9 +366,7 @@ async fn gave_up(service: &AwsService, message: &WorkMessage) -> HandlerResult {
     let job_id = &message.item.job_id;
     let diagnostics = fanout::work_item_gave_up(&message.item, service.settings.work_attempts);
     tracing::error!(export_id = %job_id, item = message.item.item, "work item gave up");
-    service
-        .exporter
-        .fail(job_id, &diagnostics)
+    crate::metrics::fail(&service.exporter, job_id, &diagnostics)
         .await
         .map_err(|e| e.to_string())?;
     answer_if_all_done(service, job_id).await
