@@ -7,6 +7,7 @@ pub mod dispatch;
 pub mod dynamo;
 pub mod fanout;
 pub mod handlers;
+pub mod import;
 pub mod jobs;
 pub mod kms;
 pub mod load;
