@@ -31,6 +31,20 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Subcommand)]
+enum ImportsCommand {
+    /// Print an import job as JSON: status, files, lines, resources written and unchanged,
+    /// errors, and the S3 address of its error file (NDJSON of {file, line or entry, message}).
+    /// Needs a build with `--features aws` and the usual AWS environment.
+    Show {
+        /// The import's name (`<name>` of `import/<name>/`).
+        id: String,
+        /// The deployment's jobs table (stack output JobsTableName).
+        #[arg(long)]
+        dynamodb_table: String,
+    },
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LogFormat {
     Json,
@@ -129,6 +143,11 @@ enum Command {
         resource_bucket: Option<String>,
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+    },
+    /// Imports run by the AWS deployment (files put under import/<name>/ of its import bucket).
+    Imports {
+        #[command(subcommand)]
+        command: ImportsCommand,
     },
     /// Write deterministic synthetic R4 data, one NDJSON file per type.
     Generate {
@@ -249,6 +268,9 @@ fn main() -> ExitCode {
             paths,
             ..
         } => run_load_dynamodb(&table, shards, resource_bucket, paths),
+        Command::Imports {
+            command: ImportsCommand::Show { id, dynamodb_table },
+        } => run_imports_show(&dynamodb_table, &id),
         Command::Generate {
             patients,
             out,
@@ -519,6 +541,23 @@ fn run_load_dynamodb(
         report.counts.values().sum::<u64>()
     );
     Ok(())
+}
+
+#[cfg(feature = "aws")]
+fn run_imports_show(table: &str, id: &str) -> CliResult {
+    let runtime = bulk_export_local::runtime::build()?;
+    match runtime.block_on(export_aws::import::status::show_in(table, id))? {
+        Some(job) => {
+            println!("{}", serde_json::to_string_pretty(&job)?);
+            Ok(())
+        }
+        None => Err(format!("no import '{id}' in table {table}").into()),
+    }
+}
+
+#[cfg(not(feature = "aws"))]
+fn run_imports_show(_table: &str, _id: &str) -> CliResult {
+    Err("this bulk-export was built without DynamoDB support: rebuild with `--features aws`".into())
 }
 
 #[cfg(not(feature = "aws"))]
