@@ -156,20 +156,17 @@ impl Lambdas {
         let logs = std::env::temp_dir().join(format!("emulator-{}", std::process::id()));
         std::fs::create_dir_all(&logs).unwrap();
         let port = free_port();
-        let mut children = Vec::new();
-        children.push(
-            Command::new(&tool)
-                .args(["lambda", "watch", "--only-lambda-apis", "-A", "127.0.0.1"])
-                .args(["-P", &port.to_string()])
-                .current_dir(repo_root())
-                .stdout(log_file(&logs, "emulator.out"))
-                .stderr(log_file(&logs, "emulator.err"))
-                .spawn()
-                .expect("start cargo lambda watch"),
-        );
+        let emulator = Command::new(&tool)
+            .args(["lambda", "watch", "--only-lambda-apis", "-A", "127.0.0.1"])
+            .args(["-P", &port.to_string()])
+            .current_dir(repo_root())
+            .stdout(log_file(&logs, "emulator.out"))
+            .stderr(log_file(&logs, "emulator.err"))
+            .spawn()
+            .expect("start cargo lambda watch");
         let mut lambdas = Lambdas {
             port,
-            children,
+            children: vec![emulator],
             logs,
         };
         lambdas.wait_for_port();
