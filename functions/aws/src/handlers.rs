@@ -202,7 +202,14 @@ async fn work(service: &AwsService, record: &SqsMessage, deadline: Instant) -> H
                 .await
                 .map_err(|e| e.to_string())
         }
-        Ok(ItemOutcome::Done) => answer_if_all_done(service, &job_id).await,
+        Ok(ItemOutcome::Done) => {
+            service
+                .jobs
+                .count_done(&job_id, message.item.item)
+                .await
+                .map_err(|e| e.to_string())?;
+            answer_if_all_done(service, &job_id).await
+        }
         Ok(ItemOutcome::Stopped) => Ok(()),
         // The message comes back after its backoff and resumes from the last recorded part.
         // The adapter's text (SDK errors, ARNs) is logged, never shown to the client.

@@ -6,13 +6,15 @@
 //! | patient set chunk | `job#<id>` | `patients#<n>` |
 //! | work item | `job#<id>` | `item#<n>` (`doc`, `done`) |
 //! | item progress | `job#<id>` | `progress#<n>` (`cursor`, `next_seq`) |
-//! | tally | `job#<id>` | `tally` (`done`, `token`) |
+//! | tally | `job#<id>` | `tally#<n / 5000>` (`done`: a number set of finished items) |
+//! | waiting task | `job#<id>` | `await` (`token`) |
 //! | part | `job#<id>` | `part#<key>` (`doc`, `item`) |
 //! | lock | `lock#export` | `lock` (`owner`, `expires`) |
 //!
 //! Every change of state is a conditional write; nothing is read and then written. The tally
-//! counts finished items in the same transaction that marks each one done, so "all items done"
-//! is one read however many items a job has (see [`DynamoJobStore::tally`]).
+//! holds the numbers of finished items in number sets (adding one twice changes nothing), so a
+//! duplicate or redelivered item counts once and "all items done" is a few reads however many
+//! items a job has (see [`DynamoJobStore::tally`]).
 //!
 //! Retention: the job item's `ttl` is its expiry plus a day; every other item of a job carries a
 //! `ttl` of its creation plus [`DynamoJobStore::item_ttl`] (a bound past any run and retention),
@@ -34,6 +36,9 @@ use std::time::Duration;
 
 /// Patient ids per patient-set item (keeps items far below DynamoDB's 400 KB).
 const PATIENTS_PER_ITEM: usize = 2000;
+
+/// Finished item numbers per tally item (a number set of at most ~60 KB).
+const ITEMS_PER_TALLY: u32 = 5000;
 
 /// How long a job's items (patient set, work items, progress, parts) are kept at most: a bound
 /// past the longest run (the state machine's timeout, a day) plus the longest retention (a
@@ -63,33 +68,63 @@ impl DynamoJobStore {
         attr_n((now + self.item_ttl).as_secs() as i64)
     }
 
-    /// How many of a job's items are done, and the task token of the execution waiting for all
-    /// of them (once it has been stored). Read after writing one's own half (an item done, or
-    /// the token), so whichever of a last worker and the waiting task writes second sees both.
+    /// Counts a finished item in the job's tally (idempotent: a number set). Called after the
+    /// item is marked done, and again by any redelivery that finds it done, so a crash between
+    /// the two writes never loses the count.
+    pub async fn count_done(&self, job_id: &str, item: u32) -> StoreResult<()> {
+        self.table
+            .client
+            .update_item()
+            .table_name(&self.table.name)
+            .key("pk", attr_s(&job_pk(job_id)))
+            .key(
+                "sk",
+                attr_s(&format!("tally#{:05}", item / ITEMS_PER_TALLY)),
+            )
+            .update_expression("ADD done :item SET #ttl = if_not_exists(#ttl, :ttl)")
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_values(":item", AttributeValue::Ns(vec![item.to_string()]))
+            .expression_attribute_values(":ttl", self.item_ttl())
+            .send()
+            .await
+            .map_err(dynamo_err)?;
+        Ok(())
+    }
+
+    /// How many of a job's items are counted done, and the task token of the execution waiting
+    /// for all of them (once it has been stored). Read after writing one's own half (an item
+    /// counted, or the token), so whichever of a last worker and the waiting task writes second
+    /// sees both.
     pub async fn tally(&self, job_id: &str) -> StoreResult<(u64, Option<String>)> {
-        let item = self.table.get(&job_pk(job_id), "tally").await?;
-        Ok(match item {
-            Some(item) => (
-                get_n(&item, "done").unwrap_or(0).max(0) as u64,
-                get_s(&item, "token"),
-            ),
-            None => (0, None),
-        })
+        let pk = job_pk(job_id);
+        let done = self
+            .table
+            .query_all(&pk, Some("tally#"), None)
+            .await?
+            .iter()
+            .map(|i| match i.get("done") {
+                Some(AttributeValue::Ns(items)) => items.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        let token = self
+            .table
+            .get(&pk, "await")
+            .await?
+            .and_then(|i| get_s(&i, "token"));
+        Ok((done, token))
     }
 
     /// Stores the task token of the execution waiting for a job's items.
     pub async fn set_waiting_token(&self, job_id: &str, token: &str) -> StoreResult<()> {
         self.table
             .client
-            .update_item()
+            .put_item()
             .table_name(&self.table.name)
-            .key("pk", attr_s(&job_pk(job_id)))
-            .key("sk", attr_s("tally"))
-            .update_expression("SET #t = :t, #ttl = if_not_exists(#ttl, :ttl)")
-            .expression_attribute_names("#t", "token")
-            .expression_attribute_names("#ttl", "ttl")
-            .expression_attribute_values(":t", attr_s(token))
-            .expression_attribute_values(":ttl", self.item_ttl())
+            .item("pk", attr_s(&job_pk(job_id)))
+            .item("sk", attr_s("await"))
+            .item("token", attr_s(token))
+            .item("ttl", self.item_ttl())
             .send()
             .await
             .map_err(dynamo_err)?;
@@ -331,45 +366,10 @@ impl JobStore for DynamoJobStore {
         items.iter().map(doc).collect()
     }
 
-    /// Marks the item done and counts it in the job's tally in one transaction; an item done
-    /// already (a duplicate or redelivered message) is counted once.
     async fn complete_item(&self, job_id: &str, item: u32) -> StoreResult<()> {
-        use aws_sdk_dynamodb::types::{TransactWriteItem, Update};
-        let pk = job_pk(job_id);
-        let mark = Update::builder()
-            .table_name(&self.table.name)
-            .key("pk", attr_s(&pk))
-            .key("sk", attr_s(&format!("item#{item:06}")))
-            .update_expression("SET done = :one")
-            .condition_expression(
-                "attribute_exists(pk) AND (attribute_not_exists(done) OR done <> :one)",
-            )
-            .expression_attribute_values(":one", attr_n(1))
-            .build()
-            .map_err(dynamo_err)?;
-        let count = Update::builder()
-            .table_name(&self.table.name)
-            .key("pk", attr_s(&pk))
-            .key("sk", attr_s("tally"))
-            .update_expression("ADD done :one SET #ttl = if_not_exists(#ttl, :ttl)")
-            .expression_attribute_names("#ttl", "ttl")
-            .expression_attribute_values(":one", attr_n(1))
-            .expression_attribute_values(":ttl", self.item_ttl())
-            .build()
-            .map_err(dynamo_err)?;
-        let result = self
-            .table
-            .client
-            .transact_write_items()
-            .transact_items(TransactWriteItem::builder().update(mark).build())
-            .transact_items(TransactWriteItem::builder().update(count).build())
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) if first_condition_failed(&e) => Ok(()),
-            Err(e) => Err(dynamo_err(e)),
-        }
+        self.table
+            .set_number(&job_pk(job_id), &format!("item#{item:06}"), "done", 1)
+            .await
     }
 
     async fn completed_items(&self, job_id: &str) -> StoreResult<Vec<u32>> {
@@ -488,6 +488,43 @@ impl ExportLock for DynamoJobStore {
         match result {
             Ok(_) => Ok(true),
             Err(e) if is_condition_failure(&e) => Ok(false),
+            Err(e) => Err(dynamo_err(e)),
+        }
+    }
+
+    /// One transaction: the lock's conditional put (as in `acquire`) and the job's put.
+    async fn acquire_for_job(&self, job: &Job, lease: Duration, now: Instant) -> StoreResult<bool> {
+        use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
+        let now = to_micros(now);
+        let lock = Put::builder()
+            .table_name(&self.table.name)
+            .item("pk", attr_s(LOCK_PK))
+            .item("sk", attr_s("lock"))
+            .item("owner", attr_s(&job.id))
+            .item("expires", attr_n(now + lease.as_micros() as i64))
+            .condition_expression("attribute_not_exists(pk) OR expires <= :now OR #o = :owner")
+            .expression_attribute_names("#o", "owner")
+            .expression_attribute_values(":now", attr_n(now))
+            .expression_attribute_values(":owner", attr_s(&job.id))
+            .build()
+            .map_err(dynamo_err)?;
+        let stored = Put::builder()
+            .table_name(&self.table.name)
+            .set_item(Some(job_item(job)?))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(dynamo_err)?;
+        let result = self
+            .table
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().put(lock).build())
+            .transact_items(TransactWriteItem::builder().put(stored).build())
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if first_condition_failed(&e) => Ok(false),
             Err(e) => Err(dynamo_err(e)),
         }
     }

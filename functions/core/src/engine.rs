@@ -169,7 +169,7 @@ impl Exporter {
         if !self
             .ports
             .lock
-            .acquire(&job.id, self.settings.lock_lease, now)
+            .acquire_for_job(&job, self.settings.lock_lease, now)
             .await?
         {
             if let Some(running) = self.identical_running(&job, now).await? {
@@ -182,10 +182,6 @@ impl Exporter {
             );
             busy.retry_after = Some(self.settings.busy_retry_after);
             return Err(busy);
-        }
-        if let Err(e) = self.ports.jobs.create(&job).await {
-            self.ports.lock.release(&job.id).await.ok();
-            return Err(e.into());
         }
         tracing::info!(export_id = %job.id, export_level = ?job.level, "export accepted");
         Ok((job, true))

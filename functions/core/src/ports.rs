@@ -264,6 +264,11 @@ pub trait JobStore: Send + Sync {
 pub trait ExportLock: Send + Sync {
     /// Takes the lock for `owner` if it is free or its lease ended; returns whether it was taken.
     async fn acquire(&self, owner: &str, lease: Duration, now: Instant) -> StoreResult<bool>;
+    /// Takes the lock for `job` (its id is the owner) and stores the job, in one atomic step:
+    /// a crash can never leave a lock without its job (blocking every export until the lease
+    /// ends) nor a job without the lock. Returns whether the lock was taken (the job is stored
+    /// only then).
+    async fn acquire_for_job(&self, job: &Job, lease: Duration, now: Instant) -> StoreResult<bool>;
     /// Extends the lease if `owner` still holds it.
     async fn renew(&self, owner: &str, lease: Duration, now: Instant) -> StoreResult<bool>;
     /// Frees the lock if `owner` holds it.

@@ -37,6 +37,10 @@ pub async fn sdk_config() -> SdkConfig {
         .endpoint_url(endpoint())
         .region(Region::new("us-east-1"))
         .credentials_provider(Credentials::new("test", "test", None, None, "moto"))
+        // moto answers one request at a time: under load a response can stall for seconds.
+        .stalled_stream_protection(
+            aws_config::stalled_stream_protection::StalledStreamProtectionConfig::disabled(),
+        )
         .load()
         .await
 }
@@ -123,11 +127,13 @@ impl Deployment {
                 .force_path_style(true)
                 .build(),
         );
-        s3.create_bucket()
-            .bucket(format!("{prefix}-exports"))
-            .send()
-            .await
-            .expect("create bucket");
+        for bucket in ["exports", "resources"] {
+            s3.create_bucket()
+                .bucket(format!("{prefix}-{bucket}"))
+                .send()
+                .await
+                .expect("create bucket");
+        }
         let sqs = aws_sdk_sqs::Client::new(&sdk);
         let queue = |name: String| {
             let sqs = sqs.clone();
@@ -170,6 +176,8 @@ impl Deployment {
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(2),
             work_attempts: 3,
+            // Bodies and patient lists too big for an item go here, as RESOURCE_BUCKET deploys.
+            resource_bucket: Some(format!("{prefix}-resources")),
             export: Settings {
                 page_size: 200,
                 ..Settings::default()
@@ -632,6 +640,37 @@ impl Deployment {
         panic!("execution {job_id} still running");
     }
 
+    /// How many events a job's execution history holds, and the largest input or output any
+    /// of them carries (Step Functions refuses a payload over 256 KB and a history over 25,000
+    /// events; moto enforces neither, so tests check them here).
+    pub async fn history_size(&self, job_id: &str) -> (usize, usize) {
+        let arn = format!(
+            "{}:{job_id}",
+            self.state_machine_arn
+                .replacen(":stateMachine:", ":execution:", 1)
+        );
+        let sfn = aws_sdk_sfn::Client::new(&self.sdk);
+        let (mut events, mut largest, mut token) = (0, 0, None);
+        loop {
+            let page = sfn
+                .get_execution_history()
+                .execution_arn(&arn)
+                .set_next_token(token)
+                .send()
+                .await
+                .expect("execution history");
+            events += page.events().len();
+            for event in page.events() {
+                // The event's details, inputs and outputs included, as the API returns them.
+                largest = largest.max(format!("{event:?}").len());
+            }
+            token = page.next_token().map(String::from);
+            if token.is_none() {
+                return (events, largest);
+            }
+        }
+    }
+
     /// Keys of the objects under a job's prefix.
     pub async fn objects(&self, job_id: &str) -> Vec<String> {
         let s3 = aws_sdk_s3::Client::from_conf(
@@ -818,6 +857,103 @@ impl ApiResponse {
         );
         assert_eq!(self.json()["resourceType"], "OperationOutcome");
     }
+}
+
+/// The same export run by the local deployment (SQLite + files) on the same resources:
+/// type → sorted lines.
+pub async fn local_mode_export(
+    resources: &[NewResource],
+    level: export_core::params::ExportLevel,
+    params: export_core::params::ExportParams,
+    settings: &Settings,
+) -> BTreeMap<String, Vec<String>> {
+    use bulk_export_local::files::FileOutput;
+    use bulk_export_local::sqlite::SqliteStore;
+    use export_core::ports::JobStore;
+    let dir = std::env::temp_dir().join(format!(
+        "aws-vs-local-{}-{}",
+        std::process::id(),
+        export_core::ids::new_id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.join("db")).unwrap());
+    store.put_resources_blocking(resources.to_vec()).unwrap();
+    let output = Arc::new(FileOutput::new(&dir.join("out")).unwrap());
+    let ports = export_core::engine::Ports {
+        resources: store.clone(),
+        jobs: store.clone(),
+        lock: store.clone(),
+        output,
+    };
+    let settings = Settings {
+        page_delay: Duration::ZERO,
+        ..settings.clone()
+    };
+    let exporter = Arc::new(export_core::Exporter::new(ports, settings));
+    let job = exporter
+        .kickoff(level, params, "local".into())
+        .await
+        .unwrap();
+    export_core::runner::run_job(exporter.clone(), job.id.clone()).await;
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for part in store.parts(&job.id).await.unwrap() {
+        let text = std::fs::read_to_string(dir.join("out").join(&part.key)).unwrap();
+        out.entry(part.resource_type.clone())
+            .or_default()
+            .extend(text.lines().map(String::from));
+    }
+    out.values_mut().for_each(|lines| lines.sort());
+    std::fs::remove_dir_all(&dir).ok();
+    out
+}
+
+/// `type → sorted ids` of downloaded lines (see [`download`]).
+pub fn ids_of_lines(exported: &BTreeMap<String, Vec<String>>) -> BTreeMap<String, Vec<String>> {
+    exported
+        .iter()
+        .map(|(t, lines)| {
+            let mut ids: Vec<String> = lines
+                .iter()
+                .map(|l| {
+                    let v: Value = serde_json::from_str(l).unwrap();
+                    v["id"].as_str().unwrap().to_string()
+                })
+                .collect();
+            ids.sort();
+            (t.clone(), ids)
+        })
+        .collect()
+}
+
+/// Asserts two `type → lines` maps are equal, printing the counts and a first difference
+/// rather than both maps.
+pub fn assert_same_lines_as(
+    got: &BTreeMap<String, Vec<String>>,
+    want: &BTreeMap<String, Vec<String>>,
+    label: &str,
+) {
+    if got == want {
+        return;
+    }
+    let counts = |m: &BTreeMap<String, Vec<String>>| {
+        m.iter()
+            .map(|(t, l)| format!("{t}:{}", l.len()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let only_in = |a: &BTreeMap<String, Vec<String>>, b: &BTreeMap<String, Vec<String>>| {
+        a.iter()
+            .flat_map(|(t, lines)| lines.iter().map(move |l| (t, l)))
+            .find(|(t, l)| !b.get(*t).is_some_and(|w| w.contains(l)))
+            .map(|(t, l)| format!("{t}: {}", &l[..l.len().min(300)]))
+    };
+    panic!(
+        "{label}\n got:  {}\n want: {}\n first line only in got: {:?}\n first line only in want: {:?}",
+        counts(got),
+        counts(want),
+        only_in(got, want),
+        only_in(want, got)
+    );
 }
 
 /// Generated resources, prepared for loading.

@@ -4,6 +4,7 @@ use super::{SqliteStore, db_err};
 use async_trait::async_trait;
 use export_core::error::StoreResult;
 use export_core::fhir::time::{Instant, to_micros};
+use export_core::job::Job;
 use export_core::ports::ExportLock;
 use rusqlite::{OptionalExtension, params};
 use std::time::Duration;
@@ -26,6 +27,40 @@ impl ExportLock for SqliteStore {
                 )
                 .map_err(db_err)?;
             Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn acquire_for_job(&self, job: &Job, lease: Duration, now: Instant) -> StoreResult<bool> {
+        let (id, status, expires, doc) = (
+            job.id.clone(),
+            job.status.as_str(),
+            job.expires_at.map(to_micros),
+            serde_json::to_string(job)?,
+        );
+        let (now, until) = (to_micros(now), to_micros(now) + lease.as_micros() as i64);
+        self.run(move |conn| {
+            // One transaction: the lock row and the job row are written together or not at all.
+            let tx = conn.transaction().map_err(db_err)?;
+            let taken = tx
+                .execute(
+                    "INSERT INTO export_lock (name, owner, expires) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires = excluded.expires \
+                     WHERE export_lock.expires <= ?4 OR export_lock.owner = excluded.owner",
+                    params![LOCK_NAME, id, until, now],
+                )
+                .map_err(db_err)?
+                == 1;
+            if !taken {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO jobs (id, status, expires, doc) VALUES (?1, ?2, ?3, ?4)",
+                params![id, status, expires, doc],
+            )
+            .map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
+            Ok(true)
         })
         .await
     }
