@@ -5,7 +5,8 @@
 
 use crate::fhir::is_resource_type;
 use crate::fhir::mandatory_elements;
-use serde_json::{Map, Value, json};
+use crate::fhir::members::Member;
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
 /// The `SUBSETTED` code of the v3 ObservationValue code system.
@@ -65,20 +66,76 @@ impl ElementSelection {
         let Value::Object(map) = resource else {
             return;
         };
-        let wanted: Vec<&str> = self
-            .every_type
+        let wanted = self.wanted(resource_type);
+        map.retain(|key, _| keeps(&wanted, key));
+        let meta = map.entry("meta").or_insert_with(|| json!({}));
+        tag_subsetted(meta);
+    }
+
+    /// [`ElementSelection::apply`] on a resource given as its members (see
+    /// [`crate::fhir::members`]): the kept members are copied as stored, only `meta` is parsed
+    /// (to add the tag). The bytes are those `apply` and `serde_json` would write for a stored
+    /// (already minified) resource.
+    pub fn trim_members(
+        &self,
+        resource_type: &str,
+        members: &[Member<'_>],
+    ) -> Result<Vec<u8>, serde_json::Error> {
+        let wanted = self.wanted(resource_type);
+        let mut out = Vec::with_capacity(
+            members
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>()
+                + 96,
+        );
+        out.push(b'{');
+        let mut meta_written = false;
+        for (key, value) in members.iter().filter(|(key, _)| keeps(&wanted, key)) {
+            if out.len() > 1 {
+                out.push(b',');
+            }
+            out.push(b'"');
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":");
+            if *key == "meta" && !meta_written {
+                let mut meta: Value = serde_json::from_slice(value)?;
+                tag_subsetted(&mut meta);
+                serde_json::to_writer(&mut out, &meta)?;
+                meta_written = true;
+            } else {
+                out.extend_from_slice(value);
+            }
+        }
+        if !meta_written {
+            if out.len() > 1 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"\"meta\":");
+            let mut meta = json!({});
+            tag_subsetted(&mut meta);
+            serde_json::to_writer(&mut out, &meta)?;
+        }
+        out.push(b'}');
+        Ok(out)
+    }
+
+    /// The elements a trimmed resource of `resource_type` keeps.
+    fn wanted(&self, resource_type: &str) -> Vec<&str> {
+        self.every_type
             .iter()
             .chain(self.by_type.get(resource_type).into_iter().flatten())
             .map(String::as_str)
             .chain(ALWAYS_KEPT.iter().copied())
             .chain(mandatory_elements(resource_type).iter().copied())
-            .collect();
-        map.retain(|key, _| {
-            let name = key.strip_prefix('_').unwrap_or(key);
-            wanted.iter().any(|w| selects(w, name))
-        });
-        tag_subsetted(map);
+            .collect()
     }
+}
+
+/// Whether the JSON member `key` (`_name` carries `name`'s extensions) is kept.
+fn keeps(wanted: &[&str], key: &str) -> bool {
+    let name = key.strip_prefix('_').unwrap_or(key);
+    wanted.iter().any(|w| selects(w, name))
 }
 
 /// Whether the selected element `wanted` (`value`, `value[x]`) covers the JSON property `name`.
@@ -90,8 +147,7 @@ fn selects(wanted: &str, name: &str) -> bool {
             && name[base.len()..].starts_with(|c: char| c.is_ascii_uppercase()))
 }
 
-fn tag_subsetted(map: &mut Map<String, Value>) {
-    let meta = map.entry("meta").or_insert_with(|| json!({}));
+fn tag_subsetted(meta: &mut Value) {
     let Value::Object(meta) = meta else {
         return;
     };

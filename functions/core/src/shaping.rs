@@ -4,23 +4,39 @@
 
 use crate::elements::ElementSelection;
 use crate::error::StoreResult;
+use crate::fhir::fhirpath::names_member;
+use crate::fhir::members::members;
 use crate::params::ExportParams;
 use crate::type_filter::TypeFilters;
 use bytes::Bytes;
-use serde_json::Value;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 
 /// The per-resource rules of one export.
 #[derive(Debug, Clone, Default)]
 pub struct Shaping {
     filters: TypeFilters,
     elements: ElementSelection,
+    /// Per filtered type, the top-level elements its filters read (`None`: the whole resource).
+    read: BTreeMap<String, Option<Vec<String>>>,
 }
 
 impl Shaping {
     pub fn new(params: &ExportParams) -> Shaping {
+        let filters = params.compiled_type_filters();
+        let read = filters
+            .types()
+            .map(|t| {
+                let names = filters
+                    .elements_read(t)
+                    .map(|names| names.into_iter().map(String::from).collect());
+                (t.to_string(), names)
+            })
+            .collect();
         Shaping {
-            filters: params.compiled_type_filters(),
+            filters,
             elements: params.element_selection(),
+            read,
         }
     }
 
@@ -30,10 +46,39 @@ impl Shaping {
     }
 
     /// The line to export for one stored resource, or `None` when the filter leaves it out.
+    /// Only the members the filter reads are parsed, and `_elements` copies the kept members'
+    /// bytes (see [`crate::fhir::members`]); a resource the scanner cannot read exactly is parsed
+    /// whole.
     pub fn shape(&self, resource_type: &str, json: Bytes) -> StoreResult<Option<Bytes>> {
         if !self.touches(resource_type) {
             return Ok(Some(json));
         }
+        let Some(found) = members(&json) else {
+            return self.shape_parsed(resource_type, json);
+        };
+        if let Some(read) = self.read.get(resource_type) {
+            let Some(names) = read else {
+                return self.shape_parsed(resource_type, json);
+            };
+            let mut partial = Map::new();
+            for (key, value) in &found {
+                if names.iter().any(|name| names_member(name, key)) {
+                    partial.insert(key.to_string(), serde_json::from_slice(value)?);
+                }
+            }
+            if !self.filters.matches(resource_type, &Value::Object(partial)) {
+                return Ok(None);
+            }
+        }
+        if !self.elements.trims(resource_type) {
+            return Ok(Some(json));
+        }
+        let trimmed = self.elements.trim_members(resource_type, &found)?;
+        Ok(Some(Bytes::from(trimmed)))
+    }
+
+    /// [`Shaping::shape`] by parsing the whole resource.
+    fn shape_parsed(&self, resource_type: &str, json: Bytes) -> StoreResult<Option<Bytes>> {
         let mut resource: Value = serde_json::from_slice(&json)?;
         if !self.filters.matches(resource_type, &resource) {
             return Ok(None);
@@ -43,5 +88,62 @@ impl Shaping {
         }
         self.elements.apply(resource_type, &mut resource);
         Ok(Some(Bytes::from(serde_json::to_vec(&resource)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shapes `resource` both ways: by members and by parsing it whole (the rule as written first).
+    fn both(params: &ExportParams, resource: &str) -> (Option<Bytes>, Option<Bytes>) {
+        let shaping = Shaping::new(params);
+        let json = Bytes::from(resource.to_string());
+        let fast = shaping.shape("Observation", json.clone()).unwrap();
+        let whole = shaping.shape_parsed("Observation", json).unwrap();
+        (fast, whole)
+    }
+
+    #[test]
+    fn shaping_by_members_gives_the_bytes_of_a_whole_parse() {
+        let observations = [
+            r#"{"resourceType":"Observation","id":"a","meta":{"lastUpdated":"2024-01-01T00:00:00Z"},"status":"final","code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}]},"subject":{"reference":"Patient/p"},"effectiveDateTime":"2023-05-01","valueQuantity":{"value":72.5,"unit":"/min"}}"#,
+            r#"{"resourceType":"Observation","id":"b","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"2339-0"}],"text":"glucose \"fasting\""},"effectivePeriod":{"start":"2021-01-01"},"_status":{"extension":[]}}"#,
+            r#"{"resourceType":"Observation","id":"c","meta":{"tag":[{"system":"x","code":"y"}]},"status":"preliminary","code":{"text":"none"},"issued":"2022-03-01T10:00:00Z"}"#,
+        ];
+        let cases = [
+            ExportParams {
+                type_filters: vec![
+                    "Observation?code=http://loinc.org|8867-4,2339-0&date=ge2022".into(),
+                ],
+                ..ExportParams::default()
+            },
+            ExportParams {
+                type_filters: vec!["Observation?status:not=final".into()],
+                ..ExportParams::default()
+            },
+            ExportParams {
+                elements: vec!["Observation.value,subject".into()],
+                ..ExportParams::default()
+            },
+            ExportParams {
+                type_filters: vec!["Observation?value-quantity=gt70".into()],
+                elements: vec!["status".into()],
+                ..ExportParams::default()
+            },
+        ];
+        let mut kept = 0;
+        for params in &cases {
+            for observation in observations {
+                let (fast, whole) = both(params, observation);
+                assert_eq!(fast, whole, "{params:?} {observation}");
+                kept += fast.is_some() as usize;
+            }
+        }
+        // The cases keep some and leave some out, so both outcomes are compared.
+        assert!(
+            kept > 0 && kept < cases.len() * observations.len(),
+            "{kept}"
+        );
     }
 }

@@ -38,8 +38,8 @@ fn main() {
     std::fs::create_dir_all(&root).expect("bench dir");
     let runtime = bulk_export_local::runtime::build().expect("runtime");
     println!(
-        "{:<10} {:>10} {:>9} {:>10} {:>9} {:>8} {:>12}",
-        "level", "resources", "seconds", "res/s", "MB/s", "files", "peak RSS MB"
+        "{:<10} {:>10} {:>9} {:>10} {:>9} {:>8} {:>12} {:>8}",
+        "level", "resources", "seconds", "res/s", "MB/s", "files", "peak RSS MB", "x floor"
     );
     for size in sizes {
         let patients = size.div_ceil(PER_PATIENT).max(1);
@@ -85,6 +85,23 @@ fn main() {
                 },
             ),
         ];
+        // The floors: every stored body read from the same file and written to one file, on one
+        // core, as `sqlite3 store.db "select body from resources" > out.ndjson` does.
+        let everything = floor(&db, "SELECT body FROM resources", &root);
+        let observations_floor = floor(
+            &db,
+            "SELECT body FROM resources WHERE type = 'Observation'",
+            &root,
+        )
+        .min(floor(
+            &db,
+            "SELECT body FROM resources WHERE rid >= (SELECT num << 40 FROM resource_types WHERE type = 'Observation') \
+             AND rid < (SELECT (num + 1) << 40 FROM resource_types WHERE type = 'Observation')",
+            &root,
+        ));
+        println!(
+            "(floor: all bodies {everything:.2}s, Observation bodies {observations_floor:.2}s)"
+        );
         for (name, level, params) in cases {
             let out = root.join("out");
             let _ = std::fs::remove_dir_all(&out);
@@ -92,15 +109,22 @@ fn main() {
             if name == "system" {
                 gzip_cost(&out);
             }
+            let floor = match name {
+                "system" | "patient" | "by-patient" => Some(everything),
+                "obs" | "obs+filter" | "obs+elems" => Some(observations_floor),
+                _ => None,
+            };
+            let ratio = floor.map_or("-".to_string(), |f| format!("{:.2}", stats.seconds / f));
             println!(
-                "{:<10} {:>10} {:>9.2} {:>10.0} {:>9.1} {:>8} {:>12.1}",
+                "{:<10} {:>10} {:>9.2} {:>10.0} {:>9.1} {:>8} {:>12.1} {:>8}",
                 name,
                 stats.resources,
                 stats.seconds,
                 stats.resources as f64 / stats.seconds,
                 stats.bytes as f64 / 1e6 / stats.seconds,
                 stats.files,
-                stats.peak_rss_kb as f64 / 1024.0
+                stats.peak_rss_kb as f64 / 1024.0,
+                ratio
             );
             let _ = std::fs::remove_dir_all(&out);
         }
@@ -135,6 +159,35 @@ fn ensure_store(db: &Path, patients: usize) -> SqliteStore {
         std::fs::write(&ready, "").expect("marker");
     }
     SqliteStore::open(db).expect("open store")
+}
+
+/// Seconds to run `sql` (one text column) and write every value as a line of one file: the
+/// floor an export of the same rows is measured against (the best of three runs).
+fn floor(db: &Path, sql: &str, root: &Path) -> f64 {
+    use std::io::Write;
+    let conn = rusqlite::Connection::open(db).expect("open store");
+    conn.execute_batch("PRAGMA cache_size=-8192;")
+        .expect("pragma");
+    let path = root.join("floor.ndjson");
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let mut out = std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(&path).expect("floor file"),
+        );
+        let mut stmt = conn.prepare(sql).expect("floor query");
+        let mut rows = stmt.query([]).expect("floor query");
+        while let Some(row) = rows.next().expect("row") {
+            out.write_all(row.get_ref(0).expect("body").as_bytes().expect("text"))
+                .expect("write");
+            out.write_all(b"\n").expect("write");
+        }
+        out.flush().expect("flush");
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    let _ = std::fs::remove_file(&path);
+    best
 }
 
 struct Stats {

@@ -46,6 +46,19 @@ impl Expression {
         Ok(Expression { branches })
     }
 
+    /// The top-level elements the expression's paths start from, or `None` when a branch does
+    /// not start with one. A resource reduced to the members these name (see [`names_member`])
+    /// evaluates exactly as the whole resource does.
+    pub fn top_level_names(&self) -> Option<Vec<&str>> {
+        self.branches
+            .iter()
+            .map(|steps| match steps.first() {
+                Some(Step::Child(name)) => Some(name.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Every value the expression selects in `resource`.
     pub fn evaluate<'a>(&self, resource: &'a Value) -> Vec<Found<'a>> {
         let mut out = Vec::new();
@@ -75,10 +88,7 @@ fn apply<'a>(step: &Step, input: Vec<Found<'a>>) -> Vec<Found<'a>> {
                     continue;
                 };
                 for (key, value) in map {
-                    let is_choice = key.len() > name.len()
-                        && key.starts_with(name.as_str())
-                        && key[name.len()..].starts_with(|c: char| c.is_ascii_uppercase());
-                    if key == name || is_choice {
+                    if names_member(name, key) {
                         push_flat(&mut out, key, value);
                     }
                 }
@@ -110,6 +120,15 @@ fn apply<'a>(step: &Step, input: Vec<Found<'a>>) -> Vec<Found<'a>> {
         }
     }
     out
+}
+
+/// Whether the element `name` of a path is the JSON member `key`: itself, or one type of a
+/// choice element (`value` names `valueQuantity`).
+pub fn names_member(name: &str, key: &str) -> bool {
+    key == name
+        || (key.len() > name.len()
+            && key.starts_with(name)
+            && key[name.len()..].starts_with(|c: char| c.is_ascii_uppercase()))
 }
 
 fn push_flat<'a>(out: &mut Vec<Found<'a>>, name: &'a str, value: &'a Value) {

@@ -6,6 +6,7 @@ pub mod compartment;
 mod compartment_table;
 pub mod fhirpath;
 mod mandatory_table;
+pub mod members;
 pub mod outcome;
 pub mod reference;
 pub mod search_table;

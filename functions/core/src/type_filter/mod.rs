@@ -139,6 +139,20 @@ impl TypeFilters {
         self.by_type.contains_key(resource_type)
     }
 
+    /// The top-level elements the filters of `resource_type` read, or `None` when one of them
+    /// may read more (the whole resource is then parsed).
+    pub fn elements_read(&self, resource_type: &str) -> Option<Vec<&str>> {
+        let mut names = Vec::new();
+        for query in self.by_type.get(resource_type).into_iter().flatten() {
+            for criterion in &query.criteria {
+                names.extend(criterion.expression.top_level_names()?);
+            }
+        }
+        names.sort_unstable();
+        names.dedup();
+        Some(names)
+    }
+
     /// Whether `resource` passes the filters of its type (always, for an unfiltered type).
     pub fn matches(&self, resource_type: &str, resource: &Value) -> bool {
         match self.by_type.get(resource_type) {

@@ -25,6 +25,9 @@ CREATE TABLE IF NOT EXISTS resources (
     deleted    INTEGER NOT NULL DEFAULT 0  -- 1: this version deletes the resource
 );
 CREATE UNIQUE INDEX IF NOT EXISTS resources_by_id ON resources (type, id, version);
+-- Each type owns a range of rids (`num << 40` and up, see resources.rs), so one type's rows are
+-- contiguous in the table and a type is read as one sequential range, not row by row.
+CREATE TABLE IF NOT EXISTS resource_types (type TEXT PRIMARY KEY, num INTEGER NOT NULL UNIQUE);
 CREATE INDEX IF NOT EXISTS resources_by_time ON resources (type, lu);
 CREATE TABLE IF NOT EXISTS membership (
     patient TEXT    NOT NULL,
@@ -106,6 +109,7 @@ impl SqliteStore {
             [],
         );
         Self::index_old_provenance(&conn)?;
+        Self::cluster_old_rows(&conn)?;
         store.pool.lock().expect("pool").push(conn);
         Ok(store)
     }
