@@ -146,12 +146,12 @@ fn job_of(status_path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn throttled_reads_are_retried_and_the_export_is_byte_identical() {
-    let resources = generated(3);
+    let resources = generated(1);
     let mut aws = Deployment::create(|s| s.export.max_file_resources = 60).await;
     aws.load(resources.clone()).await;
     let flaky = Arc::new(Flaky {
         inner: aws.service.resources.clone(),
-        transient: AtomicUsize::new(12),
+        transient: AtomicUsize::new(6),
         broken_type: None,
         failed: AtomicUsize::new(0),
     });
@@ -195,13 +195,13 @@ async fn throttled_reads_are_retried_and_the_export_is_byte_identical() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_killed_mid_part_resumes_from_its_last_part_without_a_lost_or_repeated_line() {
-    let resources = generated(3);
+    let resources = generated(1);
     // Slow pages and small files: each item writes several parts, and the first run of every
     // item is killed after a few of them, in the middle of the next.
     let mut aws = Deployment::create(|s| {
         s.export.page_size = 10;
         s.export.max_file_resources = 20;
-        s.export.page_delay = Duration::from_millis(40);
+        s.export.page_delay = Duration::from_millis(60);
     })
     .await;
     aws.load(resources.clone()).await;
@@ -216,7 +216,7 @@ async fn a_worker_killed_mid_part_resumes_from_its_last_part_without_a_lost_or_r
     })
     .await;
     aws.start_lambdas(
-        Delivery::KillFirst(Duration::from_millis(700)),
+        Delivery::KillFirst(Duration::from_millis(400)),
         Some(worker),
     );
     let kick = aws
