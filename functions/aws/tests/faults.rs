@@ -144,6 +144,9 @@ fn job_of(status_path: &str) -> String {
     status_path.rsplit('/').next().unwrap().to_string()
 }
 
+/// Page reads that fail with a throttling error before reads succeed again.
+const THROTTLED_READS: usize = 6;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn throttled_reads_are_retried_and_the_export_is_byte_identical() {
     let resources = generated(1);
@@ -151,7 +154,7 @@ async fn throttled_reads_are_retried_and_the_export_is_byte_identical() {
     aws.load(resources.clone()).await;
     let flaky = Arc::new(Flaky {
         inner: aws.service.resources.clone(),
-        transient: AtomicUsize::new(6),
+        transient: AtomicUsize::new(THROTTLED_READS),
         broken_type: None,
         failed: AtomicUsize::new(0),
     });
@@ -167,7 +170,7 @@ async fn throttled_reads_are_retried_and_the_export_is_byte_identical() {
     let manifest = aws.wait_for_manifest(&kick.status_path()).await;
     assert_eq!(
         flaky.failed.load(Ordering::SeqCst),
-        12,
+        THROTTLED_READS,
         "every fault was hit"
     );
     assert!(

@@ -65,6 +65,8 @@ pub struct ChunkReader {
     skip: u64,
 }
 
+// One reader per chunk in flight: the size of the line variant costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 enum Inner {
     Lines {
         body: ByteStream,
