@@ -234,8 +234,10 @@ async fn a_worker_killed_mid_part_resumes_from_its_last_part_without_a_lost_or_r
 
     // No line lost or repeated (download() also refuses a line exported twice).
     let exported = download(&manifest);
-    let mut params = ExportParams::default();
-    params.types = Some(vec!["Observation".into(), "Patient".into()]);
+    let params = ExportParams {
+        types: Some(vec!["Observation".into(), "Patient".into()]),
+        ..ExportParams::default()
+    };
     let local = local_mode_export(
         &resources,
         ExportLevel::Patient,
