@@ -82,18 +82,27 @@ AWS_DEFAULT_REGION=us-east-1 SAM_CLI_TELEMETRY=0 "$TOOLS/venv/bin/sam" validate 
 # when one of them is removed).
 "$TOOLS/venv/bin/python" tests/check_template.py template.yaml
 
-echo "== moto server"
-MOTO_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-export MOTO_PORT
-MOTO_PORT=$MOTO_PORT "$TOOLS/venv/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" > "$TOOLS/moto.log" 2>&1 &
-MOTO_PID=$!
-trap 'kill $MOTO_PID 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-  if python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$MOTO_PORT/moto-api/')" 2>/dev/null; then break; fi
-  sleep 0.2
-done
-export MOTO_ENDPOINT=http://127.0.0.1:$MOTO_PORT
-echo "moto on $MOTO_ENDPOINT"
+# moto keeps every item and object in memory: each AWS test file gets a server of its own
+# (started by start_moto, stopped by stop_moto), so what one file stores never adds up across files.
+MOTO_PID=""
+start_moto() {
+  MOTO_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  export MOTO_PORT
+  MOTO_PORT=$MOTO_PORT "$TOOLS/venv/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" > "$TOOLS/moto-$1.log" 2>&1 &
+  MOTO_PID=$!
+  for _ in $(seq 1 100); do
+    if python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$MOTO_PORT/moto-api/')" 2>/dev/null; then break; fi
+    sleep 0.2
+  done
+  export MOTO_ENDPOINT=http://127.0.0.1:$MOTO_PORT
+  echo "moto on $MOTO_ENDPOINT for $1"
+}
+stop_moto() {
+  kill "$MOTO_PID" 2>/dev/null || true
+  wait "$MOTO_PID" 2>/dev/null || true
+  MOTO_PID=""
+}
+trap 'stop_moto' EXIT
 
 echo "== build the binaries the end-to-end tests drive"
 cargo build --workspace --bins
@@ -103,7 +112,18 @@ cargo build -p bulk-export --features aws --bin bulk-export
 cp target/debug/bulk-export target/debug/bulk-export-aws
 
 echo "== cargo test"
-cargo test --workspace --all-targets
+cargo test --workspace --all-targets --exclude export-aws
+cargo test -p export-aws --lib
+echo "== the AWS deployment against moto, one server per test file"
+for test_file in functions/aws/tests/*.rs; do
+  name=$(basename "$test_file" .rs)
+  start_moto "$name"
+  cargo test -p export-aws --test "$name"
+  stop_moto
+done
+start_moto benches
+cargo test -p export-aws --benches
+stop_moto
 
 echo "== schemathesis: the study API against its OpenAPI document"
 ST_DIR=$TOOLS/schemathesis-run
@@ -112,7 +132,7 @@ ST_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0))
 target/debug/bulk-export serve --addr "127.0.0.1:$ST_PORT" --db "$ST_DIR/store.db" --output "$ST_DIR/exports" \
   --sample 20 --auth on --request-rate 100000 > "$ST_DIR/serve.out" 2> "$ST_DIR/serve.log" &
 ST_PID=$!
-trap 'kill $MOTO_PID $ST_PID 2>/dev/null || true' EXIT
+trap 'kill $ST_PID 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do grep -q "listening on" "$ST_DIR/serve.out" 2>/dev/null && break; sleep 0.2; done
 target/debug/bulk-export users add --db "$ST_DIR/store.db" --email schemathesis@example.org --name Schemathesis
 target/debug/bulk-export members grant --db "$ST_DIR/store.db" --user schemathesis@example.org --study study-0 --role study-admin
