@@ -88,7 +88,7 @@ MOTO_PID=""
 start_moto() {
   MOTO_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   export MOTO_PORT
-  MOTO_PORT=$MOTO_PORT "$TOOLS/venv/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" > "$TOOLS/moto-$1.log" 2>&1 &
+  MOTO_PORT=$MOTO_PORT "$TOOLS/venv/bin/python" tests/moto_server.py -H 127.0.0.1 -p "$MOTO_PORT" > "$TOOLS/moto-$1.log" 2>&1 &
   MOTO_PID=$!
   for _ in $(seq 1 100); do
     if python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$MOTO_PORT/moto-api/')" 2>/dev/null; then break; fi

@@ -1,0 +1,143 @@
+"""moto's server, with one fix to DynamoDB's TransactWriteItems that the AWS tests depend on.
+
+moto 5.2 snapshots a transaction's tables with `copy.deepcopy` once per *action* (a
+100-action transaction copies its table 100 times) and on failure puts the whole snapshot
+back. Loading resources in transactions (version, compartment entries and current pointer
+together) therefore costs time quadratic in the table's size, and the copies fragment the
+heap until the kernel kills the server (seen in CI: one test file took moto past 20 GB).
+Restoring whole tables also drops writes that other requests made meanwhile.
+
+This wrapper keeps moto's checks and effects action for action and replaces only the
+snapshot: it records the items the transaction touches and, if it is cancelled, restores
+exactly those. That is what DynamoDB guarantees (all or nothing for the listed items) at a
+cost proportional to the transaction, not to the table. Run it as `moto_server` is run:
+`MOTO_PORT=P python tests/moto_server.py -H 127.0.0.1 -p P`.
+"""
+
+import copy
+import sys
+
+from moto.dynamodb.comparisons import get_filter_expression
+from moto.dynamodb.exceptions import (
+    ConditionalCheckFailed,
+    MockValidationException,
+    MultipleTransactionsException,
+    TooManyTransactionsException,
+    TransactionCanceledException,
+    TransactWriteSingleOpException,
+)
+from moto.dynamodb.models import DynamoDBBackend
+from moto.server import main
+
+
+def _item_key(backend, table_name, op_type, op):
+    """The key an action addresses, as moto computes it."""
+    if op_type == "Put":
+        attrs = op["Item"]
+        table = backend.get_table(table_name)
+        key = {table.hash_key_attr: attrs[table.hash_key_attr]}
+        if table.range_key_attr is not None:
+            key[table.range_key_attr] = attrs[table.range_key_attr]
+        return key
+    return op["Key"]
+
+
+def _restore(backend, journal):
+    """Puts every touched item back as it was before the transaction."""
+    for table_name, hash_value, range_value, before in reversed(journal):
+        table = backend.get_table(table_name)
+        if range_value is not None:
+            if before is None:
+                table.items[hash_value].pop(range_value, None)
+            else:
+                table.items[hash_value][range_value] = before
+        elif before is None:
+            table.items.pop(hash_value, None)
+        else:
+            table.items[hash_value] = before
+
+
+def transact_write_items(self, transact_items):
+    if len(transact_items) > 100:
+        raise TooManyTransactionsException()
+    target_items = set()
+    journal = []  # (table, hash, range, item before the transaction or None)
+
+    def check_unicity(table_name, key):
+        item = (str(table_name), str(dict(sorted(key.items()))))
+        if item in target_items:
+            raise MultipleTransactionsException()
+        target_items.add(item)
+
+    errors = []
+    for item in transact_items:
+        original_item = None
+        if len(list(item.keys())) > 1:
+            raise TransactWriteSingleOpException
+        try:
+            op_type, op = next(iter(item.items()))
+            if op_type not in {"ConditionCheck", "Put", "Delete", "Update"}:
+                raise ValueError("Unsupported transaction operation")
+            table_name = op["TableName"]
+            condition_expression = op.get("ConditionExpression")
+            names = op.get("ExpressionAttributeNames")
+            values = op.get("ExpressionAttributeValues")
+            key = _item_key(self, table_name, op_type, op)
+            check_unicity(table_name, key)
+
+            current = self.get_item(table_name, key)
+            if condition_expression is not None:
+                condition_op = get_filter_expression(condition_expression, names, values)
+                if not condition_op.expr(current):
+                    if op.get("ReturnValuesOnConditionCheckFailure") == "ALL_OLD" and current:
+                        original_item = current.to_json()["Attributes"]
+                    raise ConditionalCheckFailed(item=original_item)
+
+            if op_type != "ConditionCheck":
+                table = self.get_table(table_name)
+                hash_value, range_value = self.get_keys_value(table, key)
+                journal.append((table_name, hash_value, range_value, copy.deepcopy(current)))
+            if op_type == "Put":
+                self.put_item(
+                    table_name,
+                    op["Item"],
+                    condition_expression=condition_expression,
+                    expression_attribute_names=names,
+                    expression_attribute_values=values,
+                )
+            elif op_type == "Delete":
+                self.delete_item(
+                    table_name,
+                    key,
+                    condition_expression=condition_expression,
+                    expression_attribute_names=names,
+                    expression_attribute_values=values,
+                )
+            elif op_type == "Update":
+                self.update_item(
+                    table_name,
+                    key,
+                    update_expression=op["UpdateExpression"],
+                    condition_expression=condition_expression,
+                    expression_attribute_names=names,
+                    expression_attribute_values=values,
+                )
+            errors.append((None, None, None))
+        except (MultipleTransactionsException, MockValidationException):
+            _restore(self, journal)
+            raise
+        except ConditionalCheckFailed as e:
+            errors.append(("ConditionalCheckFailed", str(e.message), original_item))
+        except Exception as e:  # noqa: E722, as moto: report the action's error
+            errors.append((type(e).__name__, str(e), original_item))
+
+    if any(code is not None for code, _, _ in errors):
+        _restore(self, journal)
+        raise TransactionCanceledException(errors)
+
+
+DynamoDBBackend.transact_write_items = transact_write_items
+
+if __name__ == "__main__":
+    sys.argv[0] = "moto_server"
+    sys.exit(main())
