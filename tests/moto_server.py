@@ -1,4 +1,4 @@
-"""moto's server, with one fix to DynamoDB's TransactWriteItems that the AWS tests depend on.
+"""moto's server, with two fixes of its cost (not its behaviour) that the AWS tests depend on.
 
 moto 5.2 snapshots a transaction's tables with `copy.deepcopy` once per *action* (a
 100-action transaction copies its table 100 times) and on failure puts the whole snapshot
@@ -12,10 +12,17 @@ snapshot: it records the items the transaction touches and, if it is cancelled, 
 exactly those. That is what DynamoDB guarantees (all or nothing for the listed items) at a
 cost proportional to the transaction, not to the table. Run it as `moto_server` is run:
 `MOTO_PORT=P python tests/moto_server.py -H 127.0.0.1 -p P`.
+
+SQS: moto's SendMessage reads the queue's `ContentBasedDeduplication` through the property that
+builds every attribute, counting the queue's messages three times with a clock read per
+message; a fan-out of thousands of work messages made each send cost as much as the queue
+held. Sending now sees those three counts as 0 (it never uses them); GetQueueAttributes and
+everything else still count.
 """
 
 import copy
 import sys
+import threading
 
 from moto.dynamodb.comparisons import get_filter_expression
 from moto.dynamodb.exceptions import (
@@ -28,6 +35,7 @@ from moto.dynamodb.exceptions import (
 )
 from moto.dynamodb.models import DynamoDBBackend
 from moto.server import main
+from moto.sqs.models import Queue, SQSBackend
 
 
 def _item_key(backend, table_name, op_type, op):
@@ -137,6 +145,30 @@ def transact_write_items(self, transact_items):
 
 
 DynamoDBBackend.transact_write_items = transact_write_items
+
+_sending = threading.local()
+_send_message = SQSBackend.send_message
+
+
+def send_message(self, *args, **kwargs):
+    _sending.active = True
+    try:
+        return _send_message(self, *args, **kwargs)
+    finally:
+        _sending.active = False
+
+
+def _uncounted_while_sending(count):
+    return property(lambda queue: 0 if getattr(_sending, "active", False) else count.fget(queue))
+
+
+SQSBackend.send_message = send_message
+for _name in (
+    "approximate_number_of_messages",
+    "approximate_number_of_messages_delayed",
+    "approximate_number_of_messages_not_visible",
+):
+    setattr(Queue, _name, _uncounted_while_sending(getattr(Queue, _name)))
 
 if __name__ == "__main__":
     sys.argv[0] = "moto_server"

@@ -763,6 +763,64 @@ fn partial_manifests_list_finished_files_and_never_change() {
     get(&format!("{location}/page/99")).assert_outcome(404);
 }
 
+/// A manifest of more files than a page holds (1,000) is paged even when the client did not ask
+/// for `allowPartialManifests`: on AWS the status answer passes through Lambda, whose responses
+/// stop at 6 MB. Pages are cut in manifest order and together list every resource once.
+#[test]
+fn a_manifest_of_more_than_a_thousand_files_is_paged() {
+    let dir = scratch_dir("paged-manifest");
+    let data = read_ndjson_dir(&generated_store(&dir, 4));
+    assert!(
+        data.len() > 1000,
+        "{} resources: too few for two pages",
+        data.len()
+    );
+    let server = Server::start(&dir, &["--max-file-resources", "1"]);
+    let kick = server.kickoff("/$export");
+    assert_eq!(kick.status, 202, "{}", kick.body);
+    let location = kick.header("content-location").unwrap();
+    let first = wait_for_manifest(&location);
+    let mut pages = vec![first.clone()];
+    while let Some(next) = pages.last().unwrap()["link"][0]["url"]
+        .as_str()
+        .map(String::from)
+    {
+        assert_eq!(pages.last().unwrap()["link"][0]["relation"], "next");
+        let r = get(&next);
+        assert_eq!(r.status, 200, "{}", r.body);
+        pages.push(r.json());
+    }
+    // One resource per file: as many files as resources, 1,000 to a page.
+    let sizes: Vec<usize> = pages
+        .iter()
+        .map(|p| p["output"].as_array().unwrap().len())
+        .collect();
+    let mut want_sizes = vec![1000; data.len() / 1000];
+    if data.len() % 1000 > 0 {
+        want_sizes.push(data.len() % 1000);
+    }
+    assert_eq!(sizes, want_sizes);
+    for page in &pages {
+        assert_eq!(page["transactionTime"], first["transactionTime"]);
+    }
+    let all: Vec<Value> = pages
+        .iter()
+        .flat_map(|p| p["output"].as_array().unwrap().iter().cloned())
+        .collect();
+    let urls: BTreeSet<&str> = all.iter().map(|e| e["url"].as_str().unwrap()).collect();
+    assert_eq!(urls.len(), all.len(), "no file is listed twice");
+    let mut want: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in &data {
+        want.entry(r["resourceType"].as_str().unwrap().to_string())
+            .or_default()
+            .push(r["id"].as_str().unwrap().to_string());
+    }
+    want.values_mut().for_each(|v| v.sort());
+    assert_eq!(exported_ids(&json!({"output": all})), want);
+    // Polling again shows the same first page.
+    assert_eq!(wait_for_manifest(&location), first);
+}
+
 /// The blocks of an organized export, read from its files in manifest order.
 struct Blocks {
     /// Patient id → the `(type, id)` of the resources of its block (without the Patient).

@@ -9,6 +9,7 @@
 //! | tally | `job#<id>` | `tally#<n / 5000>` (`done`: a number set of finished items) |
 //! | waiting task | `job#<id>` | `await` (`token`) |
 //! | part | `job#<id>` | `part#<key>` (`doc`, `item`) |
+//! | manifest page | `job#<id>` | `page#<n>` (`keys`: the part keys it lists, ≤ 1,000) |
 //! | lock | `lock#export` | `lock` (`owner`, `expires`) |
 //!
 //! Every change of state is a conditional write; nothing is read and then written. The tally
@@ -459,6 +460,45 @@ impl JobStore for DynamoJobStore {
             .query_all(&job_pk(job_id), Some("part#"), None)
             .await?;
         items.iter().map(doc).collect()
+    }
+
+    async fn put_manifest_page(
+        &self,
+        job_id: &str,
+        page: u32,
+        keys: &[String],
+    ) -> StoreResult<bool> {
+        let item = HashMap::from([
+            ("pk".to_string(), attr_s(&job_pk(job_id))),
+            ("sk".to_string(), attr_s(&format!("page#{page:06}"))),
+            ("keys".to_string(), attr_string_list(keys)),
+            ("ttl".to_string(), self.item_ttl()),
+        ]);
+        let put = self
+            .table
+            .client
+            .put_item()
+            .table_name(&self.table.name)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failure(&e) => Ok(false),
+            Err(e) => Err(dynamo_err(e)),
+        }
+    }
+
+    async fn manifest_pages(&self, job_id: &str) -> StoreResult<Vec<Vec<String>>> {
+        let items = self
+            .table
+            .query_all(&job_pk(job_id), Some("page#"), None)
+            .await?;
+        Ok(items
+            .iter()
+            .map(|item| get_string_list(item, "keys"))
+            .collect())
     }
 }
 

@@ -10,7 +10,8 @@ use crate::fhir::time::{Instant, now_millis};
 use crate::ids::{new_id, stable_digest};
 use crate::job::{Job, JobStatus};
 use crate::manifest::{
-    deleted_part_key, deletion_bundle, manifest, part_key, progress_line, sort_parts,
+    FILES_PER_MANIFEST_PAGE, deleted_part_key, deletion_bundle, manifest, part_key, progress_line,
+    sort_parts,
 };
 use crate::params::{ExportLevel, ExportParams};
 use crate::ports::{
@@ -721,7 +722,7 @@ impl Exporter {
 
     /// What a status poll shows, or `None` when the job is unknown, cancelled or expired.
     pub async fn view(&self, job_id: &str, base_url: &str) -> StoreResult<Option<StatusView>> {
-        let Some(mut job) = self.ports.jobs.get(job_id).await? else {
+        let Some(job) = self.ports.jobs.get(job_id).await? else {
             return Ok(None);
         };
         let separate_status = job.params.separate_status;
@@ -745,10 +746,10 @@ impl Exporter {
                     .map(|p| p.count)
                     .sum();
                 let partial = if job.params.allow_partial_manifests {
-                    self.assign_manifest_page(&mut job).await?;
-                    match job.manifest_pages.is_empty() {
+                    let pages = self.assign_manifest_pages(&job).await?;
+                    match pages.is_empty() {
                         true => None,
-                        false => Some(self.page_manifest(&job, 0, base_url).await?),
+                        false => Some(self.page_manifest(&job, &pages, 0, base_url).await?),
                     }
                 } else {
                     None
@@ -759,22 +760,9 @@ impl Exporter {
                 }
             }
             JobStatus::Completed => {
-                let manifest = if job.params.allow_partial_manifests {
-                    self.assign_manifest_page(&mut job).await?;
-                    self.page_manifest(&job, 0, base_url).await?
-                } else {
-                    let parts = self.sorted_parts(job_id, |_| true).await?;
-                    let urls = self.urls(&parts, base_url).await?;
-                    manifest(
-                        &job,
-                        &parts,
-                        &urls,
-                        None,
-                        self.settings.requires_access_token,
-                    )
-                };
+                let pages = self.assign_manifest_pages(&job).await?;
                 JobView::Completed {
-                    manifest,
+                    manifest: self.page_manifest(&job, &pages, 0, base_url).await?,
                     expires: job.expires_at.unwrap_or(job.transaction_time),
                 }
             }
@@ -789,7 +777,7 @@ impl Exporter {
         }))
     }
 
-    /// Page `page` of a job's manifest (`allowPartialManifests`), once it has been shown.
+    /// Page `page` of a job's manifest, once it has been shown.
     pub async fn manifest_page(
         &self,
         job_id: &str,
@@ -802,44 +790,74 @@ impl Exporter {
         let live = job.status.is_active()
             || (job.status == JobStatus::Completed
                 && job.expires_at.is_none_or(|e| e > now_millis()));
-        if !live || page >= job.manifest_pages.len() {
+        if !live {
             return Ok(None);
         }
-        Ok(Some(self.page_manifest(&job, page, base_url).await?))
+        let pages = self.ports.jobs.manifest_pages(job_id).await?;
+        if page >= pages.len() {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.page_manifest(&job, &pages, page, base_url).await?,
+        ))
     }
 
-    /// Puts the finished parts no page lists yet into a new page. A page, once stored, never
-    /// changes: its files are finished, and later files go to later pages.
-    async fn assign_manifest_page(&self, job: &mut Job) -> StoreResult<()> {
-        let listed: std::collections::HashSet<&String> =
-            job.manifest_pages.iter().flatten().collect();
-        let fresh = self
-            .sorted_parts(&job.id, |p| !p.is_error && !listed.contains(&p.key))
-            .await?;
-        if fresh.is_empty() {
-            return Ok(());
+    /// Puts the finished parts no page lists yet into new pages of at most
+    /// [`FILES_PER_MANIFEST_PAGE`] files, and answers every stored page. A page, once stored,
+    /// never changes: its files are finished, and later files go to later pages. Pages are
+    /// taken by conditional writes, so two polls at once never list a file twice: the one that
+    /// loses reads what the other stored and pages only what is left.
+    async fn assign_manifest_pages(&self, job: &Job) -> StoreResult<Vec<Vec<String>>> {
+        loop {
+            let pages = self.ports.jobs.manifest_pages(&job.id).await?;
+            let listed: std::collections::HashSet<&String> = pages.iter().flatten().collect();
+            let fresh = self
+                .sorted_parts(&job.id, |p| !p.is_error && !listed.contains(&p.key))
+                .await?;
+            if fresh.is_empty() && !(pages.is_empty() && job.status == JobStatus::Completed) {
+                return Ok(pages);
+            }
+            // A completed job without files still has one (empty) page: its manifest.
+            let mut chunks: Vec<Vec<String>> = fresh
+                .chunks(FILES_PER_MANIFEST_PAGE)
+                .map(|c| c.iter().map(|p| p.key.clone()).collect())
+                .collect();
+            if chunks.is_empty() {
+                chunks.push(Vec::new());
+            }
+            let mut raced = false;
+            for (n, keys) in chunks.iter().enumerate() {
+                let page = u32::try_from(pages.len() + n).unwrap_or(u32::MAX);
+                if !self
+                    .ports
+                    .jobs
+                    .put_manifest_page(&job.id, page, keys)
+                    .await?
+                {
+                    raced = true;
+                    break;
+                }
+            }
+            if !raced {
+                return self.ports.jobs.manifest_pages(&job.id).await;
+            }
         }
-        let mut updated = job.clone();
-        updated
-            .manifest_pages
-            .push(fresh.into_iter().map(|p| p.key).collect());
-        if self.ports.jobs.update(&updated, job.status).await? {
-            *job = updated;
-        } else if let Some(current) = self.ports.jobs.get(&job.id).await? {
-            // The job moved on meanwhile (or another poll stored the page): show what is stored.
-            *job = current;
-        }
-        Ok(())
     }
 
     /// One manifest page: its files, the job's error files, and a link to the next page.
-    async fn page_manifest(&self, job: &Job, page: usize, base_url: &str) -> StoreResult<Value> {
-        let keys: std::collections::HashSet<&String> = job.manifest_pages[page].iter().collect();
+    async fn page_manifest(
+        &self,
+        job: &Job,
+        pages: &[Vec<String>],
+        page: usize,
+        base_url: &str,
+    ) -> StoreResult<Value> {
+        let keys: std::collections::HashSet<&String> = pages[page].iter().collect();
         let parts = self
             .sorted_parts(&job.id, |p| p.is_error || keys.contains(&p.key))
             .await?;
         let urls = self.urls(&parts, base_url).await?;
-        let next = (page + 1 < job.manifest_pages.len())
+        let next = (page + 1 < pages.len())
             .then(|| format!("{base_url}/$export-status/{}/page/{}", job.id, page + 1));
         Ok(manifest(
             job,
@@ -888,10 +906,15 @@ impl Exporter {
         let Some(job) = self.ports.jobs.get(job_id).await? else {
             return Ok(None);
         };
-        let shown = || job.manifest_pages.iter().flatten().any(|k| k == key);
-        let live = (job.status == JobStatus::Completed
-            && job.expires_at.is_none_or(|e| e > now_millis()))
-            || (job.status.is_active() && shown());
+        let live = match job.status {
+            JobStatus::Completed => job.expires_at.is_none_or(|e| e > now_millis()),
+            // A running job's file is downloadable once a manifest page has shown it.
+            status if status.is_active() => {
+                let pages = self.ports.jobs.manifest_pages(job_id).await?;
+                pages.iter().flatten().any(|k| k == key)
+            }
+            _ => false,
+        };
         if !live {
             return Ok(None);
         }

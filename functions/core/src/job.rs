@@ -73,9 +73,6 @@ pub struct Job {
     /// cancel or download it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
-    /// With `allowPartialManifests`: the part keys of each manifest page, fixed once shown.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub manifest_pages: Vec<Vec<String>>,
 }
 
 impl Job {
@@ -101,7 +98,6 @@ impl Job {
             items_total: 0,
             fingerprint: None,
             owner: None,
-            manifest_pages: Vec::new(),
         }
     }
 

@@ -5,6 +5,12 @@ use crate::job::Job;
 use crate::ports::PartRecord;
 use serde_json::{Value, json};
 
+/// Files listed on one manifest page. A manifest past it is paged (a `link` to the next page),
+/// whether or not the client asked for `allowPartialManifests`: on AWS the status answer passes
+/// through Lambda, whose responses stop at 6 MB, and an entry with a presigned URL (a session
+/// token included) takes up to ~2 KB, so 1,000 entries stay near 2 MB.
+pub const FILES_PER_MANIFEST_PAGE: usize = 1000;
+
 /// Storage key of a part: `<job>/<type>/<partition>-<seq>.ndjson`. Deterministic, so a redone
 /// work item overwrites its own files instead of adding copies.
 pub fn part_key(job_id: &str, resource_type: &str, partition: u32, seq: u32) -> String {

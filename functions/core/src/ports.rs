@@ -257,6 +257,18 @@ pub trait JobStore: Send + Sync {
     /// Records a finished part; recording the same key again replaces it (idempotent).
     async fn record_part(&self, part: &PartRecord) -> StoreResult<()>;
     async fn parts(&self, job_id: &str) -> StoreResult<Vec<PartRecord>>;
+
+    /// Stores page `page` of a job's manifest (the part keys it lists) unless that page is
+    /// stored already; returns whether this call stored it. A page never changes once stored,
+    /// and pages live beside the job, not in it, so the job never grows with their number.
+    async fn put_manifest_page(
+        &self,
+        job_id: &str,
+        page: u32,
+        keys: &[String],
+    ) -> StoreResult<bool>;
+    /// A job's stored manifest pages, in page order.
+    async fn manifest_pages(&self, job_id: &str) -> StoreResult<Vec<Vec<String>>>;
 }
 
 /// The single-active-export lock: a lease with an owner token.

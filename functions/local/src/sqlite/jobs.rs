@@ -185,6 +185,34 @@ impl JobStore for SqliteStore {
             .await?;
         docs.iter().map(|d| Ok(serde_json::from_str(d)?)).collect()
     }
+
+    async fn put_manifest_page(
+        &self,
+        job_id: &str,
+        page: u32,
+        keys: &[String],
+    ) -> StoreResult<bool> {
+        let (job, keys) = (job_id.to_string(), serde_json::to_string(keys)?);
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT OR IGNORE INTO job_manifest_pages (job, page, keys) VALUES (?1, ?2, ?3)",
+                params![job, page, keys],
+            )
+            .map_err(db_err)
+            .map(|inserted| inserted == 1)
+        })
+        .await
+    }
+
+    async fn manifest_pages(&self, job_id: &str) -> StoreResult<Vec<Vec<String>>> {
+        let docs = self
+            .column(
+                "SELECT keys FROM job_manifest_pages WHERE job = ?1 ORDER BY page",
+                job_id,
+            )
+            .await?;
+        docs.iter().map(|d| Ok(serde_json::from_str(d)?)).collect()
+    }
 }
 
 impl SqliteStore {
