@@ -796,7 +796,7 @@ fn a_manifest_of_more_than_a_thousand_files_is_paged() {
         .map(|p| p["output"].as_array().unwrap().len())
         .collect();
     let mut want_sizes = vec![1000; data.len() / 1000];
-    if data.len() % 1000 > 0 {
+    if !data.len().is_multiple_of(1000) {
         want_sizes.push(data.len() % 1000);
     }
     assert_eq!(sizes, want_sizes);
