@@ -1,4 +1,4 @@
-"""moto's server, with two fixes of its cost (not its behaviour) that the AWS tests depend on.
+"""moto's server, with three fixes of its cost (not its behaviour) that the AWS tests depend on.
 
 moto 5.2 snapshots a transaction's tables with `copy.deepcopy` once per *action* (a
 100-action transaction copies its table 100 times) and on failure puts the whole snapshot
@@ -13,11 +13,19 @@ exactly those. That is what DynamoDB guarantees (all or nothing for the listed i
 cost proportional to the transaction, not to the table. Run it as `moto_server` is run:
 `MOTO_PORT=P python tests/moto_server.py -H 127.0.0.1 -p P`.
 
-SQS: moto's SendMessage reads the queue's `ContentBasedDeduplication` through the property that
-builds every attribute, counting the queue's messages three times with a clock read per
-message; a fan-out of thousands of work messages made each send cost as much as the queue
-held. Sending now sees those three counts as 0 (it never uses them); GetQueueAttributes and
-everything else still count.
+SQS: moto's SendMessage reads the queue's `ContentBasedDeduplication`, and ReceiveMessage each
+message's retention period, through the property that builds every attribute, counting the
+queue's messages three times with a clock read per message; a fan-out of thousands of work
+messages made each send and each received message cost as much as the queue held. Those two
+now see the three counts as 0 (they never use them); GetQueueAttributes still counts. And the list of visible messages, which every ReceiveMessage (and
+every second of a long poll) rebuilds, reads the clock once per list instead of twice per
+message.
+
+Query: moto answers a table query (no index) by sorting every item of the table, keeping the
+partition asked for, and sizing each of its items before testing the sort key condition, so a
+page read costs as much as the whole table and a `begins_with` read of a few items as much as
+their partition. A table query now starts from the partition's items that meet the sort key
+condition (moto still sorts, pages, tests and filters them itself).
 """
 
 import copy
@@ -34,7 +42,9 @@ from moto.dynamodb.exceptions import (
     TransactWriteSingleOpException,
 )
 from moto.dynamodb.models import DynamoDBBackend
+from moto.dynamodb.models.table import Table
 from moto.server import main
+from moto.core.utils import unix_time_millis
 from moto.sqs.models import Queue, SQSBackend
 
 
@@ -146,29 +156,78 @@ def transact_write_items(self, transact_items):
 
 DynamoDBBackend.transact_write_items = transact_write_items
 
-_sending = threading.local()
-_send_message = SQSBackend.send_message
+_query_scope = threading.local()
+_table_all_items = Table.all_items
+_table_query = Table.query
 
 
-def send_message(self, *args, **kwargs):
-    _sending.active = True
+def all_items(self):
+    """The items of the partition a table query names that its sort key condition keeps, else
+    moto's sorted scan of every item."""
+    hash_key = getattr(_query_scope, "hash_key", None)
+    if hash_key is None or not self.range_key_attr:
+        return _table_all_items(self)
+    partition = self.items[hash_key] if hash_key in self.items else {}
+    comparison, objs = _query_scope.range_condition
+    if comparison is None:
+        return list(partition.values())
+    return [i for i in partition.values() if i.range_key.compare(comparison, objs)]
+
+
+def query(self, hash_key, range_comparison, range_objs, limit, exclusive_start_key,
+          scan_index_forward, projection_expressions, index_name=None, *args, **kwargs):
+    _query_scope.hash_key = None if index_name else hash_key
+    _query_scope.range_condition = (range_comparison, range_objs)
     try:
-        return _send_message(self, *args, **kwargs)
+        return _table_query(self, hash_key, range_comparison, range_objs, limit,
+                            exclusive_start_key, scan_index_forward, projection_expressions,
+                            index_name, *args, **kwargs)
     finally:
-        _sending.active = False
+        _query_scope.hash_key = None
 
 
-def _uncounted_while_sending(count):
-    return property(lambda queue: 0 if getattr(_sending, "active", False) else count.fget(queue))
+Table.all_items = all_items
+Table.query = query
+
+_uncounted = threading.local()
 
 
-SQSBackend.send_message = send_message
+def _without_counts(method):
+    """`method`, with the queue's message counts read as 0 while it runs (it never uses them)."""
+
+    def wrapped(self, *args, **kwargs):
+        _uncounted.active = True
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            _uncounted.active = False
+
+    return wrapped
+
+
+def _uncounted_inside(count):
+    return property(lambda queue: 0 if getattr(_uncounted, "active", False) else count.fget(queue))
+
+
+SQSBackend.send_message = _without_counts(SQSBackend.send_message)
+SQSBackend.is_message_valid_based_on_retention_period = _without_counts(
+    SQSBackend.is_message_valid_based_on_retention_period
+)
 for _name in (
     "approximate_number_of_messages",
     "approximate_number_of_messages_delayed",
     "approximate_number_of_messages_not_visible",
 ):
-    setattr(Queue, _name, _uncounted_while_sending(getattr(Queue, _name)))
+    setattr(Queue, _name, _uncounted_inside(getattr(Queue, _name)))
+
+
+def _visible_messages(queue):
+    now = unix_time_millis()
+    return [m for m in queue._messages if now > m.visible_at and now >= m.delayed_until]
+
+
+Queue.messages = property(_visible_messages)
+
 
 if __name__ == "__main__":
     sys.argv[0] = "moto_server"

@@ -112,23 +112,7 @@ fn send(
         Some(pairs) => req.send_form(pairs),
         None => req.call(),
     };
-    let response = match result {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{method} {url}: {e}"),
-    };
-    let status = response.status();
-    let headers = response
-        .headers_names()
-        .iter()
-        .map(|n| (n.clone(), response.header(n).unwrap_or("").to_string()))
-        .collect();
-    let body = response.into_string().expect("body");
-    Response {
-        status,
-        headers,
-        body,
-    }
+    response_of(result, method, url)
 }
 
 fn random_verifier() -> String {

@@ -318,6 +318,16 @@ pub fn request(
         Some(body) => req.send_string(&body),
         None => req.call(),
     };
+    response_of(result, method, url)
+}
+
+/// The response of a request that reached the server, whatever its status (ureq reports 4xx and
+/// 5xx as errors); a request that did not reach it fails the test.
+pub fn response_of(
+    result: Result<ureq::Response, ureq::Error>,
+    method: &str,
+    url: &str,
+) -> Response {
     let response = match result {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => r,

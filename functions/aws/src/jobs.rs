@@ -385,6 +385,11 @@ impl JobStore for DynamoJobStore {
             .collect())
     }
 
+    /// From the tally: a few reads however many items the job has.
+    async fn completed_count(&self, job_id: &str) -> StoreResult<usize> {
+        Ok(self.tally(job_id).await?.0 as usize)
+    }
+
     async fn is_item_complete(&self, job_id: &str, item: u32) -> StoreResult<bool> {
         let found = self
             .table

@@ -1,6 +1,6 @@
-//! Resources of any size in the DynamoDB store, against moto: bodies over the item limit, a Group
-//! of 20,000 members, a Provenance naming one target twice, and a crash between the writes of a
-//! version. Expectations come from the input data (and the local mode as a second check).
+//! Resources and exports of any size against moto: bodies over the item limit, a Group of 20,000
+//! members, a Provenance naming one target twice, a crash between the writes of a version, and a
+//! manifest of more files than one Lambda response holds. Expectations come from the input data (and the local mode as a second check).
 
 mod support;
 
@@ -12,20 +12,16 @@ use aws_sdk_dynamodb::operation::put_item::PutItemInput;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsInput;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemInput;
 use aws_sdk_dynamodb::types::AttributeValue;
-use bulk_export_local::files::FileOutput;
-use bulk_export_local::sqlite::SqliteStore;
 use export_aws::dynamo::DynamoTable;
 use export_aws::resources::DynamoResourceStore;
-use export_core::engine::Ports;
+use export_core::Settings;
 use export_core::fhir::time::now_millis;
 use export_core::params::{ExportLevel, ExportParams};
-use export_core::ports::{JobStore, NewResource, PatientScope, ReadScope, ResourceStore};
-use export_core::{Exporter, Settings, runner};
+use export_core::ports::{NewResource, PatientScope, ReadScope, ResourceStore};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 use support::*;
 
 /// DynamoDB's item size limit.
@@ -128,44 +124,6 @@ async fn largest_item(sdk: &aws_config::SdkConfig, table: &str) -> (usize, Strin
     }
 }
 
-/// The same export run by the local deployment (SQLite + files) on the same resources.
-async fn local_export(
-    resources: &[NewResource],
-    level: ExportLevel,
-    params: ExportParams,
-) -> BTreeMap<String, Vec<String>> {
-    let dir = std::env::temp_dir().join(unique("local"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.join("db")).unwrap());
-    store.put_resources_blocking(resources.to_vec()).unwrap();
-    let ports = Ports {
-        resources: store.clone(),
-        jobs: store.clone(),
-        lock: store.clone(),
-        output: Arc::new(FileOutput::new(&dir.join("out")).unwrap()),
-    };
-    let settings = Settings {
-        page_delay: Duration::ZERO,
-        ..Settings::default()
-    };
-    let exporter = Arc::new(Exporter::new(ports, settings));
-    let job = exporter
-        .kickoff(level, params, "local".into())
-        .await
-        .unwrap();
-    runner::run_job(exporter.clone(), job.id.clone()).await;
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for part in store.parts(&job.id).await.unwrap() {
-        let text = std::fs::read_to_string(dir.join("out").join(&part.key)).unwrap();
-        out.entry(part.resource_type.clone())
-            .or_default()
-            .extend(text.lines().map(String::from));
-    }
-    out.values_mut().for_each(|lines| lines.sort());
-    std::fs::remove_dir_all(&dir).ok();
-    out
-}
-
 /// Exports `path` on AWS and returns type → lines (sorted).
 async fn export(aws: &Deployment, path: &str) -> BTreeMap<String, Vec<String>> {
     let kick = aws.kickoff(path).await;
@@ -251,7 +209,7 @@ async fn bodies_over_the_item_limit_export_byte_identically_at_every_level() {
             ..ExportParams::default()
         };
         assert!(
-            exported == local_export(&resources, level, params).await,
+            exported == local_mode_export(&resources, level, params, &Settings::default()).await,
             "{path}: byte-identical to the local mode"
         );
     }
@@ -278,7 +236,16 @@ async fn bodies_over_the_item_limit_export_byte_identically_at_every_level() {
         elements: vec!["Binary.contentType".into()],
         ..ExportParams::default()
     };
-    assert!(trimmed == local_export(&resources, ExportLevel::System, params).await);
+    assert!(
+        trimmed
+            == local_mode_export(
+                &resources,
+                ExportLevel::System,
+                params,
+                &Settings::default()
+            )
+            .await
+    );
     aws.check();
 }
 
@@ -783,4 +750,59 @@ async fn the_shard_count_is_stored_with_the_table_and_another_is_refused() {
         .put_resources(resources[..1].to_vec())
         .await
         .expect("the stored count");
+}
+
+/// A manifest past 1,000 files is paged through the API Lambda (whose responses stop at 6 MB), and
+/// the pages live beside the job: the job item stays small however many files the job wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_manifest_past_a_thousand_files_is_paged_and_the_job_item_stays_small() {
+    let ids: Vec<String> = (0..1_050).map(|n| format!("p{n:04}")).collect();
+    let resources: Vec<NewResource> = ids
+        .iter()
+        .map(|id| prepared(json!({"resourceType": "Patient", "id": id, "gender": "female"})))
+        .collect();
+    let mut aws = Deployment::create(|s| s.export.max_file_resources = 1).await;
+    aws.load(resources).await;
+    aws.start_lambdas(Delivery::Once, None);
+    let kick = aws.kickoff("/fhir/$export?_type=Patient").await;
+    assert_eq!(kick.status, 202, "{}", kick.body);
+    let first = aws.wait_for_manifest(&kick.status_path()).await;
+    let pages = aws.manifest_pages(first.clone()).await;
+
+    // One Patient per file: 1,050 files, 1,000 on the first page.
+    let sizes: Vec<usize> = pages
+        .iter()
+        .map(|p| p["output"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes, [1000, 50]);
+    let mut merged = first.clone();
+    merged["output"] = pages
+        .iter()
+        .flat_map(|p| p["output"].as_array().unwrap().iter().cloned())
+        .collect();
+    let exported = download(&merged);
+    assert_eq!(
+        ids_of_lines(&exported),
+        BTreeMap::from([("Patient".to_string(), ids)])
+    );
+    // Polling again shows the same first page.
+    let again = aws.call("GET", &kick.status_path(), None).await;
+    assert_eq!(again.json()["output"], first["output"]);
+
+    let job = kick.status_path().rsplit('/').next().unwrap().to_string();
+    let item = aws_sdk_dynamodb::Client::new(&aws.sdk)
+        .get_item()
+        .table_name(&aws.settings.jobs_table)
+        .key("pk", AttributeValue::S(format!("job#{job}")))
+        .key("sk", AttributeValue::S("job".into()))
+        .send()
+        .await
+        .expect("get the job item")
+        .item
+        .expect("the job item");
+    let size = item_size(&item);
+    assert!(
+        size < 4096,
+        "the job item holds {size} bytes for 1,050 files"
+    );
 }

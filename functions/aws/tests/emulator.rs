@@ -14,7 +14,6 @@
 
 mod support;
 
-use export_core::ports::NewResource;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -416,19 +415,6 @@ async fn deliver(aws: &Deployment, lambdas: &Lambdas) -> usize {
         }
     }
     handed
-}
-
-fn live_values(resources: &[NewResource]) -> Vec<Value> {
-    let deleted: BTreeSet<(String, String)> = resources
-        .iter()
-        .filter(|r| r.deleted)
-        .map(|r| (r.resource_type.clone(), r.id.clone()))
-        .collect();
-    resources
-        .iter()
-        .filter(|r| !deleted.contains(&(r.resource_type.clone(), r.id.clone())))
-        .map(|r| r.json.clone())
-        .collect()
 }
 
 /// The EMF documents among a function's log lines: metric name → values.

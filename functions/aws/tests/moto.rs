@@ -3,95 +3,14 @@
 
 mod support;
 
-use bulk_export_local::files::FileOutput;
-use bulk_export_local::sqlite::SqliteStore;
 use e2e_tests::oracle::{all_patients, compartment_export, expected, group_members};
-use export_core::engine::Ports;
 use export_core::fhir::time::now_millis;
 use export_core::params::{ExportLevel, ExportParams};
-use export_core::ports::{JobStore, NewResource};
-use export_core::{Exporter, Settings, runner};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 use support::*;
-
-/// The same export run by the local deployment (SQLite + files) on the same resources.
-async fn local_export(
-    resources: &[NewResource],
-    level: ExportLevel,
-    params: ExportParams,
-    settings: &Settings,
-) -> BTreeMap<String, Vec<String>> {
-    let dir = std::env::temp_dir().join(format!(
-        "aws-vs-local-{}-{}",
-        std::process::id(),
-        export_core::ids::new_id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.join("db")).unwrap());
-    store.put_resources_blocking(resources.to_vec()).unwrap();
-    let output = Arc::new(FileOutput::new(&dir.join("out")).unwrap());
-    let ports = Ports {
-        resources: store.clone(),
-        jobs: store.clone(),
-        lock: store.clone(),
-        output,
-    };
-    let settings = Settings {
-        page_delay: Duration::ZERO,
-        ..settings.clone()
-    };
-    let exporter = Arc::new(Exporter::new(ports, settings));
-    let job = exporter
-        .kickoff(level, params, "local".into())
-        .await
-        .unwrap();
-    runner::run_job(exporter.clone(), job.id.clone()).await;
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for part in store.parts(&job.id).await.unwrap() {
-        let text = std::fs::read_to_string(dir.join("out").join(&part.key)).unwrap();
-        out.entry(part.resource_type.clone())
-            .or_default()
-            .extend(text.lines().map(String::from));
-    }
-    out.values_mut().for_each(|lines| lines.sort());
-    std::fs::remove_dir_all(&dir).ok();
-    out
-}
-
-/// The generated resources as the oracle reads them (deletions left out, and what they delete).
-fn live_values(resources: &[NewResource]) -> Vec<Value> {
-    let deleted: BTreeSet<(String, String)> = resources
-        .iter()
-        .filter(|r| r.deleted)
-        .map(|r| (r.resource_type.clone(), r.id.clone()))
-        .collect();
-    resources
-        .iter()
-        .filter(|r| !deleted.contains(&(r.resource_type.clone(), r.id.clone())))
-        .map(|r| r.json.clone())
-        .collect()
-}
-
-/// `type → sorted ids` of downloaded lines (see [`download`]).
-fn ids_of(exported: &BTreeMap<String, Vec<String>>) -> BTreeMap<String, Vec<String>> {
-    exported
-        .iter()
-        .map(|(t, lines)| {
-            let mut ids: Vec<String> = lines
-                .iter()
-                .map(|l| {
-                    let v: Value = serde_json::from_str(l).unwrap();
-                    v["id"].as_str().unwrap().to_string()
-                })
-                .collect();
-            ids.sort();
-            (t.clone(), ids)
-        })
-        .collect()
-}
 
 /// A manifest page's files: object path and count (presigned URLs differ on every poll).
 fn files(page: &Value) -> Vec<(String, u64)> {
@@ -172,8 +91,8 @@ async fn exports_at_all_three_levels_match_the_oracle_and_the_local_mode() {
         assert_eq!(manifest["requiresAccessToken"], false);
         assert!(manifest["request"].as_str().unwrap().ends_with(path));
         let exported = download(&manifest);
-        assert_eq!(ids_of(&exported), want, "{path}: the oracle");
-        let expected = local_export(
+        assert_eq!(ids_of_lines(&exported), want, "{path}: the oracle");
+        let expected = local_mode_export(
             &resources,
             level,
             ExportParams::default(),
@@ -206,7 +125,7 @@ async fn exports_at_all_three_levels_match_the_oracle_and_the_local_mode() {
     let exported = download(&aws.wait_for_manifest(&kick.status_path()).await);
     let mut want = compartment_export(&data, &BTreeSet::from(["pat-000002".into()]), None);
     want.retain(|t, _| t == "Patient" || t == "Observation");
-    assert_eq!(ids_of(&exported), want);
+    assert_eq!(ids_of_lines(&exported), want);
     assert_eq!(exported["Observation"].len(), 150);
 }
 
@@ -327,7 +246,7 @@ async fn duplicated_and_continued_work_messages_never_duplicate_a_line() {
         assert!(entry["count"].as_u64().unwrap() <= 25);
     }
     let exported = download(&manifest);
-    let expected = local_export(
+    let expected = local_mode_export(
         &resources,
         ExportLevel::Patient,
         ExportParams::default(),
@@ -541,7 +460,7 @@ async fn type_filter_elements_and_deletions_match_the_oracle_and_the_local_mode(
         assert_eq!(deleted, want_deleted, "{path}: deleted");
         let mut outputs = exported.clone();
         outputs.remove("Bundle");
-        assert_eq!(ids_of(&outputs), want, "{path}: the oracle");
+        assert_eq!(ids_of_lines(&outputs), want, "{path}: the oracle");
         for line in outputs.get("Condition").into_iter().flatten() {
             if path.contains("_elements") {
                 let condition: Value = serde_json::from_str(line).unwrap();
@@ -559,7 +478,7 @@ async fn type_filter_elements_and_deletions_match_the_oracle_and_the_local_mode(
                 assert!(line.contains("SUBSETTED"));
             }
         }
-        let expected = local_export(&resources, level, params, &aws.settings.export).await;
+        let expected = local_mode_export(&resources, level, params, &aws.settings.export).await;
         assert_same_lines(
             &exported,
             &expected,
@@ -598,7 +517,7 @@ async fn organized_partial_manifests_with_separate_status_match_the_oracle_and_t
     let status_path = kick.status_path();
     let started = std::time::Instant::now();
     let mut partial: Option<Value> = None;
-    let mut manifest = loop {
+    let manifest = loop {
         let r = aws.call("GET", &status_path, None).await;
         assert_eq!(r.status, 200, "{}", r.body);
         match r.header("x-export-status").as_deref() {
@@ -627,18 +546,12 @@ async fn organized_partial_manifests_with_separate_status_match_the_oracle_and_t
         "later files are on a next page"
     );
     // Gather every page's files.
-    let mut outputs = Vec::new();
-    loop {
-        outputs.extend(manifest["output"].as_array().unwrap().iter().cloned());
-        let Some(next) = manifest["link"][0]["url"].as_str().map(String::from) else {
-            break;
-        };
-        let path = next
-            .strip_prefix("https://abc123.execute-api.us-east-1.amazonaws.com")
-            .unwrap()
-            .to_string();
-        manifest = aws.call("GET", &path, None).await.json();
-    }
+    let outputs: Vec<Value> = aws
+        .manifest_pages(manifest)
+        .await
+        .iter()
+        .flat_map(|page| page["output"].as_array().unwrap().iter().cloned())
+        .collect();
     // Blocks, read in manifest order: each holds exactly its patient's compartment.
     let data = live_values(&resources);
     let reference = e2e_tests::CompartmentReference::load();
@@ -692,7 +605,7 @@ async fn organized_partial_manifests_with_separate_status_match_the_oracle_and_t
         organize_by: Some("Patient".into()),
         ..ExportParams::default()
     };
-    let expected = local_export(
+    let expected = local_mode_export(
         &resources,
         ExportLevel::Patient,
         params,
@@ -874,7 +787,7 @@ async fn until_associated_provenance_and_group_patients_match_the_oracle() {
             "/fhir/$export?_type=Observation,Patient&_until={until}"
         ))
         .await;
-    let exported = ids_of(&download(&aws.wait_for_manifest(&kick.status_path()).await));
+    let exported = ids_of_lines(&download(&aws.wait_for_manifest(&kick.status_path()).await));
     let want = expected(&data, |r| {
         (r["resourceType"] == "Observation" || r["resourceType"] == "Patient")
             && r["meta"]["lastUpdated"].as_str().unwrap() <= "2023-06-30T00:00:00.000Z"
@@ -892,7 +805,7 @@ async fn until_associated_provenance_and_group_patients_match_the_oracle() {
     let kick = aws
         .kickoff("/fhir/$export?_type=Patient&includeAssociatedData=RelevantProvenanceResources")
         .await;
-    let exported = ids_of(&download(&aws.wait_for_manifest(&kick.status_path()).await));
+    let exported = ids_of_lines(&download(&aws.wait_for_manifest(&kick.status_path()).await));
     let patients: BTreeSet<String> = all_patients(&data)
         .iter()
         .map(|p| format!("Patient/{p}"))
@@ -921,7 +834,7 @@ async fn until_associated_provenance_and_group_patients_match_the_oracle() {
         .call("POST", "/fhir/Group/group-0/$export", Some(&body))
         .await;
     assert_eq!(kick.status, 202, "{}", kick.body);
-    let exported = ids_of(&download(&aws.wait_for_manifest(&kick.status_path()).await));
+    let exported = ids_of_lines(&download(&aws.wait_for_manifest(&kick.status_path()).await));
     assert_eq!(
         exported,
         compartment_export(&data, &BTreeSet::from([member]), Some("group-0")),
@@ -1009,7 +922,7 @@ async fn the_load_command_fills_the_dynamodb_table() {
     let data = e2e_tests::read_ndjson_dir(&data_dir);
     aws.start_lambdas(Delivery::Once, None);
     let kick = aws.kickoff("/fhir/$export").await;
-    let exported = ids_of(&download(&aws.wait_for_manifest(&kick.status_path()).await));
+    let exported = ids_of_lines(&download(&aws.wait_for_manifest(&kick.status_path()).await));
     assert_eq!(exported, expected(&data, |_| true));
     std::fs::remove_dir_all(&dir).ok();
 }

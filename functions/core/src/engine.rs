@@ -735,7 +735,7 @@ impl Exporter {
         }
         let view = match job.status {
             JobStatus::Accepted | JobStatus::InProgress => {
-                let done = self.ports.jobs.completed_items(job_id).await?.len();
+                let done = self.ports.jobs.completed_count(job_id).await?;
                 let written: u64 = self
                     .ports
                     .jobs

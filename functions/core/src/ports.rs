@@ -231,6 +231,11 @@ pub trait JobStore: Send + Sync {
     /// Marks an item done (idempotent).
     async fn complete_item(&self, job_id: &str, item: u32) -> StoreResult<()>;
     async fn completed_items(&self, job_id: &str) -> StoreResult<Vec<u32>>;
+    /// How many items are done, for a status poll's progress: a store that counts without
+    /// listing every item (a job may have thousands) answers it cheaper than `completed_items`.
+    async fn completed_count(&self, job_id: &str) -> StoreResult<usize> {
+        Ok(self.completed_items(job_id).await?.len())
+    }
     /// Whether one item is done.
     async fn is_item_complete(&self, job_id: &str, item: u32) -> StoreResult<bool> {
         Ok(self.completed_items(job_id).await?.contains(&item))

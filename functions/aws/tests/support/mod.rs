@@ -15,7 +15,7 @@ use export_core::fhir::time::now_millis;
 use export_core::ports::{NewResource, ResourceStore};
 use futures_util::FutureExt;
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -570,6 +570,22 @@ impl Deployment {
         }
     }
 
+    /// Every page of a manifest, `first` included, following the `next` links through the API.
+    pub async fn manifest_pages(&self, first: Value) -> Vec<Value> {
+        let mut pages = vec![first];
+        while let Some(next) = pages.last().unwrap()["link"][0]["url"].as_str() {
+            assert_eq!(pages.last().unwrap()["link"][0]["relation"], "next");
+            let path = next
+                .strip_prefix("https://abc123.execute-api.us-east-1.amazonaws.com")
+                .unwrap_or_else(|| panic!("a next page on the API: {next}"))
+                .to_string();
+            let r = self.call("GET", &path, None).await;
+            assert_eq!(r.status, 200, "{path}: {}", r.body);
+            pages.push(r.json());
+        }
+        pages
+    }
+
     /// Polls the status until it is an error and returns it.
     pub async fn wait_for_failure(&self, status_path: &str) -> ApiResponse {
         let started = Instant::now();
@@ -905,6 +921,20 @@ pub async fn local_mode_export(
     out.values_mut().for_each(|lines| lines.sort());
     std::fs::remove_dir_all(&dir).ok();
     out
+}
+
+/// The generated resources as the oracle reads them (deletions left out, and what they delete).
+pub fn live_values(resources: &[NewResource]) -> Vec<Value> {
+    let deleted: BTreeSet<(String, String)> = resources
+        .iter()
+        .filter(|r| r.deleted)
+        .map(|r| (r.resource_type.clone(), r.id.clone()))
+        .collect();
+    resources
+        .iter()
+        .filter(|r| !deleted.contains(&(r.resource_type.clone(), r.id.clone())))
+        .map(|r| r.json.clone())
+        .collect()
 }
 
 /// `type → sorted ids` of downloaded lines (see [`download`]).

@@ -9,6 +9,7 @@
 
 use export_core::error::{StoreError, StoreResult};
 use rusqlite::Connection;
+use rusqlite::config::DbConfig;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -122,6 +123,11 @@ impl SqliteStore {
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-8192;",
         )
         .map_err(db_err)?;
+        // The bundled SQLite has STAT4, with which a statement compared with an indexed column
+        // is compiled again each time its parameters change (every page and compartment read);
+        // the query planner stability guarantee keeps one plan per statement.
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+            .map_err(db_err)?;
         Ok(conn)
     }
 
