@@ -8,6 +8,8 @@
 - the data tables and the export bucket are retained (and the tables deletion-protected);
 - alarms notify the SNS topic, on every dead-letter queue's depth, every function's errors and
   throttles, every HTTP API's 5xx, and failed executions; the e-mail subscription is optional;
+- the export bucket's lifecycle expires FHIR export files (`<hex job id>/`, one rule per first digit)
+  and reaches study export files (`study-<job>/`, kept up to 3,650 days by their study) only after that;
 - no stack output hands out an ARN or the account id.
 
 It then checks itself: each check must fail on a copy of the template with that property removed.
@@ -164,6 +166,19 @@ def check(t):
     ):
         problems.append("no optional AlarmEmail subscription")
 
+    bucket = t["Resources"].get("ExportBucket", {}).get("Properties", {})
+    rules = [r for r in bucket.get("LifecycleConfiguration", {}).get("Rules", []) if "ExpirationInDays" in r]
+    prefixes = {r.get("Prefix", r.get("Filter", {}).get("Prefix", "")) for r in rules}
+    for digit in "0123456789abcdef":
+        if digit not in prefixes:
+            problems.append(f"ExportBucket: no lifecycle rule expires FHIR export files under '{digit}'")
+    for rule in rules:
+        prefix = rule.get("Prefix", rule.get("Filter", {}).get("Prefix", ""))
+        days = rule["ExpirationInDays"]
+        if "study-".startswith(prefix) or prefix.startswith("study-"):
+            if not isinstance(days, int) or days < 3650 + 2:
+                problems.append(f"ExportBucket: rule {rule.get('Id')} can delete study export files before their retention")
+
     for name, output in t.get("Outputs", {}).items():
         text = json.dumps(output["Value"])
         if "AWS::AccountId" in text or '"Arn"' in text or "arn:" in text:
@@ -218,6 +233,10 @@ def main():
         "state machine logging": lambda t: first(t, "AWS::Serverless::StateMachine")["Properties"].pop("Logging"),
         "state machine tracing": lambda t: first(t, "AWS::Serverless::StateMachine")["Properties"].pop("Tracing"),
         "an access log": lambda t: first(t, "AWS::Serverless::HttpApi")["Properties"].pop("AccessLogSettings"),
+        "a lifecycle rule of FHIR export files": lambda t: t["Resources"]["ExportBucket"]["Properties"][
+            "LifecycleConfiguration"]["Rules"].pop(),
+        "a lifecycle rule for every object": lambda t: t["Resources"]["ExportBucket"]["Properties"][
+            "LifecycleConfiguration"]["Rules"].append({"Id": "All", "Status": "Enabled", "ExpirationInDays": 3}),
         "an ARN output": lambda t: t["Outputs"].update(
             {"Leak": {"Value": {"Fn::GetAtt": ["ExportStateMachine", "Arn"]}}}),
     }
