@@ -54,7 +54,7 @@ pub async fn sweep(service: &AwsService) -> StoreResult<usize> {
         };
         if dead {
             tracing::error!(export_id = %job.id, "the export's execution is not running; failing it");
-            exporter.fail(&job.id, EXECUTION_ENDED).await?;
+            crate::metrics::fail(exporter, &job.id, EXECUTION_ENDED).await?;
             failed += 1;
         } else if !exporter.renew_lease(&job.id).await? {
             tracing::warn!(export_id = %job.id, "the export lost its lock lease");
