@@ -10,7 +10,7 @@ use export_core::fhir::time::now_millis;
 use export_core::params::{ExportLevel, ExportParams};
 use export_core::ports::NewResource;
 use serde_json::{Value, json};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use support::*;
 
 /// Step Functions' payload limit (bytes) and history limit (events).
@@ -90,7 +90,9 @@ async fn a_group_of_20000_patients_exports_exactly() {
     let started = Instant::now();
     let kick = aws.kickoff("/fhir/Group/cohort/$export").await;
     assert_eq!(kick.status, 202, "{}", kick.body);
-    let manifest = aws.wait_for_manifest(&kick.status_path()).await;
+    let manifest = aws
+        .wait_for_manifest_within(&kick.status_path(), Duration::from_secs(3600))
+        .await;
     let elapsed = started.elapsed().as_secs_f64();
     let job = kick.status_path().rsplit('/').next().unwrap().to_string();
     let items = aws
@@ -142,7 +144,9 @@ async fn an_export_of_more_than_5000_work_items_completes_exactly() {
     let started = Instant::now();
     let kick = aws.kickoff("/fhir/$export").await;
     assert_eq!(kick.status, 202, "{}", kick.body);
-    let manifest = aws.wait_for_manifest(&kick.status_path()).await;
+    let manifest = aws
+        .wait_for_manifest_within(&kick.status_path(), Duration::from_secs(3600))
+        .await;
     let elapsed = started.elapsed().as_secs_f64();
     let job = kick.status_path().rsplit('/').next().unwrap().to_string();
     let items = aws

@@ -544,6 +544,12 @@ impl Deployment {
 
     /// Polls the status until 200 and returns the manifest.
     pub async fn wait_for_manifest(&self, status_path: &str) -> Value {
+        self.wait_for_manifest_within(status_path, Duration::from_secs(600))
+            .await
+    }
+
+    /// [`Deployment::wait_for_manifest`] for an export that may take up to `limit` on moto.
+    pub async fn wait_for_manifest_within(&self, status_path: &str, limit: Duration) -> Value {
         let started = Instant::now();
         loop {
             self.check();
@@ -562,10 +568,7 @@ impl Deployment {
                     )
                 }
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(600),
-                "export did not finish"
-            );
+            assert!(started.elapsed() < limit, "export did not finish");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
