@@ -2,6 +2,7 @@
 //! batched reads and writes that retry what DynamoDB leaves unprocessed.
 
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
     AttributeValue, KeysAndAttributes, Put, PutRequest, TransactWriteItem, Update, WriteRequest,
@@ -51,6 +52,12 @@ pub fn get_n(item: &Item, name: &str) -> Option<i64> {
 
 pub fn dynamo_err(e: impl std::fmt::Debug) -> StoreError {
     StoreError::new(format!("dynamodb: {e:?}"))
+}
+
+/// Whether a write failed only because its condition did not hold.
+pub fn is_condition_failure<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
+    e.as_service_error().and_then(ProvideErrorMetadata::code)
+        == Some("ConditionalCheckFailedException")
 }
 
 /// Why a transaction did not apply.
@@ -140,6 +147,24 @@ impl DynamoTable {
             ("pk".to_string(), attr_s(pk)),
             ("sk".to_string(), attr_s(sk)),
         ])
+    }
+
+    /// Puts `item` unless an item with its key exists; returns whether it was put (a record
+    /// written once, whoever writes it first).
+    pub async fn put_new(&self, item: Item) -> StoreResult<bool> {
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.name)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failure(&e) => Ok(false),
+            Err(e) => Err(dynamo_err(e)),
+        }
     }
 
     pub async fn get(&self, pk: &str, sk: &str) -> StoreResult<Option<Item>> {

@@ -24,9 +24,10 @@
 
 use crate::dynamo::{
     DynamoTable, attr_n, attr_s, attr_string_list, dynamo_err, get_n, get_s, get_string_list,
+    is_condition_failure,
 };
 use async_trait::async_trait;
-use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, WriteRequest};
 use export_core::error::StoreResult;
 use export_core::fhir::time::{Instant, to_micros};
@@ -196,11 +197,6 @@ fn job_item(job: &Job) -> StoreResult<HashMap<String, AttributeValue>> {
         item.insert("ttl".into(), attr_n(expires.timestamp() + 24 * 3600));
     }
     Ok(item)
-}
-
-fn is_condition_failure<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
-    e.as_service_error().and_then(ProvideErrorMetadata::code)
-        == Some("ConditionalCheckFailedException")
 }
 
 /// Whether a transaction was cancelled because its first write's condition failed.
@@ -479,20 +475,7 @@ impl JobStore for DynamoJobStore {
             ("keys".to_string(), attr_string_list(keys)),
             ("ttl".to_string(), self.item_ttl()),
         ]);
-        let put = self
-            .table
-            .client
-            .put_item()
-            .table_name(&self.table.name)
-            .set_item(Some(item))
-            .condition_expression("attribute_not_exists(pk)")
-            .send()
-            .await;
-        match put {
-            Ok(_) => Ok(true),
-            Err(e) if is_condition_failure(&e) => Ok(false),
-            Err(e) => Err(dynamo_err(e)),
-        }
+        self.table.put_new(item).await
     }
 
     async fn manifest_pages(&self, job_id: &str) -> StoreResult<Vec<Vec<String>>> {

@@ -14,9 +14,8 @@
 //! Audit records take their place with a conditional write, so two writers cannot both have one
 //! sequence number; the Lambda roles have no permission to update or delete them (template).
 
-use crate::dynamo::{DynamoTable, Item, attr_n, attr_s, get_s};
+use crate::dynamo::{DynamoTable, Item, attr_n, attr_s, get_s, is_condition_failure};
 use async_trait::async_trait;
-use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use export_core::{StoreError, StoreResult};
 use export_study::audit::{AuditLog, AuditQuery, AuditRecord};
 use export_study::jobs::{
@@ -35,11 +34,6 @@ pub struct DynamoStudyStore {
 
 fn sdk_err(e: impl std::fmt::Debug) -> StoreError {
     StoreError::new(format!("dynamodb: {e:?}"))
-}
-
-fn is_condition_failure<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
-    e.as_service_error().and_then(ProvideErrorMetadata::code)
-        == Some("ConditionalCheckFailedException")
 }
 
 fn item(pk: &str, sk: &str, value: &impl Serialize) -> StoreResult<Item> {
@@ -373,20 +367,7 @@ impl AuditLog for DynamoStudyStore {
         if let Some(study) = &record.entry.study_id {
             new.insert("study".into(), attr_s(study));
         }
-        let put = self
-            .table
-            .client
-            .put_item()
-            .table_name(&self.table.name)
-            .set_item(Some(new))
-            .condition_expression("attribute_not_exists(pk)")
-            .send()
-            .await;
-        match put {
-            Ok(_) => Ok(true),
-            Err(e) if is_condition_failure(&e) => Ok(false),
-            Err(e) => Err(sdk_err(e)),
-        }
+        self.table.put_new(new).await
     }
 
     async fn records(&self, query: &AuditQuery) -> StoreResult<(Vec<AuditRecord>, u64)> {

@@ -12,22 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use support::*;
 
-/// A manifest page's files: object path and count (presigned URLs differ on every poll).
-fn files(page: &Value) -> Vec<(String, u64)> {
-    page["output"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let url = e["url"].as_str().unwrap();
-            (
-                url.split('?').next().unwrap().to_string(),
-                e["count"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
 /// Asserts two `type → lines` maps are equal, printing where they differ rather than both maps.
 fn assert_same_lines(
     got: &BTreeMap<String, Vec<String>>,
@@ -525,7 +509,11 @@ async fn organized_partial_manifests_with_separate_status_match_the_oracle_and_t
             Some("202 Accepted") if !r.body.is_empty() => {
                 let page = r.json();
                 if let Some(first) = &partial {
-                    assert_eq!(files(first), files(&page), "a shown page never changes");
+                    assert_eq!(
+                        manifest_files(first),
+                        manifest_files(&page),
+                        "a shown page never changes"
+                    );
                 }
                 partial = Some(page);
             }
@@ -540,7 +528,7 @@ async fn organized_partial_manifests_with_separate_status_match_the_oracle_and_t
     // now linked to the next one, and its files stay as they were.
     let partial = partial.expect("a poll while running showed a partial manifest");
     assert!(!partial["output"].as_array().unwrap().is_empty());
-    assert_eq!(files(&manifest), files(&partial));
+    assert_eq!(manifest_files(&manifest), manifest_files(&partial));
     assert!(
         manifest["link"][0]["url"].is_string(),
         "later files are on a next page"

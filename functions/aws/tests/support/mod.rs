@@ -940,6 +940,22 @@ pub fn live_values(resources: &[NewResource]) -> Vec<Value> {
         .collect()
 }
 
+/// A manifest page's files: object path and count (presigned URLs differ on every poll).
+pub fn manifest_files(page: &Value) -> Vec<(String, u64)> {
+    page["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let url = e["url"].as_str().unwrap();
+            (
+                url.split('?').next().unwrap().to_string(),
+                e["count"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// `type → sorted ids` of downloaded lines (see [`download`]).
 pub fn ids_of_lines(exported: &BTreeMap<String, Vec<String>>) -> BTreeMap<String, Vec<String>> {
     exported
