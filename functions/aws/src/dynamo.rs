@@ -149,24 +149,6 @@ impl DynamoTable {
         ])
     }
 
-    /// Puts `item` unless an item with its key exists; returns whether it was put (a record
-    /// written once, whoever writes it first).
-    pub async fn put_new(&self, item: Item) -> StoreResult<bool> {
-        let put = self
-            .client
-            .put_item()
-            .table_name(&self.name)
-            .set_item(Some(item))
-            .condition_expression("attribute_not_exists(pk)")
-            .send()
-            .await;
-        match put {
-            Ok(_) => Ok(true),
-            Err(e) if is_condition_failure(&e) => Ok(false),
-            Err(e) => Err(dynamo_err(e)),
-        }
-    }
-
     pub async fn get(&self, pk: &str, sk: &str) -> StoreResult<Option<Item>> {
         let out = self
             .client

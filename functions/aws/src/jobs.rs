@@ -475,7 +475,7 @@ impl JobStore for DynamoJobStore {
             ("keys".to_string(), attr_string_list(keys)),
             ("ttl".to_string(), self.item_ttl()),
         ]);
-        self.table.put_new(item).await
+        self.table.put_if_absent(item).await
     }
 
     async fn manifest_pages(&self, job_id: &str) -> StoreResult<Vec<Vec<String>>> {

@@ -367,7 +367,7 @@ impl AuditLog for DynamoStudyStore {
         if let Some(study) = &record.entry.study_id {
             new.insert("study".into(), attr_s(study));
         }
-        self.table.put_new(new).await
+        self.table.put_if_absent(new).await
     }
 
     async fn records(&self, query: &AuditQuery) -> StoreResult<(Vec<AuditRecord>, u64)> {
