@@ -119,8 +119,10 @@ impl SqliteStore {
     fn connect(&self) -> StoreResult<Connection> {
         let conn = Connection::open(&self.path).map_err(db_err)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(db_err)?;
+        // 4 MiB of page cache per connection: a pool of a few connections filled 8 MiB each on a
+        // 10M store (Patient export at 72 MB peak RSS), and reads were no faster for it.
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-8192;",
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-4096;",
         )
         .map_err(db_err)?;
         // The bundled SQLite has STAT4, with which a statement compared with an indexed column
