@@ -76,7 +76,9 @@ async fn a_group_of_20000_patients_exports_exactly() {
     let data = values(&resources);
     let members = group_members(&data, "cohort");
     assert_eq!(members.len(), 20_000);
-    let want = compartment_export(&data, &members, Some("cohort"));
+    let mut want = compartment_export(&data, &members, Some("cohort"));
+    // The oracle lists Provenance even when the data has none; an export has no such file.
+    want.retain(|_, ids| !ids.is_empty());
 
     let mut aws = Deployment::create(|_| {}).await;
     let started = Instant::now();
