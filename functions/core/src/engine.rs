@@ -736,20 +736,16 @@ impl Exporter {
         let view = match job.status {
             JobStatus::Accepted | JobStatus::InProgress => {
                 let done = self.ports.jobs.completed_count(job_id).await?;
-                let written: u64 = self
-                    .ports
-                    .jobs
-                    .parts(job_id)
-                    .await?
-                    .iter()
-                    .filter(|p| !p.is_error)
-                    .map(|p| p.count)
-                    .sum();
+                let parts = self.sorted_parts(job_id).await?;
+                let written: u64 = parts.iter().filter(|p| !p.is_error).map(|p| p.count).sum();
                 let partial = if job.params.allow_partial_manifests {
-                    let pages = self.assign_manifest_pages(&job).await?;
+                    let pages = self.assign_manifest_pages(&job, &parts).await?;
                     match pages.is_empty() {
                         true => None,
-                        false => Some(self.page_manifest(&job, &pages, 0, base_url).await?),
+                        false => Some(
+                            self.page_manifest(&job, &parts, &pages, 0, base_url)
+                                .await?,
+                        ),
                     }
                 } else {
                     None
@@ -760,9 +756,12 @@ impl Exporter {
                 }
             }
             JobStatus::Completed => {
-                let pages = self.assign_manifest_pages(&job).await?;
+                let parts = self.sorted_parts(job_id).await?;
+                let pages = self.assign_manifest_pages(&job, &parts).await?;
                 JobView::Completed {
-                    manifest: self.page_manifest(&job, &pages, 0, base_url).await?,
+                    manifest: self
+                        .page_manifest(&job, &parts, &pages, 0, base_url)
+                        .await?,
                     expires: job.expires_at.unwrap_or(job.transaction_time),
                 }
             }
@@ -798,7 +797,14 @@ impl Exporter {
             return Ok(None);
         }
         Ok(Some(
-            self.page_manifest(&job, &pages, page, base_url).await?,
+            self.page_manifest(
+                &job,
+                &self.sorted_parts(job_id).await?,
+                &pages,
+                page,
+                base_url,
+            )
+            .await?,
         ))
     }
 
@@ -807,13 +813,18 @@ impl Exporter {
     /// never changes: its files are finished, and later files go to later pages. Pages are
     /// taken by conditional writes, so two polls at once never list a file twice: the one that
     /// loses reads what the other stored and pages only what is left.
-    async fn assign_manifest_pages(&self, job: &Job) -> StoreResult<Vec<Vec<String>>> {
+    async fn assign_manifest_pages(
+        &self,
+        job: &Job,
+        parts: &[PartRecord],
+    ) -> StoreResult<Vec<Vec<String>>> {
         loop {
             let pages = self.ports.jobs.manifest_pages(&job.id).await?;
             let listed: std::collections::HashSet<&String> = pages.iter().flatten().collect();
-            let fresh = self
-                .sorted_parts(&job.id, |p| !p.is_error && !listed.contains(&p.key))
-                .await?;
+            let fresh: Vec<&PartRecord> = parts
+                .iter()
+                .filter(|p| !p.is_error && !listed.contains(&p.key))
+                .collect();
             if fresh.is_empty() && !(pages.is_empty() && job.status == JobStatus::Completed) {
                 return Ok(pages);
             }
@@ -848,14 +859,17 @@ impl Exporter {
     async fn page_manifest(
         &self,
         job: &Job,
+        parts: &[PartRecord],
         pages: &[Vec<String>],
         page: usize,
         base_url: &str,
     ) -> StoreResult<Value> {
         let keys: std::collections::HashSet<&String> = pages[page].iter().collect();
-        let parts = self
-            .sorted_parts(&job.id, |p| p.is_error || keys.contains(&p.key))
-            .await?;
+        let parts: Vec<PartRecord> = parts
+            .iter()
+            .filter(|p| p.is_error || keys.contains(&p.key))
+            .cloned()
+            .collect();
         let urls = self.urls(&parts, base_url).await?;
         let next = (page + 1 < pages.len())
             .then(|| format!("{base_url}/$export-status/{}/page/{}", job.id, page + 1));
@@ -868,20 +882,9 @@ impl Exporter {
         ))
     }
 
-    /// A job's recorded parts that `keep` selects, in manifest order.
-    async fn sorted_parts(
-        &self,
-        job_id: &str,
-        keep: impl Fn(&PartRecord) -> bool,
-    ) -> StoreResult<Vec<PartRecord>> {
-        let mut parts: Vec<PartRecord> = self
-            .ports
-            .jobs
-            .parts(job_id)
-            .await?
-            .into_iter()
-            .filter(|p| keep(p))
-            .collect();
+    /// A job's recorded parts, in manifest order (read once per status answer).
+    async fn sorted_parts(&self, job_id: &str) -> StoreResult<Vec<PartRecord>> {
+        let mut parts = self.ports.jobs.parts(job_id).await?;
         sort_parts(&mut parts);
         Ok(parts)
     }
