@@ -92,6 +92,36 @@ fn patient_level_matches_the_compartment_reference() {
 }
 
 #[test]
+fn patient_level_pages_of_a_few_rows_skip_those_outside_every_compartment() {
+    // Three rows a page: most pages of Practitioner, Organization, ... keep nothing, and pages of
+    // compartment types start and end at rows kept or not; `next` must move past both.
+    let (server, data) = setup("patient-pages", &["--page-size", "3"]);
+    let reference = CompartmentReference::load();
+    let all_patients: BTreeSet<String> = data
+        .iter()
+        .filter(|r| r["resourceType"] == "Patient")
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    let manifest =
+        server.export("/Patient/$export?_type=Patient,Encounter,Practitioner,Organization,Group");
+    let exported = ids_by_type(&download_all(&manifest));
+    let types = [
+        "Patient",
+        "Encounter",
+        "Practitioner",
+        "Organization",
+        "Group",
+    ];
+    assert_eq!(
+        exported,
+        expected(&data, |r| {
+            types.contains(&r["resourceType"].as_str().unwrap_or(""))
+                && in_compartment_of(&reference, r, &all_patients)
+        })
+    );
+}
+
+#[test]
 fn group_level_exports_the_members_compartments_only() {
     let (server, data) = setup("group", &[]);
     let reference = CompartmentReference::load();

@@ -463,6 +463,14 @@ impl JobStore for DynamoJobStore {
         items.iter().map(doc).collect()
     }
 
+    async fn part(&self, job_id: &str, key: &str) -> StoreResult<Option<PartRecord>> {
+        let item = self
+            .table
+            .get(&job_pk(job_id), &format!("part#{key}"))
+            .await?;
+        item.as_ref().map(doc).transpose()
+    }
+
     async fn put_manifest_page(
         &self,
         job_id: &str,

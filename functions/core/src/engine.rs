@@ -85,11 +85,20 @@ pub struct StatusView {
 pub struct Exporter {
     pub ports: Ports,
     pub settings: Settings,
+    /// The patient set of the job whose items this process ran last. A set never changes once
+    /// planned, and every work item of a Group or patient-list export reads all of it: without
+    /// this, a 20,000-member Group's 768 items read 768 copies of the list. An async lock, held
+    /// while the set is read, so the items that start together read it once between them.
+    last_patient_set: tokio::sync::Mutex<Option<(String, Arc<Vec<String>>)>>,
 }
 
 impl Exporter {
     pub fn new(ports: Ports, settings: Settings) -> Self {
-        Exporter { ports, settings }
+        Exporter {
+            ports,
+            settings,
+            last_patient_set: tokio::sync::Mutex::new(None),
+        }
     }
 
     /// Accepts a kick-off from an anonymous client (see [`Exporter::kickoff_for`]).
@@ -921,13 +930,7 @@ impl Exporter {
         if !live {
             return Ok(None);
         }
-        Ok(self
-            .ports
-            .jobs
-            .parts(job_id)
-            .await?
-            .into_iter()
-            .find(|p| p.key == key))
+        self.ports.jobs.part(job_id, key).await
     }
 
     async fn job(&self, job_id: &str) -> StoreResult<Job> {
@@ -952,7 +955,7 @@ impl Exporter {
         let patients = match (&job.level, &job.params.patients) {
             (ExportLevel::System, _) => PatientScope::Everything,
             (ExportLevel::Patient, None) => PatientScope::AllPatients,
-            _ => PatientScope::Listed(Arc::new(self.ports.jobs.patient_set(&job.id).await?)),
+            _ => PatientScope::Listed(self.planned_patient_set(&job.id).await?),
         };
         Ok(ReadScope {
             resource_type: item.resource_type.clone(),
@@ -964,6 +967,19 @@ impl Exporter {
             patients,
             deleted: item.deleted,
         })
+    }
+
+    /// The job's planned patient set, read once per process and job (see `last_patient_set`).
+    async fn planned_patient_set(&self, job_id: &str) -> StoreResult<Arc<Vec<String>>> {
+        let mut last = self.last_patient_set.lock().await;
+        if let Some((id, set)) = &*last
+            && id == job_id
+        {
+            return Ok(set.clone());
+        }
+        let set = Arc::new(self.ports.jobs.patient_set(job_id).await?);
+        *last = Some((job_id.to_string(), set.clone()));
+        Ok(set)
     }
 
     /// The pause tests ask for between pages (`Settings::page_delay`), so they can act while an

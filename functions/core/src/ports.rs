@@ -262,6 +262,10 @@ pub trait JobStore: Send + Sync {
     /// Records a finished part; recording the same key again replaces it (idempotent).
     async fn record_part(&self, part: &PartRecord) -> StoreResult<()>;
     async fn parts(&self, job_id: &str) -> StoreResult<Vec<PartRecord>>;
+    /// One recorded part: a download asks for one file of a job that may have thousands.
+    async fn part(&self, job_id: &str, key: &str) -> StoreResult<Option<PartRecord>> {
+        Ok(self.parts(job_id).await?.into_iter().find(|p| p.key == key))
+    }
 
     /// Stores page `page` of a job's manifest (the part keys it lists) unless that page is
     /// stored already; returns whether this call stored it. A page never changes once stored,

@@ -186,6 +186,22 @@ impl JobStore for SqliteStore {
         docs.iter().map(|d| Ok(serde_json::from_str(d)?)).collect()
     }
 
+    async fn part(&self, job_id: &str, key: &str) -> StoreResult<Option<PartRecord>> {
+        let (job, key) = (job_id.to_string(), key.to_string());
+        let doc: Option<String> = self
+            .run(move |conn| {
+                conn.query_row(
+                    "SELECT doc FROM job_parts WHERE job = ?1 AND key = ?2",
+                    [job, key],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db_err)
+            })
+            .await?;
+        doc.map(|d| Ok(serde_json::from_str(&d)?)).transpose()
+    }
+
     async fn put_manifest_page(
         &self,
         job_id: &str,

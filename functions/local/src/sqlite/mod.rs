@@ -90,6 +90,8 @@ pub(super) const CURRENT_AT: &str = "(superseded IS NULL OR superseded > :as_of)
 pub struct SqliteStore {
     path: PathBuf,
     pool: Arc<Mutex<Vec<Connection>>>,
+    /// The Patients live at an export's transaction time, for its Patient-level pages.
+    live_patients: Arc<Mutex<Option<resources::LivePatients>>>,
 }
 
 pub(super) fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -102,6 +104,7 @@ impl SqliteStore {
         let store = SqliteStore {
             path: path.to_path_buf(),
             pool: Arc::new(Mutex::new(Vec::new())),
+            live_patients: Arc::default(),
         };
         let conn = store.connect()?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;

@@ -13,6 +13,8 @@ use export_core::ports::{
 use export_core::provenance;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 /// A rid is `type number << TYPE_SHIFT` plus the version's place in its type: each type's rows
 /// are one contiguous range of the table, so reading a type is a sequential scan of that range
@@ -241,9 +243,10 @@ fn page_by_time(
     cursor: Option<&str>,
     limit: usize,
     any_patient: bool,
+    live: Option<&HashSet<String>>,
 ) -> StoreResult<Page> {
     if scope.since.is_none() {
-        return page_by_rid(conn, scope, cursor, limit, any_patient);
+        return page_by_rid(conn, scope, cursor, limit, any_patient, live);
     }
     let (after_lu, after_rid) = match cursor {
         Some(c) => parse_pair(c)?,
@@ -301,14 +304,72 @@ fn compartment_condition(any_patient: bool) -> &'static str {
     }
 }
 
+/// Above this many live Patients a Patient-level read checks each row in SQL instead of holding
+/// their ids in memory (~60 bytes each).
+const LIVE_PATIENTS_HELD: usize = 200_000;
+
+/// The ids of the Patients live at a transaction time. Every page of a Patient-level export
+/// asks "is this row in a live Patient's compartment?"; with the set at hand a page costs one
+/// range read of its rows' memberships instead of two index probes per row (membership, then the
+/// Patient's versions). The set is valid while no Patient version is added: a new version (an
+/// update or deletion) takes a new, higher rid, so the newest Patient rid is part of its key.
+pub(super) struct LivePatients {
+    as_of: i64,
+    newest_rid: i64,
+    /// `None`: more than [`LIVE_PATIENTS_HELD`].
+    ids: Option<Arc<HashSet<String>>>,
+}
+
+/// The live Patients at `as_of` from `cache`, read again if a Patient version was added since.
+fn live_patients(
+    conn: &Connection,
+    cache: &Mutex<Option<LivePatients>>,
+    as_of: i64,
+) -> StoreResult<Option<Arc<HashSet<String>>>> {
+    let Some(num) = type_number(conn, "Patient")? else {
+        return Ok(Some(Arc::default()));
+    };
+    let (start, end) = rid_range(num);
+    let newest_rid: i64 = conn
+        .prepare_cached("SELECT COALESCE(MAX(rid), 0) FROM resources WHERE rid >= ?1 AND rid < ?2")
+        .map_err(db_err)?
+        .query_row([start, end], |r| r.get(0))
+        .map_err(db_err)?;
+    if let Some(held) = &*cache.lock().expect("live patients")
+        && (held.as_of, held.newest_rid) == (as_of, newest_rid)
+    {
+        return Ok(held.ids.clone());
+    }
+    let sql = format!(
+        "SELECT id FROM resources WHERE rid >= :start AND rid < :end AND lu <= :as_of AND deleted = 0 AND {CURRENT_AT} LIMIT :most"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(db_err)?;
+    let rows = stmt
+        .query_map(
+            rusqlite::named_params! {":start": start, ":end": end, ":as_of": as_of, ":most": LIVE_PATIENTS_HELD as i64 + 1},
+            |r| r.get::<_, String>(0),
+        )
+        .map_err(db_err)?;
+    let ids: HashSet<String> = rows.collect::<Result<_, _>>().map_err(db_err)?;
+    let ids = (ids.len() <= LIVE_PATIENTS_HELD).then(|| Arc::new(ids));
+    *cache.lock().expect("live patients") = Some(LivePatients {
+        as_of,
+        newest_rid,
+        ids: ids.clone(),
+    });
+    Ok(ids)
+}
+
 /// Reads a page over one whole type (no `_since`) in rid order: its range of the table from
-/// start to end, sequentially. The cursor is the last rid read.
+/// start to end, sequentially. The cursor is the last rid read. With `live` (the live Patients),
+/// only rows in one of their compartments are kept; `next` still moves past the others.
 fn page_by_rid(
     conn: &Connection,
     scope: &ReadScope,
     cursor: Option<&str>,
     limit: usize,
     any_patient: bool,
+    live: Option<&HashSet<String>>,
 ) -> StoreResult<Page> {
     let Some(num) = type_number(conn, &scope.resource_type)? else {
         return Ok(Page::default());
@@ -320,11 +381,12 @@ fn page_by_rid(
             .map_err(|_| StoreError::new(format!("bad cursor '{c}'")))?,
         None => start - 1,
     };
+    // With the live set in hand the compartment is checked per page below, not per row here.
     let sql = format!(
         "SELECT r.rid, r.id, r.body FROM resources r WHERE r.rid > :after AND r.rid < :end AND r.lu <= :until \
          AND (r.superseded IS NULL OR r.superseded > :as_of) AND r.deleted = :deleted {} \
          ORDER BY r.rid LIMIT :limit",
-        compartment_condition(any_patient)
+        compartment_condition(any_patient && live.is_none())
     );
     let mut stmt = conn.prepare_cached(&sql).map_err(db_err)?;
     let mut rows = stmt
@@ -337,19 +399,66 @@ fn page_by_rid(
             ":deleted": scope.deleted,
         })
         .map_err(db_err)?;
-    let mut page = Page::default();
+    let mut read = Vec::with_capacity(limit.min(4096));
     while let Some(row) = rows.next().map_err(db_err)? {
         let rid: i64 = row.get(0).map_err(db_err)?;
+        let id: String = row.get(1).map_err(db_err)?;
         let body: String = row.get(2).map_err(db_err)?;
+        read.push((rid, id, body));
+    }
+    let mut page = Page {
+        more: read.len() == limit,
+        next: read.last().map(|(rid, _, _)| rid.to_string()),
+        ..Page::default()
+    };
+    let in_live_compartment = match (any_patient, live, read.first(), read.last()) {
+        (true, Some(live), Some((first, ..)), Some((last, ..))) => {
+            Some(rids_with_a_patient_in(conn, *first, *last, live)?)
+        }
+        _ => None,
+    };
+    for (rid, id, body) in read {
+        if in_live_compartment
+            .as_ref()
+            .is_some_and(|kept| kept.binary_search(&rid).is_err())
+        {
+            continue;
+        }
         page.resources.push(StoredResource {
-            id: row.get(1).map_err(db_err)?,
+            id,
             json: Bytes::from(body),
         });
         page.cursors.push(rid.to_string());
     }
-    page.more = page.resources.len() == limit;
-    page.next = page.cursors.last().cloned();
     Ok(page)
+}
+
+/// The rids in `[first, last]`, ascending, with a compartment membership of a patient in `live`:
+/// one range read of the (rid, patient) index.
+fn rids_with_a_patient_in(
+    conn: &Connection,
+    first: i64,
+    last: i64,
+    live: &HashSet<String>,
+) -> StoreResult<Vec<i64>> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT rid, patient FROM membership WHERE rid >= ?1 AND rid <= ?2 ORDER BY rid",
+        )
+        .map_err(db_err)?;
+    let mut rows = stmt.query([first, last]).map_err(db_err)?;
+    let mut kept: Vec<i64> = Vec::new();
+    while let Some(row) = rows.next().map_err(db_err)? {
+        let rid: i64 = row.get(0).map_err(db_err)?;
+        if kept.last() == Some(&rid) {
+            continue;
+        }
+        let patient = row.get_ref(1).map_err(db_err)?.as_str().map_err(db_err)?;
+        if live.contains(patient) {
+            kept.push(rid);
+        }
+    }
+    Ok(kept)
 }
 
 /// Reads a page of the compartments of a listed patient set, patient by patient. A resource in
@@ -536,16 +645,18 @@ impl ResourceStore for SqliteStore {
     ) -> StoreResult<Page> {
         let scope = scope.clone();
         let cursor = cursor.map(String::from);
+        let live_cache = self.live_patients.clone();
         self.run(move |conn| {
             // One read transaction per page: its statements share one snapshot and one WAL read
             // lock instead of taking and dropping it (file locks) for every statement.
             let tx = conn.transaction().map_err(db_err)?;
             let page = match &scope.patients {
                 PatientScope::Everything => {
-                    page_by_time(&tx, &scope, cursor.as_deref(), limit, false)
+                    page_by_time(&tx, &scope, cursor.as_deref(), limit, false, None)
                 }
                 PatientScope::AllPatients => {
-                    page_by_time(&tx, &scope, cursor.as_deref(), limit, true)
+                    let live = live_patients(&tx, &live_cache, to_micros(scope.as_of))?;
+                    page_by_time(&tx, &scope, cursor.as_deref(), limit, true, live.as_deref())
                 }
                 PatientScope::Listed(patients) => {
                     page_by_patient(&tx, &scope, patients, cursor.as_deref(), limit)
