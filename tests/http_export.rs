@@ -174,6 +174,56 @@ fn group_level_exports_the_members_compartments_only() {
 }
 
 #[test]
+fn types_read_in_many_partitions_export_each_resource_once() {
+    // 40 row ids per partition: every generated type is cut into several rid ranges (one work
+    // item each), read concurrently, with and without `_since` and at Patient level.
+    let (server, data) = setup(
+        "partitions",
+        &["--rows-per-partition", "40", "--concurrency", "4"],
+    );
+    let manifest = server.export("/$export");
+    let observation_files = manifest["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["type"] == "Observation")
+        .count();
+    assert!(
+        observation_files > 10,
+        "{observation_files} Observation files"
+    );
+    assert_eq!(
+        ids_by_type(&download_all(&manifest)),
+        expected(&data, |_| true)
+    );
+
+    let since = "2023-01-01T00:00:00.000Z";
+    let last_updated = |r: &Value| r["meta"]["lastUpdated"].as_str().unwrap().to_string();
+    let exported = ids_by_type(&download_all(
+        &server.export(&format!("/$export?_since={since}")),
+    ));
+    assert_eq!(
+        exported,
+        expected(&data, |r| last_updated(r).as_str() > since)
+    );
+
+    let reference = CompartmentReference::load();
+    let all_patients: BTreeSet<String> = data
+        .iter()
+        .filter(|r| r["resourceType"] == "Patient")
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    let exported = ids_by_type(&download_all(&server.export("/Patient/$export")));
+    assert_eq!(
+        exported,
+        with_provenance_of_targets(
+            &data,
+            expected(&data, |r| in_compartment_of(&reference, r, &all_patients))
+        )
+    );
+}
+
+#[test]
 fn type_since_and_until_filter_the_export() {
     let (server, data) = setup("filters", &[]);
     let last_updated = |r: &Value| r["meta"]["lastUpdated"].as_str().unwrap().to_string();

@@ -6,16 +6,16 @@
 //! | patient set chunk | `job#<id>` | `patients#<n>` |
 //! | work item | `job#<id>` | `item#<n>` (`doc`, `done`) |
 //! | item progress | `job#<id>` | `progress#<n>` (`cursor`, `next_seq`) |
-//! | tally | `job#<id>` | `tally#<n / 5000>` (`done`: a number set of finished items) |
+//! | tally | `job#<id>` | `tally#<n / 5000>` (`counted`: a number set of finished items, `n_done`: its size) |
 //! | waiting task | `job#<id>` | `await` (`token`) |
 //! | part | `job#<id>` | `part#<key>` (`doc`, `item`) |
 //! | manifest page | `job#<id>` | `page#<n>` (`keys`: the part keys it lists, ≤ 1,000) |
 //! | lock | `lock#export` | `lock` (`owner`, `expires`) |
 //!
 //! Every change of state is a conditional write; nothing is read and then written. The tally
-//! holds the numbers of finished items in number sets (adding one twice changes nothing), so a
-//! duplicate or redelivered item counts once and "all items done" is a few reads however many
-//! items a job has (see [`DynamoJobStore::tally`]).
+//! holds the numbers of finished items in number sets and their count, both changed only if the
+//! set does not hold the item yet, so a duplicate or redelivered item counts once and "all items
+//! done" reads a few small numbers however many items a job has (see [`DynamoJobStore::tally`]).
 //!
 //! Retention: the job item's `ttl` is its expiry plus a day; every other item of a job carries a
 //! `ttl` of its creation plus [`DynamoJobStore::item_ttl`] (a bound past any run and retention),
@@ -70,11 +70,15 @@ impl DynamoJobStore {
         attr_n((now + self.item_ttl).as_secs() as i64)
     }
 
-    /// Counts a finished item in the job's tally (idempotent: a number set). Called after the
-    /// item is marked done, and again by any redelivery that finds it done, so a crash between
-    /// the two writes never loses the count.
+    /// Counts a finished item in the job's tally: adds it to the tally item's set of counted
+    /// items and adds one to its count, only if the set does not hold it yet, so a duplicate or
+    /// redelivered item counts once. Called after the item is marked done, and again by any
+    /// redelivery that finds it done, so a crash between the two writes never loses the count.
+    /// (`done` is the set of tallies written before the count existed; an item is counted in
+    /// one of the two sets, never both.)
     pub async fn count_done(&self, job_id: &str, item: u32) -> StoreResult<()> {
-        self.table
+        let counted = self
+            .table
             .client
             .update_item()
             .table_name(&self.table.name)
@@ -83,30 +87,43 @@ impl DynamoJobStore {
                 "sk",
                 attr_s(&format!("tally#{:05}", item / ITEMS_PER_TALLY)),
             )
-            .update_expression("ADD done :item SET #ttl = if_not_exists(#ttl, :ttl)")
+            .update_expression("ADD #counted :items, #n :one SET #ttl = if_not_exists(#ttl, :ttl)")
+            .condition_expression("NOT contains(#counted, :item) AND NOT contains(#done, :item)")
+            .expression_attribute_names("#counted", "counted")
+            .expression_attribute_names("#done", "done")
+            .expression_attribute_names("#n", "n_done")
             .expression_attribute_names("#ttl", "ttl")
-            .expression_attribute_values(":item", AttributeValue::Ns(vec![item.to_string()]))
+            .expression_attribute_values(":items", AttributeValue::Ns(vec![item.to_string()]))
+            .expression_attribute_values(":item", attr_n(item as i64))
+            .expression_attribute_values(":one", attr_n(1))
             .expression_attribute_values(":ttl", self.item_ttl())
             .send()
-            .await
-            .map_err(dynamo_err)?;
-        Ok(())
+            .await;
+        match counted {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => Ok(()),
+            Err(e) => Err(dynamo_err(e)),
+        }
     }
 
     /// How many of a job's items are counted done, and the task token of the execution waiting
     /// for all of them (once it has been stored). Read after writing one's own half (an item
     /// counted, or the token), so whichever of a last worker and the waiting task writes second
-    /// sees both.
+    /// sees both. Reads each tally item's count, not its set: every finished item asks, and
+    /// reading the sets made a job of n items read O(n²) numbers.
     pub async fn tally(&self, job_id: &str) -> StoreResult<(u64, Option<String>)> {
         let pk = job_pk(job_id);
         let done = self
             .table
-            .query_all(&pk, Some("tally#"), None)
+            .query_all(&pk, Some("tally#"), Some("n_done, done"))
             .await?
             .iter()
-            .map(|i| match i.get("done") {
-                Some(AttributeValue::Ns(items)) => items.len() as u64,
-                _ => 0,
+            .map(|i| {
+                let old = match i.get("done") {
+                    Some(AttributeValue::Ns(items)) => items.len() as u64,
+                    _ => 0,
+                };
+                get_n(i, "n_done").unwrap_or(0).max(0) as u64 + old
             })
             .sum();
         let token = self

@@ -70,7 +70,6 @@ async fn assert_small_execution(aws: &Deployment, job: &str, items: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "too slow for CI on moto (about 100 requests/s, each query reading its whole partition): 5,000 work items take over 10 minutes; run by hand: cargo test -p export-aws --test fanout -- --ignored"]
 async fn a_group_of_20000_patients_exports_exactly() {
     let resources = cohort(20_500, 20_000);
     let data = values(&resources);
@@ -126,7 +125,6 @@ async fn a_group_of_20000_patients_exports_exactly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "too slow for CI on moto (about 100 requests/s, each query reading its whole partition): 5,000 work items take over 10 minutes; run by hand: cargo test -p export-aws --test fanout -- --ignored"]
 async fn an_export_of_more_than_5000_work_items_completes_exactly() {
     // 20 types in 256 partitions each: 5,120 work items.
     let mut resources = generated(2);

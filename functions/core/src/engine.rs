@@ -28,6 +28,8 @@ use std::sync::Arc;
 
 /// Bytes gathered before they are handed to a part writer.
 const WRITE_CHUNK: usize = 256 * 1024;
+/// Room past a chunk for the line that fills it, so it seldom has to grow.
+const WRITE_SLACK: usize = 64 * 1024;
 
 /// The adapters an engine works through.
 #[derive(Clone)]
@@ -1097,7 +1099,7 @@ impl OpenPart {
             key,
             seq,
             writer,
-            buffer: BytesMut::new(),
+            buffer: BytesMut::with_capacity(WRITE_CHUNK + WRITE_SLACK),
             count: 0,
             bytes: 0,
             scanned: 0,
@@ -1111,6 +1113,9 @@ impl OpenPart {
         self.bytes += line.len() as u64 + 1;
         if self.buffer.len() >= WRITE_CHUNK {
             let chunk = self.buffer.split().freeze();
+            // A fresh buffer of full size: growing an empty one by doubling copied each chunk
+            // several times over.
+            self.buffer = BytesMut::with_capacity(WRITE_CHUNK + WRITE_SLACK);
             self.writer.write(chunk).await?;
         }
         Ok(())

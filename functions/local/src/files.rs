@@ -5,8 +5,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use export_core::error::{StoreError, StoreResult};
 use export_core::ports::{ByteStream, OutputStore, PartWriter};
+use std::io::Write;
 use std::path::{Component, Path, PathBuf};
-use tokio::io::AsyncWriteExt;
 
 /// NDJSON parts under a directory, served by this server's download route.
 #[derive(Clone)]
@@ -37,26 +37,50 @@ impl FileOutput {
 }
 
 struct FilePart {
-    file: tokio::io::BufWriter<tokio::fs::File>,
+    /// The file, with the write in flight (if any): a chunk is handed to the blocking pool as
+    /// it is, without the two copies tokio's buffered file writer makes, and written while the
+    /// engine reads the next pages; the next chunk waits for it.
+    file: Option<std::fs::File>,
+    in_flight: Option<tokio::task::JoinHandle<std::io::Result<std::fs::File>>>,
     partial: PathBuf,
     target: PathBuf,
+}
+
+impl FilePart {
+    /// The file once its write in flight has finished.
+    async fn settled(&mut self) -> StoreResult<std::fs::File> {
+        if let Some(write) = self.in_flight.take() {
+            self.file = Some(write.await.map_err(|e| StoreError::new(e.to_string()))??);
+        }
+        self.file
+            .take()
+            .ok_or_else(|| StoreError::new("a part's earlier write failed"))
+    }
 }
 
 #[async_trait]
 impl PartWriter for FilePart {
     async fn write(&mut self, data: Bytes) -> StoreResult<()> {
-        Ok(self.file.write_all(&data).await?)
+        let mut file = self.settled().await?;
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            file.write_all(&data)?;
+            Ok(file)
+        }));
+        Ok(())
     }
 
     async fn finish(mut self: Box<Self>) -> StoreResult<()> {
-        self.file.flush().await?;
-        self.file.get_ref().sync_data().await?;
+        let file = self.settled().await?;
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(|e| StoreError::new(e.to_string()))??;
         tokio::fs::rename(&self.partial, &self.target).await?;
         Ok(())
     }
 
-    async fn abort(self: Box<Self>) -> StoreResult<()> {
-        drop(self.file);
+    async fn abort(mut self: Box<Self>) -> StoreResult<()> {
+        // Whatever the write in flight did, the partial file goes.
+        let _ = self.settled().await;
         match tokio::fs::remove_file(&self.partial).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
@@ -72,9 +96,10 @@ impl OutputStore for FileOutput {
             tokio::fs::create_dir_all(dir).await?;
         }
         let partial = target.with_extension("ndjson.partial");
-        let file = tokio::fs::File::create(&partial).await?;
+        let file = tokio::fs::File::create(&partial).await?.into_std().await;
         Ok(Box::new(FilePart {
-            file: tokio::io::BufWriter::with_capacity(1 << 20, file),
+            file: Some(file),
+            in_flight: None,
             partial,
             target,
         }))

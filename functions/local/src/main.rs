@@ -197,6 +197,9 @@ struct ServeArgs {
     /// Pause after each page, to make exports slow in tests.
     #[arg(long, default_value_t = 0, hide = true)]
     page_delay_ms: u64,
+    /// Row ids per partition of a type (tests use a few, to have many partitions).
+    #[arg(long, hide = true)]
+    rows_per_partition: Option<u64>,
     /// Seconds between sweeps that delete expired exports.
     #[arg(long, default_value_t = 30, hide = true)]
     expiry_sweep_secs: u64,
@@ -321,7 +324,10 @@ fn target<'a>(db: &'a Path, table: &'a Option<String>) -> admin::Target<'a> {
 }
 
 async fn run_serve(args: ServeArgs) -> CliResult {
-    let store = SqliteStore::open(&args.db)?;
+    let mut store = SqliteStore::open(&args.db)?;
+    if let Some(rows) = args.rows_per_partition {
+        store = store.with_rows_per_partition(rows);
+    }
     if let Some(patients) = args.sample {
         if store.counts()?.is_empty() {
             let started = std::time::Instant::now();

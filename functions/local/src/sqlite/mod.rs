@@ -92,6 +92,9 @@ pub struct SqliteStore {
     pool: Arc<Mutex<Vec<Connection>>>,
     /// The Patients live at an export's transaction time, for its Patient-level pages.
     live_patients: Arc<Mutex<Option<resources::LivePatients>>>,
+    /// Row ids per partition of a type ([`resources::ROWS_PER_PARTITION`] unless a test asks
+    /// for smaller ones).
+    rows_per_partition: i64,
 }
 
 pub(super) fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -105,6 +108,7 @@ impl SqliteStore {
             path: path.to_path_buf(),
             pool: Arc::new(Mutex::new(Vec::new())),
             live_patients: Arc::default(),
+            rows_per_partition: resources::ROWS_PER_PARTITION,
         };
         let conn = store.connect()?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
@@ -117,6 +121,12 @@ impl SqliteStore {
         Self::cluster_old_rows(&conn)?;
         store.pool.lock().expect("pool").push(conn);
         Ok(store)
+    }
+
+    /// The same store with partitions of `rows` row ids (tests use a few, to have many).
+    pub fn with_rows_per_partition(mut self, rows: u64) -> Self {
+        self.rows_per_partition = rows.clamp(1, i64::MAX as u64) as i64;
+        self
     }
 
     fn connect(&self) -> StoreResult<Connection> {
