@@ -6,16 +6,17 @@
 //! | patient set chunk | `job#<id>` | `patients#<n>` |
 //! | work item | `job#<id>` | `item#<n>` (`doc`, `done`) |
 //! | item progress | `job#<id>` | `progress#<n>` (`cursor`, `next_seq`) |
-//! | tally | `job#<id>` | `tally#<n / 5000>` (`counted`: a number set of finished items, `n_done`: its size) |
+//! | tally | `job#<id>` | `counted#<n / 100>` (`done`: a number set of finished items), `count` (`n_done`) |
 //! | waiting task | `job#<id>` | `await` (`token`) |
 //! | part | `job#<id>` | `part#<key>` (`doc`, `item`) |
 //! | manifest page | `job#<id>` | `page#<n>` (`keys`: the part keys it lists, ≤ 1,000) |
 //! | lock | `lock#export` | `lock` (`owner`, `expires`) |
 //!
 //! Every change of state is a conditional write; nothing is read and then written. The tally
-//! holds the numbers of finished items in number sets and their count, both changed only if the
-//! set does not hold the item yet, so a duplicate or redelivered item counts once and "all items
-//! done" reads a few small numbers however many items a job has (see [`DynamoJobStore::tally`]).
+//! holds the numbers of finished items in number sets and their count, both changed in one
+//! transaction only if no set holds the item yet, so a duplicate or redelivered item counts once
+//! and "all items done" reads one number however many items a job has
+//! (see [`DynamoJobStore::count_done`]).
 //!
 //! Retention: the job item's `ttl` is its expiry plus a day; every other item of a job carries a
 //! `ttl` of its creation plus [`DynamoJobStore::item_ttl`] (a bound past any run and retention),
@@ -28,7 +29,11 @@ use crate::dynamo::{
 };
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::SdkError;
-use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, WriteRequest};
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, ConditionCheck, DeleteRequest, TransactWriteItem, Update, WriteRequest,
+};
+use export_core::error::StoreError;
 use export_core::error::StoreResult;
 use export_core::fhir::time::{Instant, to_micros};
 use export_core::job::{Job, JobStatus};
@@ -39,8 +44,13 @@ use std::time::Duration;
 /// Patient ids per patient-set item (keeps items far below DynamoDB's 400 KB).
 const PATIENTS_PER_ITEM: usize = 2000;
 
-/// Finished item numbers per tally item (a number set of at most ~60 KB).
-const ITEMS_PER_TALLY: u32 = 5000;
+/// Finished item numbers per `counted#` item: small sets, since an update pays write units for
+/// the whole item.
+const ITEMS_PER_SET: u32 = 100;
+/// Finished item numbers per `tally#` item, as counted before the count existed.
+const OLD_ITEMS_PER_TALLY: u32 = 5000;
+/// Tries of a tally transaction that meets others on the count item.
+const COUNT_ATTEMPTS: usize = 8;
 
 /// How long a job's items (patient set, work items, progress, parts) are kept at most: a bound
 /// past the longest run (the state machine's timeout, a day) plus the longest retention (a
@@ -70,60 +80,117 @@ impl DynamoJobStore {
         attr_n((now + self.item_ttl).as_secs() as i64)
     }
 
-    /// Counts a finished item in the job's tally: adds it to the tally item's set of counted
-    /// items and adds one to its count, only if the set does not hold it yet, so a duplicate or
-    /// redelivered item counts once. Called after the item is marked done, and again by any
-    /// redelivery that finds it done, so a crash between the two writes never loses the count.
-    /// (`done` is the set of tallies written before the count existed; an item is counted in
-    /// one of the two sets, never both.)
+    /// Counts a finished item in the job's tally, once: one transaction adds the item to its
+    /// `counted#` set, only if no set holds it yet, and adds one to the job's `count`. A
+    /// duplicate or redelivered item finds itself counted and changes nothing. Called after the
+    /// item is marked done, and again by any redelivery that finds it done, so a crash between
+    /// the two writes never loses the count. (`tally#` sets are a job's tally as written before
+    /// the count existed; the transaction checks them too, so an item is never counted twice.)
     pub async fn count_done(&self, job_id: &str, item: u32) -> StoreResult<()> {
-        let counted = self
-            .table
-            .client
-            .update_item()
+        let pk = job_pk(job_id);
+        let key = |sk: String| {
+            Some(HashMap::from([
+                ("pk".to_string(), attr_s(&pk)),
+                ("sk".to_string(), attr_s(&sk)),
+            ]))
+        };
+        let not_counted = "NOT contains(#done, :item)";
+        let failed = |e| dynamo_err(e);
+        let earlier = ConditionCheck::builder()
             .table_name(&self.table.name)
-            .key("pk", attr_s(&job_pk(job_id)))
-            .key(
-                "sk",
-                attr_s(&format!("tally#{:05}", item / ITEMS_PER_TALLY)),
-            )
-            .update_expression("ADD #counted :items, #n :one SET #ttl = if_not_exists(#ttl, :ttl)")
-            .condition_expression("NOT contains(#counted, :item) AND NOT contains(#done, :item)")
-            .expression_attribute_names("#counted", "counted")
+            .set_key(key(format!("tally#{:05}", item / OLD_ITEMS_PER_TALLY)))
+            .condition_expression(not_counted)
             .expression_attribute_names("#done", "done")
-            .expression_attribute_names("#n", "n_done")
+            .expression_attribute_values(":item", attr_n(item as i64))
+            .build()
+            .map_err(failed)?;
+        let set = Update::builder()
+            .table_name(&self.table.name)
+            .set_key(key(format!("counted#{:06}", item / ITEMS_PER_SET)))
+            .update_expression("ADD #done :items SET #ttl = if_not_exists(#ttl, :ttl)")
+            .condition_expression(not_counted)
+            .expression_attribute_names("#done", "done")
             .expression_attribute_names("#ttl", "ttl")
             .expression_attribute_values(":items", AttributeValue::Ns(vec![item.to_string()]))
             .expression_attribute_values(":item", attr_n(item as i64))
+            .expression_attribute_values(":ttl", self.item_ttl())
+            .build()
+            .map_err(failed)?;
+        let count = Update::builder()
+            .table_name(&self.table.name)
+            .set_key(key("count".to_string()))
+            .update_expression("ADD #n :one SET #ttl = if_not_exists(#ttl, :ttl)")
+            .expression_attribute_names("#n", "n_done")
+            .expression_attribute_names("#ttl", "ttl")
             .expression_attribute_values(":one", attr_n(1))
             .expression_attribute_values(":ttl", self.item_ttl())
-            .send()
-            .await;
-        match counted {
-            Ok(_) => Ok(()),
-            Err(e) if is_condition_failure(&e) => Ok(()),
-            Err(e) => Err(dynamo_err(e)),
+            .build()
+            .map_err(failed)?;
+        let actions = vec![
+            TransactWriteItem::builder()
+                .condition_check(earlier)
+                .build(),
+            TransactWriteItem::builder().update(set).build(),
+            TransactWriteItem::builder().update(count).build(),
+        ];
+        // Workers finishing together touch the one count item: a transaction that met another
+        // is cancelled with a conflict and is tried again.
+        let mut pause = Duration::from_millis(20);
+        for _ in 0..COUNT_ATTEMPTS {
+            let sent = self
+                .table
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(actions.clone()))
+                .send()
+                .await;
+            let e = match sent {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            let reasons: Vec<String> = match e.as_service_error() {
+                Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
+                    .cancellation_reasons()
+                    .iter()
+                    .map(|r| r.code().unwrap_or_default().to_string())
+                    .collect(),
+                Some(TransactWriteItemsError::TransactionInProgressException(_)) => Vec::new(),
+                _ => return Err(dynamo_err(e)),
+            };
+            if reasons.iter().any(|r| r == "ConditionalCheckFailed") {
+                return Ok(());
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
         }
+        Err(StoreError::new(format!(
+            "the tally of job {job_id} stayed contended; the item is counted when its message comes back"
+        )))
     }
 
     /// How many of a job's items are counted done, and the task token of the execution waiting
     /// for all of them (once it has been stored). Read after writing one's own half (an item
     /// counted, or the token), so whichever of a last worker and the waiting task writes second
-    /// sees both. Reads each tally item's count, not its set: every finished item asks, and
-    /// reading the sets made a job of n items read O(n²) numbers.
+    /// sees both. Every finished item asks, so it reads one number, not the sets (reading sets
+    /// made a job of n items read O(n²) numbers); `tally#` sets only exist for a job counted
+    /// before the count did.
     pub async fn tally(&self, job_id: &str) -> StoreResult<(u64, Option<String>)> {
         let pk = job_pk(job_id);
-        let done = self
+        let counted = self
             .table
-            .query_all(&pk, Some("tally#"), Some("n_done, done"))
+            .get(&pk, "count")
+            .await?
+            .and_then(|i| get_n(&i, "n_done"))
+            .unwrap_or(0)
+            .max(0) as u64;
+        let earlier: u64 = self
+            .table
+            .query_all(&pk, Some("tally#"), None)
             .await?
             .iter()
-            .map(|i| {
-                let old = match i.get("done") {
-                    Some(AttributeValue::Ns(items)) => items.len() as u64,
-                    _ => 0,
-                };
-                get_n(i, "n_done").unwrap_or(0).max(0) as u64 + old
+            .map(|i| match i.get("done") {
+                Some(AttributeValue::Ns(items)) => items.len() as u64,
+                _ => 0,
             })
             .sum();
         let token = self
@@ -131,7 +198,7 @@ impl DynamoJobStore {
             .get(&pk, "await")
             .await?
             .and_then(|i| get_s(&i, "token"));
-        Ok((done, token))
+        Ok((counted + earlier, token))
     }
 
     /// Stores the task token of the execution waiting for a job's items.

@@ -69,6 +69,53 @@ async fn assert_small_execution(aws: &Deployment, job: &str, items: usize) {
     );
 }
 
+/// Kicks off `path` on `aws` (loaded, Lambdas started), waits for its manifest and checks the
+/// files hold exactly `want` (type → sorted ids) and the local mode's lines, and that the
+/// execution stayed small; returns (work items, seconds).
+async fn export_exactly(
+    aws: &Deployment,
+    path: &str,
+    level: ExportLevel,
+    resources: &[NewResource],
+    want: &std::collections::BTreeMap<String, Vec<String>>,
+) -> (usize, f64) {
+    let started = Instant::now();
+    let kick = aws.kickoff(path).await;
+    assert_eq!(kick.status, 202, "{}", kick.body);
+    let manifest = aws
+        .wait_for_manifest_within(&kick.status_path(), Duration::from_secs(3600))
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let job = kick.status_path().rsplit('/').next().unwrap().to_string();
+    let items = aws
+        .service
+        .exporter
+        .ports
+        .jobs
+        .items(&job)
+        .await
+        .unwrap()
+        .len();
+    let exported = download(&manifest);
+    let lines: usize = exported.values().map(Vec::len).sum();
+    println!(
+        "{path}: {items} work items, {lines} resources in {elapsed:.1} s ({:.1} items/s, {:.0} resources/s)",
+        items as f64 / elapsed,
+        lines as f64 / elapsed
+    );
+    assert_eq!(&ids_of_lines(&exported), want, "the oracle");
+    let local = local_mode_export(
+        resources,
+        level,
+        ExportParams::default(),
+        &aws.settings.export,
+    )
+    .await;
+    assert_same_lines_as(&exported, &local, "identical to the local mode");
+    assert_small_execution(aws, &job, items).await;
+    (items, elapsed)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_group_of_20000_patients_exports_exactly() {
     let resources = cohort(20_500, 20_000);
@@ -88,40 +135,8 @@ async fn a_group_of_20000_patients_exports_exactly() {
         started.elapsed().as_secs_f64()
     );
     aws.start_lambdas(Delivery::Once, None);
-    let started = Instant::now();
-    let kick = aws.kickoff("/fhir/Group/cohort/$export").await;
-    assert_eq!(kick.status, 202, "{}", kick.body);
-    let manifest = aws
-        .wait_for_manifest_within(&kick.status_path(), Duration::from_secs(3600))
-        .await;
-    let elapsed = started.elapsed().as_secs_f64();
-    let job = kick.status_path().rsplit('/').next().unwrap().to_string();
-    let items = aws
-        .service
-        .exporter
-        .ports
-        .jobs
-        .items(&job)
-        .await
-        .unwrap()
-        .len();
-    let exported = download(&manifest);
-    let lines: usize = exported.values().map(Vec::len).sum();
-    println!(
-        "Group of 20,000: {items} work items, {lines} resources in {elapsed:.1} s ({:.1} items/s, {:.0} resources/s)",
-        items as f64 / elapsed,
-        lines as f64 / elapsed
-    );
-    assert_eq!(ids_of_lines(&exported), want, "the oracle");
-    let local = local_mode_export(
-        &resources,
-        ExportLevel::Group("cohort".into()),
-        ExportParams::default(),
-        &aws.settings.export,
-    )
-    .await;
-    assert_same_lines_as(&exported, &local, "identical to the local mode");
-    assert_small_execution(&aws, &job, items).await;
+    let level = ExportLevel::Group("cohort".into());
+    export_exactly(&aws, "/fhir/Group/cohort/$export", level, &resources, &want).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -141,37 +156,13 @@ async fn an_export_of_more_than_5000_work_items_completes_exactly() {
     let mut aws = Deployment::create(|s| s.shards = 256).await;
     aws.load(resources.clone()).await;
     aws.start_lambdas(Delivery::Once, None);
-    let started = Instant::now();
-    let kick = aws.kickoff("/fhir/$export").await;
-    assert_eq!(kick.status, 202, "{}", kick.body);
-    let manifest = aws
-        .wait_for_manifest_within(&kick.status_path(), Duration::from_secs(3600))
-        .await;
-    let elapsed = started.elapsed().as_secs_f64();
-    let job = kick.status_path().rsplit('/').next().unwrap().to_string();
-    let items = aws
-        .service
-        .exporter
-        .ports
-        .jobs
-        .items(&job)
-        .await
-        .unwrap()
-        .len();
-    assert!(items >= 5_000, "{items} work items");
-    println!(
-        "system export: {items} work items in {elapsed:.1} s ({:.1} items/s)",
-        items as f64 / elapsed
-    );
-    let exported = download(&manifest);
-    assert_eq!(ids_of_lines(&exported), types, "the oracle");
-    let local = local_mode_export(
-        &resources,
+    let (items, _) = export_exactly(
+        &aws,
+        "/fhir/$export",
         ExportLevel::System,
-        ExportParams::default(),
-        &aws.settings.export,
+        &resources,
+        &types,
     )
     .await;
-    assert_same_lines_as(&exported, &local, "identical to the local mode");
-    assert_small_execution(&aws, &job, items).await;
+    assert!(items >= 5_000, "{items} work items");
 }

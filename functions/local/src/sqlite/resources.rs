@@ -313,13 +313,13 @@ fn page_by_time(
         })
         .map_err(db_err)?;
     let mut page = Page::default();
+    let mut bodies = PageBodies::new(limit);
     while let Some(row) = rows.next().map_err(db_err)? {
         let rid: i64 = row.get(0).map_err(db_err)?;
         let lu: i64 = row.get(2).map_err(db_err)?;
-        let body: String = row.get(3).map_err(db_err)?;
         page.resources.push(StoredResource {
             id: row.get(1).map_err(db_err)?,
-            json: Bytes::from(body),
+            json: bodies.take(row.get_ref(3).map_err(db_err)?)?,
         });
         page.cursors.push(format!("{lu}:{rid}"));
     }
@@ -431,11 +431,11 @@ fn page_by_rid(
         })
         .map_err(db_err)?;
     let mut read = Vec::with_capacity(limit.min(4096));
+    let mut bodies = PageBodies::new(limit);
     while let Some(row) = rows.next().map_err(db_err)? {
         let rid: i64 = row.get(0).map_err(db_err)?;
         let id: String = row.get(1).map_err(db_err)?;
-        let body: String = row.get(2).map_err(db_err)?;
-        read.push((rid, id, body));
+        read.push((rid, id, bodies.take(row.get_ref(2).map_err(db_err)?)?));
     }
     let mut page = Page {
         more: read.len() == limit,
@@ -455,13 +455,26 @@ fn page_by_rid(
         {
             continue;
         }
-        page.resources.push(StoredResource {
-            id,
-            json: Bytes::from(body),
-        });
+        page.resources.push(StoredResource { id, json: body });
         page.cursors.push(rid.to_string());
     }
     Ok(page)
+}
+
+/// The bodies of one page, copied out of SQLite into one shared buffer: one allocation per page
+/// instead of a `String` per row (allocating and freeing them was ~10% of a system export).
+/// Bodies are stored as valid UTF-8 JSON, so they are not validated again on the way out.
+struct PageBodies(bytes::BytesMut);
+
+impl PageBodies {
+    fn new(rows: usize) -> Self {
+        PageBodies(bytes::BytesMut::with_capacity(rows.min(4096) * 768))
+    }
+
+    fn take(&mut self, body: rusqlite::types::ValueRef<'_>) -> StoreResult<Bytes> {
+        self.0.extend_from_slice(body.as_bytes().map_err(db_err)?);
+        Ok(self.0.split().freeze())
+    }
 }
 
 /// The rids in `[first, last]`, ascending, with a compartment membership of a patient in `live`:
