@@ -1,4 +1,6 @@
-"""moto's server, with three fixes of its cost (not its behaviour) that the AWS tests depend on.
+"""moto's server, with fixes of its cost (not its behaviour) that the AWS tests depend on, and
+of one race: DynamoDB writes are applied one at a time, as DynamoDB applies each item's writes
+atomically (moto's threads could lose one of two concurrent `ADD`s to a counter).
 
 moto 5.2 snapshots a transaction's tables with `copy.deepcopy` once per *action* (a
 100-action transaction copies its table 100 times) and on failure puts the whole snapshot
@@ -157,6 +159,26 @@ def transact_write_items(self, transact_items):
 
 
 DynamoDBBackend.transact_write_items = transact_write_items
+
+# Writes one at a time: moto's server answers requests on threads, and its updates read an item,
+# change it and store it back, so two concurrent `ADD n :one` on one item could both read the same
+# value and one increment was lost (a counter shared by every worker stayed short of its total).
+# DynamoDB applies each write to an item atomically.
+_writes = threading.RLock()
+
+
+def _one_at_a_time(method):
+    def wrapped(self, *args, **kwargs):
+        with _writes:
+            return method(self, *args, **kwargs)
+    wrapped.__name__ = method.__name__
+    return wrapped
+
+
+for _name in ("put_item", "update_item", "delete_item", "transact_write_items",
+              "batch_write_item"):
+    if hasattr(DynamoDBBackend, _name):
+        setattr(DynamoDBBackend, _name, _one_at_a_time(getattr(DynamoDBBackend, _name)))
 
 _query_scope = threading.local()
 _table_all_items = Table.all_items
