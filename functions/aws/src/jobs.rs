@@ -4,7 +4,8 @@
 //! |---|---|---|
 //! | job | `job#<id>` | `job` (`status`, `doc`, `ttl`) |
 //! | patient set chunk | `job#<id>` | `patients#<n>` |
-//! | work item | `job#<id>` | `item#<n>` (`doc`, `done`) |
+//! | work item | `job#<id>` | `item#<n>` (`doc`) |
+//! | finished item | `job#<id>` | `done#<n>` |
 //! | item progress | `job#<id>` | `progress#<n>` (`cursor`, `next_seq`) |
 //! | tally | `job#<id>` | `counted#<n / 100>` (`done`: a number set of finished items), `count` (`n_done`) |
 //! | waiting task | `job#<id>` | `await` (`token`) |
@@ -447,22 +448,52 @@ impl JobStore for DynamoJobStore {
         items.iter().map(doc).collect()
     }
 
+    /// A `done#<n>` item of its own, not a flag on the work item: a plan delivered twice at once
+    /// (its message came back while the first run still planned) puts the work items again, and
+    /// must not clear what workers finished meanwhile. (Work items with `done = 1` are jobs
+    /// finished before; they still count.)
     async fn complete_item(&self, job_id: &str, item: u32) -> StoreResult<()> {
+        let record = HashMap::from([
+            ("pk".to_string(), attr_s(&job_pk(job_id))),
+            ("sk".to_string(), attr_s(&format!("done#{item:06}"))),
+            ("ttl".to_string(), self.item_ttl()),
+        ]);
         self.table
-            .set_number(&job_pk(job_id), &format!("item#{item:06}"), "done", 1)
+            .client
+            .put_item()
+            .table_name(&self.table.name)
+            .set_item(Some(record))
+            .send()
             .await
+            .map_err(dynamo_err)?;
+        Ok(())
     }
 
     async fn completed_items(&self, job_id: &str) -> StoreResult<Vec<u32>> {
-        let items = self
+        let pk = job_pk(job_id);
+        let number = |i: &crate::dynamo::Item, prefix: &str| -> Option<u32> {
+            get_s(i, "sk")?.strip_prefix(prefix)?.parse().ok()
+        };
+        let mut done: Vec<u32> = self
             .table
-            .query_all(&job_pk(job_id), Some("item#"), Some("sk, done"))
-            .await?;
-        Ok(items
+            .query_all(&pk, Some("done#"), Some("sk"))
+            .await?
             .iter()
-            .filter(|i| get_n(i, "done") == Some(1))
-            .filter_map(|i| get_s(i, "sk")?.trim_start_matches("item#").parse().ok())
-            .collect())
+            .filter_map(|i| number(i, "done#"))
+            .collect();
+        let flagged = self
+            .table
+            .query_all(&pk, Some("item#"), Some("sk, done"))
+            .await?;
+        done.extend(
+            flagged
+                .iter()
+                .filter(|i| get_n(i, "done") == Some(1))
+                .filter_map(|i| number(i, "item#")),
+        );
+        done.sort_unstable();
+        done.dedup();
+        Ok(done)
     }
 
     /// From the tally: a few reads however many items the job has.
@@ -471,11 +502,17 @@ impl JobStore for DynamoJobStore {
     }
 
     async fn is_item_complete(&self, job_id: &str, item: u32) -> StoreResult<bool> {
-        let found = self
+        let pk = job_pk(job_id);
+        if self
             .table
-            .get(&job_pk(job_id), &format!("item#{item:06}"))
-            .await?;
-        Ok(found.is_some_and(|i| get_n(&i, "done") == Some(1)))
+            .get(&pk, &format!("done#{item:06}"))
+            .await?
+            .is_some()
+        {
+            return Ok(true);
+        }
+        let flagged = self.table.get(&pk, &format!("item#{item:06}")).await?;
+        Ok(flagged.is_some_and(|i| get_n(&i, "done") == Some(1)))
     }
 
     /// Keeps only the furthest position: a slower duplicate never moves an item back.

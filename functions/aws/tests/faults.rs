@@ -13,7 +13,7 @@ use export_core::fhir::time::{Instant, now_millis};
 use export_core::params::{ExportLevel, ExportParams};
 use export_core::ports::{
     ByteStream, NewResource, OutputStore, Page, PartWriter, ReadScope, ResourceStore,
-    ResourceVersion,
+    ResourceVersion, WorkItem,
 };
 use export_core::{Exporter, Settings};
 use std::collections::HashMap;
@@ -428,4 +428,31 @@ async fn exports_whose_execution_ended_or_never_started_are_failed_by_the_sweepe
     // A running export's lease is renewed by the sweep, not failed.
     aws.run_duties().await;
     aws.wait_for_manifest(&next.status_path()).await;
+}
+
+/// A plan delivered twice at once (its message came back while the first run still planned)
+/// writes the work items again after workers finished some: what they finished stays finished.
+/// Before, finishing was a flag on the work item, and the second write cleared it: the tally
+/// counted all items, the job's items did not, and finalizing failed the export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plan_written_twice_keeps_the_items_workers_finished() {
+    let aws = Deployment::create(|_| {}).await;
+    let jobs = &aws.service.exporter.ports.jobs;
+    let items: Vec<WorkItem> = (0..3)
+        .map(|n| WorkItem {
+            job_id: "twice".into(),
+            item: n,
+            resource_type: "Patient".into(),
+            partition: n,
+            partitions: 3,
+            deleted: false,
+        })
+        .collect();
+    jobs.put_items(&items).await.unwrap();
+    jobs.complete_item("twice", 1).await.unwrap();
+    jobs.put_items(&items).await.unwrap();
+    assert!(jobs.is_item_complete("twice", 1).await.unwrap());
+    assert!(!jobs.is_item_complete("twice", 0).await.unwrap());
+    assert_eq!(jobs.completed_items("twice").await.unwrap(), vec![1]);
+    assert_eq!(jobs.items("twice").await.unwrap(), items);
 }
