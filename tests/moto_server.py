@@ -192,14 +192,16 @@ def all_items(self):
     if hash_key is None or not self.range_key_attr:
         return _table_all_items(self)
     partition = self.items[hash_key] if hash_key in self.items else {}
+    # A copy: another thread may write to the partition meanwhile (reads take no lock).
+    items = list(partition.values())
     comparison, objs = _query_scope.range_condition
     if comparison is None:
-        return list(partition.values())
+        return items
     if comparison == "BEGINS_WITH" and len(objs) == 1 and objs[0].type == "S":
         prefix = objs[0].value
-        return [i for i in partition.values()
+        return [i for i in items
                 if i.range_key.type == "S" and i.range_key.value.startswith(prefix)]
-    return [i for i in partition.values() if i.range_key.compare(comparison, objs)]
+    return [i for i in items if i.range_key.compare(comparison, objs)]
 
 
 def query(self, hash_key, range_comparison, range_objs, limit, exclusive_start_key,

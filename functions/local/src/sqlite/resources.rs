@@ -384,8 +384,10 @@ fn live_patients(
             |r| r.get::<_, String>(0),
         )
         .map_err(db_err)?;
-    let ids: HashSet<String> = rows.collect::<Result<_, _>>().map_err(db_err)?;
-    let ids = (ids.len() <= LIVE_PATIENTS_HELD).then(|| Arc::new(ids));
+    // Counted as rows, not ids: two live versions of one Patient (lastUpdated out of order) must
+    // not make a list cut at the limit look complete.
+    let rows: Vec<String> = rows.collect::<Result<_, _>>().map_err(db_err)?;
+    let ids = (rows.len() <= LIVE_PATIENTS_HELD).then(|| Arc::new(rows.into_iter().collect()));
     *cache.lock().expect("live patients") = Some(LivePatients {
         as_of,
         newest_rid,
