@@ -371,6 +371,23 @@ async fn plan(service: &AwsService, job_id: &str) -> StoreResult<Value> {
 /// clear OperationOutcome, its files are deleted and the lock freed; the waiting task is told.
 async fn gave_up(service: &AwsService, message: &WorkMessage) -> HandlerResult {
     let job_id = &message.item.job_id;
+    // An item that finished but could not be counted (its tally stayed contended through every
+    // attempt) is counted now, not failed.
+    let finished = service
+        .exporter
+        .ports
+        .jobs
+        .is_item_complete(job_id, message.item.item)
+        .await
+        .map_err(|e| e.to_string())?;
+    if finished {
+        service
+            .jobs
+            .count_done(job_id, message.item.item)
+            .await
+            .map_err(|e| e.to_string())?;
+        return answer_if_all_done(service, job_id).await;
+    }
     let diagnostics = fanout::work_item_gave_up(&message.item, service.settings.work_attempts);
     tracing::error!(export_id = %job_id, item = message.item.item, "work item gave up");
     crate::metrics::fail(&service.exporter, job_id, &diagnostics)

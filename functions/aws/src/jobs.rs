@@ -184,22 +184,34 @@ impl DynamoJobStore {
             .and_then(|i| get_n(&i, "n_done"))
             .unwrap_or(0)
             .max(0) as u64;
-        let earlier: u64 = self
-            .table
-            .query_all(&pk, Some("tally#"), None)
-            .await?
-            .iter()
-            .map(|i| match i.get("done") {
-                Some(AttributeValue::Ns(items)) => items.len() as u64,
-                _ => 0,
-            })
-            .sum();
+        let numbers = |items: &[crate::dynamo::Item]| -> std::collections::BTreeSet<String> {
+            items
+                .iter()
+                .flat_map(|i| match i.get("done") {
+                    Some(AttributeValue::Ns(items)) => items.clone(),
+                    _ => Vec::new(),
+                })
+                .collect()
+        };
+        let earlier = self.table.query_all(&pk, Some("tally#"), None).await?;
+        // A job counted by an older version too: its workers added to `tally#` without looking
+        // at `counted#`, so an item may be in both; count the union of the sets.
+        let counted = match earlier.is_empty() {
+            true => counted,
+            false => {
+                let mut all = numbers(&earlier);
+                all.extend(numbers(
+                    &self.table.query_all(&pk, Some("counted#"), None).await?,
+                ));
+                all.len() as u64
+            }
+        };
         let token = self
             .table
             .get(&pk, "await")
             .await?
             .and_then(|i| get_s(&i, "token"));
-        Ok((counted + earlier, token))
+        Ok((counted, token))
     }
 
     /// Stores the task token of the execution waiting for a job's items.
