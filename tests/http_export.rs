@@ -15,6 +15,14 @@ fn setup(name: &str, extra: &[&str]) -> (Server, Vec<Value>) {
     (Server::start(&dir, extra), read_ndjson_dir(&data))
 }
 
+/// The ids of the Patients in the generated data.
+fn patient_ids(data: &[Value]) -> BTreeSet<String> {
+    data.iter()
+        .filter(|r| r["resourceType"] == "Patient")
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 fn assert_manifest_shape(manifest: &Value, request_suffix: &str) {
     assert!(manifest["transactionTime"].as_str().unwrap().ends_with('Z'));
     assert!(
@@ -43,11 +51,7 @@ fn system_level_exports_every_resource_once() {
 fn patient_level_matches_the_compartment_reference() {
     let (server, data) = setup("patient", &[]);
     let reference = CompartmentReference::load();
-    let all_patients: BTreeSet<String> = data
-        .iter()
-        .filter(|r| r["resourceType"] == "Patient")
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
+    let all_patients = patient_ids(&data);
     let manifest = server.export("/Patient/$export");
     assert_manifest_shape(&manifest, "/fhir/Patient/$export");
     let exported = ids_by_type(&download_all(&manifest));
@@ -97,11 +101,7 @@ fn patient_level_pages_of_a_few_rows_skip_those_outside_every_compartment() {
     // compartment types start and end at rows kept or not; `next` must move past both.
     let (server, data) = setup("patient-pages", &["--page-size", "3"]);
     let reference = CompartmentReference::load();
-    let all_patients: BTreeSet<String> = data
-        .iter()
-        .filter(|r| r["resourceType"] == "Patient")
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
+    let all_patients = patient_ids(&data);
     let manifest =
         server.export("/Patient/$export?_type=Patient,Encounter,Practitioner,Organization,Group");
     let exported = ids_by_type(&download_all(&manifest));
@@ -208,11 +208,7 @@ fn types_read_in_many_partitions_export_each_resource_once() {
     );
 
     let reference = CompartmentReference::load();
-    let all_patients: BTreeSet<String> = data
-        .iter()
-        .filter(|r| r["resourceType"] == "Patient")
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
+    let all_patients = patient_ids(&data);
     let exported = ids_by_type(&download_all(&server.export("/Patient/$export")));
     assert_eq!(
         exported,
