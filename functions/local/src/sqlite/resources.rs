@@ -726,7 +726,11 @@ impl ResourceStore for SqliteStore {
                     rows_per_partition,
                 ),
                 PatientScope::AllPatients => {
-                    let live = live_patients(&tx, &live_cache, to_micros(scope.as_of))?;
+                    // Only a read in rid order uses the set (a `_since` read checks each row in SQL).
+                    let live = match scope.since {
+                        None => live_patients(&tx, &live_cache, to_micros(scope.as_of))?,
+                        Some(_) => None,
+                    };
                     page_by_time(
                         &tx,
                         &scope,
