@@ -43,6 +43,8 @@ if ! cmp -s tests/lambda-requirements.txt "$TOOLS/lambda/requirements.txt" 2>/de
   "$TOOLS/lambda/bin/pip" install --quiet --disable-pip-version-check -r tests/lambda-requirements.txt
   cp tests/lambda-requirements.txt "$TOOLS/lambda/requirements.txt"
 fi
+# A CI run builds once from nothing: incremental caches would only add gigabytes to target/.
+export CARGO_INCREMENTAL=0
 # functions/aws/tests/emulator.rs runs the Lambda binaries under its runtime emulator.
 export CARGO_LAMBDA=$TOOLS/lambda/bin/cargo-lambda
 if [ ! -x /usr/bin/chromium ]; then
@@ -151,3 +153,5 @@ echo "== the Exports page in headless Chromium (Playwright, axe-core)"
 echo "== real bulk clients (smart-fetch, cumulus-etl) against bulk-export serve"
 python3 tests/clients/check_clients.py target/debug/bulk-export \
   "$TOOLS/clients/bin/smart-fetch" "$TOOLS/clients/bin/cumulus-etl" "$TOOLS/clients-work"
+
+echo "== disk: target/ $(du -sh target 2>/dev/null | cut -f1), .tools/ $(du -sh "$TOOLS" 2>/dev/null | cut -f1)"
