@@ -19,6 +19,7 @@ use crate::ports::{
     ResourceStore, WorkItem,
 };
 use crate::provenance::{self, ProvenanceSelector};
+use crate::read_ahead::{ReadAhead, cursor_after};
 use crate::settings::Settings;
 use crate::shaping::Shaping;
 use bytes::{Bytes, BytesMut};
@@ -445,9 +446,11 @@ impl Exporter {
         let shaping = Shaping::new(&job.params);
         let mut part: Option<OpenPart> = None;
         let mut last_job_check = std::time::Instant::now();
+        let mut ahead: Option<ReadAhead> = None;
 
         loop {
             let page = match &found {
+                None if ahead.is_some() => ahead.take().expect("a read ahead").page().await?,
                 Some(ids) => {
                     candidate_page(
                         self.ports.resources.as_ref(),
@@ -465,6 +468,14 @@ impl Exporter {
                         .await?
                 }
             };
+            if found.is_none() && page.more {
+                ahead = Some(ReadAhead::start(
+                    self.ports.resources.clone(),
+                    scope.clone(),
+                    cursor_after(&page, cursor.as_deref()),
+                    self.settings.page_size,
+                ));
+            }
             // Provenance chosen by target: parse the page once and look its targets up in batches.
             let mut parsed: std::collections::VecDeque<Value> = Default::default();
             if let Some(selector) = &mut selector {

@@ -20,6 +20,7 @@ pub mod organize;
 pub mod params;
 pub mod ports;
 pub mod provenance;
+pub mod read_ahead;
 pub mod router;
 pub mod runner;
 pub mod settings;

@@ -36,19 +36,62 @@ impl FileOutput {
     }
 }
 
+/// Bytes written to a part between two requests to the kernel to start writing them to disk.
+const WRITEBACK_STEP: u64 = 8 * 1024 * 1024;
+
+/// A part's open file and how far the kernel was asked to write it back.
+struct PartFile {
+    file: std::fs::File,
+    written: u64,
+    writeback_from: u64,
+}
+
+impl PartFile {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(data)?;
+        self.written += data.len() as u64;
+        if self.written - self.writeback_from >= WRITEBACK_STEP {
+            self.start_writeback();
+        }
+        Ok(())
+    }
+
+    /// Asks the kernel to start writing what was written since the last request, without
+    /// waiting: the disk then writes while the export reads on, and the `fdatasync` that makes
+    /// the part durable at its end waits only for the last few megabytes (it was ~0.3 s for the
+    /// 650 MB of a 1M-resource system export when all of it waited for the end).
+    fn start_writeback(&mut self) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid open descriptor and a range of it; the call only schedules I/O.
+            // Its result is only advice: the fdatasync at the end is what makes the data durable.
+            unsafe {
+                libc::sync_file_range(
+                    self.file.as_raw_fd(),
+                    self.writeback_from as libc::off64_t,
+                    (self.written - self.writeback_from) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        }
+        self.writeback_from = self.written;
+    }
+}
+
 struct FilePart {
     /// The file, with the write in flight (if any): a chunk is handed to the blocking pool as
     /// it is, without the two copies tokio's buffered file writer makes, and written while the
     /// engine reads the next pages; the next chunk waits for it.
-    file: Option<std::fs::File>,
-    in_flight: Option<tokio::task::JoinHandle<std::io::Result<std::fs::File>>>,
+    file: Option<PartFile>,
+    in_flight: Option<tokio::task::JoinHandle<std::io::Result<PartFile>>>,
     partial: PathBuf,
     target: PathBuf,
 }
 
 impl FilePart {
     /// The file once its write in flight has finished.
-    async fn settled(&mut self) -> StoreResult<std::fs::File> {
+    async fn settled(&mut self) -> StoreResult<PartFile> {
         if let Some(write) = self.in_flight.take() {
             self.file = Some(write.await.map_err(|e| StoreError::new(e.to_string()))??);
         }
@@ -63,7 +106,7 @@ impl PartWriter for FilePart {
     async fn write(&mut self, data: Bytes) -> StoreResult<()> {
         let mut file = self.settled().await?;
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            file.write_all(&data)?;
+            file.write(&data)?;
             Ok(file)
         }));
         Ok(())
@@ -71,7 +114,7 @@ impl PartWriter for FilePart {
 
     async fn finish(mut self: Box<Self>) -> StoreResult<()> {
         let file = self.settled().await?;
-        tokio::task::spawn_blocking(move || file.sync_data())
+        tokio::task::spawn_blocking(move || file.file.sync_data())
             .await
             .map_err(|e| StoreError::new(e.to_string()))??;
         tokio::fs::rename(&self.partial, &self.target).await?;
@@ -98,7 +141,11 @@ impl OutputStore for FileOutput {
         let partial = target.with_extension("ndjson.partial");
         let file = tokio::fs::File::create(&partial).await?.into_std().await;
         Ok(Box::new(FilePart {
-            file: Some(file),
+            file: Some(PartFile {
+                file,
+                written: 0,
+                writeback_from: 0,
+            }),
             in_flight: None,
             partial,
             target,
