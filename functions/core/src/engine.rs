@@ -15,8 +15,8 @@ use crate::manifest::{
 };
 use crate::params::{ExportLevel, ExportParams};
 use crate::ports::{
-    ExportLock, JobStore, OutputStore, Page, PartRecord, PartWriter, PatientScope, ReadScope,
-    ResourceStore, WorkItem,
+    Cursor, ExportLock, JobStore, OutputStore, Page, PartRecord, PartWriter, PatientScope,
+    ReadScope, ResourceStore, WorkItem,
 };
 use crate::provenance::{self, ProvenanceSelector};
 use crate::read_ahead::{ReadAhead, cursor_after};
@@ -404,8 +404,9 @@ impl Exporter {
         if job.params.organize_by.is_some() && !item.deleted {
             return self.export_blocks(&job, item, resume, deadline).await;
         }
-        let (mut cursor, mut seq) = match resume {
-            Some(r) => (Some(r.cursor), r.next_seq),
+        // Just after the last resource passed (written out only where recorded or read from).
+        let (mut cursor, mut seq): (Option<Cursor>, u32) = match resume {
+            Some(r) => (Some(Cursor::Text(r.cursor)), r.next_seq),
             None => (None, 0),
         };
         let mut scope = self.read_scope(&job, item).await?;
@@ -449,6 +450,7 @@ impl Exporter {
         let mut ahead: Option<ReadAhead> = None;
 
         loop {
+            let from = cursor.as_ref().map(Cursor::to_string);
             let page = match &found {
                 None if ahead.is_some() => ahead.take().expect("a read ahead").page().await?,
                 Some(ids) => {
@@ -456,7 +458,7 @@ impl Exporter {
                         self.ports.resources.as_ref(),
                         &job,
                         ids,
-                        cursor.as_deref(),
+                        from.as_deref(),
                         self.settings.page_size,
                     )
                     .await?
@@ -464,7 +466,7 @@ impl Exporter {
                 None => {
                     self.ports
                         .resources
-                        .read_page(&scope, cursor.as_deref(), self.settings.page_size)
+                        .read_page(&scope, from.as_deref(), self.settings.page_size)
                         .await?
                 }
             };
@@ -472,7 +474,7 @@ impl Exporter {
                 ahead = Some(ReadAhead::start(
                     self.ports.resources.clone(),
                     scope.clone(),
-                    cursor_after(&page, cursor.as_deref()),
+                    cursor_after(&page, from.as_deref()),
                     self.settings.page_size,
                 ));
             }
@@ -492,7 +494,7 @@ impl Exporter {
                     .is_some_and(|open| open.scanned >= self.settings.part_scan_limit)
                 {
                     let open = part.take().expect("open part");
-                    let at = cursor.clone().unwrap_or_default();
+                    let at = cursor.as_ref().map(Cursor::to_string).unwrap_or_default();
                     seq += 1;
                     if let Some(stop) = self.cut(open, item, false, &at, seq, deadline).await? {
                         return Ok(stop);
@@ -529,7 +531,7 @@ impl Exporter {
                         || open.count + 1 > self.settings.max_file_resources)
                 {
                     let open = part.take().expect("open part");
-                    let at = cursor.clone().unwrap_or_default();
+                    let at = cursor.as_ref().map(Cursor::to_string).unwrap_or_default();
                     seq += 1;
                     if let Some(stop) = self.cut(open, item, false, &at, seq, deadline).await? {
                         return Ok(stop);
@@ -553,20 +555,21 @@ impl Exporter {
             if !page.more {
                 break;
             }
-            if page.next.is_some() {
-                cursor = page.next;
+            if let Some(next) = page.next {
+                cursor = Some(Cursor::Text(next));
             }
             // Between files, a worker past its deadline stops after any page: nothing is open.
             if part.is_none()
                 && let Some(at) = &cursor
                 && deadline.is_some_and(|d| std::time::Instant::now() >= d)
             {
+                let at = at.to_string();
                 self.ports
                     .jobs
-                    .record_progress(&item.job_id, item.item, at, seq)
+                    .record_progress(&item.job_id, item.item, &at, seq)
                     .await?;
                 return Ok(ItemOutcome::Continue(ItemCursor {
-                    cursor: at.clone(),
+                    cursor: at,
                     next_seq: seq,
                 }));
             }
@@ -1145,7 +1148,7 @@ async fn candidate_page(
     let chunk = &ids[start..(start + limit.max(1)).min(ids.len())];
     let resources = provenance::load_candidates(store, job, chunk).await?;
     Ok(Page {
-        cursors: resources.iter().map(|r| r.id.clone()).collect(),
+        cursors: resources.iter().map(|r| r.id.to_string().into()).collect(),
         more: start + chunk.len() < ids.len(),
         // Past the candidates left out (no longer current, or outside the window).
         next: chunk.last().cloned(),

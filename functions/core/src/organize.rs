@@ -91,7 +91,7 @@ impl Exporter {
                 &scope,
                 self.settings.page_size,
                 |page| {
-                    ids.extend(page.iter().map(|r| r.id.clone()));
+                    ids.extend(page.iter().map(|r| r.id.to_string()));
                     Ok(())
                 },
             )
@@ -201,7 +201,7 @@ impl Exporter {
                             false => shaping.shape(resource_type, resource.json)?,
                         };
                         let Some(line) = line else {
-                            at.store = Some(position);
+                            at.store = Some(position.to_string());
                             continue;
                         };
                         let (lines, bytes) = match at.in_block {
@@ -236,7 +236,7 @@ impl Exporter {
                             at.in_block = true;
                         }
                         open.push(&line).await?;
-                        at.store = Some(position);
+                        at.store = Some(position.to_string());
                     }
                     self.pause_after_page().await;
                     if !page.more {

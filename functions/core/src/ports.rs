@@ -72,14 +72,42 @@ pub async fn read_all(
         if !page.more {
             return Ok(());
         }
-        cursor = page.next.or_else(|| page.cursors.last().cloned());
+        cursor = page
+            .next
+            .or_else(|| page.cursors.last().map(Cursor::to_string));
+    }
+}
+
+/// Where a read resumes, just after one resource; as text, what `read_page` takes. A store
+/// whose positions are row numbers gives numbers: the engine writes a position out only where
+/// it records or resumes one (a part's end, the next page), not for each resource it passes
+/// (a `String` per resource was ~3% of a system export's CPU).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cursor {
+    /// Written out in decimal.
+    Row(i64),
+    Text(String),
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cursor::Row(row) => write!(f, "{row}"),
+            Cursor::Text(text) => f.write_str(text),
+        }
+    }
+}
+
+impl From<String> for Cursor {
+    fn from(text: String) -> Self {
+        Cursor::Text(text)
     }
 }
 
 /// One stored resource as read for export.
 #[derive(Debug, Clone)]
 pub struct StoredResource {
-    pub id: String,
+    pub id: ResourceId,
     /// The resource as minified JSON, one line, no newline.
     pub json: Bytes,
 }
@@ -89,7 +117,7 @@ pub struct StoredResource {
 pub struct Page {
     pub resources: Vec<StoredResource>,
     /// `cursors[i]` resumes the read just after `resources[i]`.
-    pub cursors: Vec<String>,
+    pub cursors: Vec<Cursor>,
     /// More may follow.
     pub more: bool,
     /// Where the next page starts (past any rows the store skipped).
@@ -338,4 +366,70 @@ pub trait OutputStore: Send + Sync {
 pub trait Dispatcher: Send + Sync {
     async fn start(&self, job_id: &str) -> StoreResult<()>;
     async fn cancel(&self, job_id: &str) -> StoreResult<()>;
+}
+
+/// A resource's id as read for export. A store may hand out slices of one buffer per page, so
+/// reading a page allocates nothing per resource (a `String` per id, allocated by the reader and
+/// freed by the writer, was ~8% of a system export's CPU).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ResourceId(Bytes);
+
+impl ResourceId {
+    /// An id from bytes, which must be UTF-8.
+    pub fn from_utf8(bytes: Bytes) -> Result<Self, std::str::Utf8Error> {
+        std::str::from_utf8(&bytes)?;
+        Ok(ResourceId(bytes))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // SAFETY: every constructor checks or is given UTF-8 (`from_utf8`, `From<String>`,
+        // `From<&str>`), and the bytes never change after.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+}
+
+impl std::ops::Deref for ResourceId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<String> for ResourceId {
+    fn from(id: String) -> Self {
+        ResourceId(Bytes::from(id))
+    }
+}
+
+impl From<&str> for ResourceId {
+    fn from(id: &str) -> Self {
+        ResourceId(Bytes::copy_from_slice(id.as_bytes()))
+    }
+}
+
+impl std::fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for ResourceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+#[cfg(test)]
+mod resource_id_tests {
+    use super::*;
+
+    #[test]
+    fn an_id_is_its_text_whichever_way_it_was_made() {
+        let from_bytes = ResourceId::from_utf8(Bytes::from_static(b"obs-\xc3\xa9")).unwrap();
+        assert_eq!(from_bytes.as_str(), "obs-é");
+        assert_eq!(from_bytes, ResourceId::from("obs-é"));
+        assert_eq!(from_bytes, ResourceId::from("obs-é".to_string()));
+        assert_eq!(format!("{from_bytes} {from_bytes:?}"), "obs-é \"obs-é\"");
+        assert!(ResourceId::from_utf8(Bytes::from_static(b"\xff")).is_err());
+    }
 }

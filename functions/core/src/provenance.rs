@@ -325,7 +325,9 @@ pub async fn candidates_for(
             if !page.more {
                 break;
             }
-            cursor = page.next.or_else(|| page.cursors.last().cloned());
+            cursor = page
+                .next
+                .or_else(|| page.cursors.last().map(ToString::to_string));
         }
     }
     found.sort_unstable();
@@ -356,7 +358,7 @@ pub async fn load_candidates(
             let in_window = job.params.since.is_none_or(|s| version.last_updated > s)
                 && version.last_updated <= job.window_end();
             in_window.then(|| StoredResource {
-                id: id.clone(),
+                id: id.as_str().into(),
                 json: version.json,
             })
         })
@@ -376,7 +378,7 @@ fn latest_of(
             .unwrap_or("")
             .to_string();
         for target in targets(&json) {
-            let candidate = (recorded.clone(), resource.id.clone());
+            let candidate = (recorded.clone(), resource.id.to_string());
             let best = latest.entry(target).or_insert_with(|| candidate.clone());
             if candidate > *best {
                 *best = candidate;

@@ -47,6 +47,6 @@ impl Drop for ReadAhead {
 pub fn cursor_after(page: &Page, started_at: Option<&str>) -> Option<String> {
     page.next
         .clone()
-        .or_else(|| page.cursors.last().cloned())
+        .or_else(|| page.cursors.last().map(ToString::to_string))
         .or_else(|| started_at.map(String::from))
 }

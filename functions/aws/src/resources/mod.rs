@@ -193,7 +193,7 @@ impl DynamoResourceStore {
             .zip(bodies)
             .map(|(item, body)| {
                 Ok(StoredResource {
-                    id: get_s(item, "id").unwrap_or_default(),
+                    id: get_s(item, "id").unwrap_or_default().into(),
                     json: body?,
                 })
             })
@@ -345,7 +345,7 @@ impl DynamoResourceStore {
         }
         page.cursors = kept
             .iter()
-            .map(|item| get_s(item, "sk").unwrap_or_default())
+            .map(|item| get_s(item, "sk").unwrap_or_default().into())
             .collect();
         page.resources = self.stored_all(&kept).await?;
         if !page.more {
@@ -415,7 +415,7 @@ impl DynamoResourceStore {
                     && is_deletion(&item) == scope.deleted;
                 if visible && !self.owned_earlier(&item, patient, patients).await? {
                     kept.push(item);
-                    page.cursors.push(format!("{index}|{sk}"));
+                    page.cursors.push(format!("{index}|{sk}").into());
                 }
                 after = Some(sk);
             }

@@ -8,7 +8,8 @@ use export_core::error::{StoreError, StoreResult};
 use export_core::fhir::reference;
 use export_core::fhir::time::{Instant, from_micros, to_micros};
 use export_core::ports::{
-    NewResource, Page, PatientScope, ReadScope, ResourceStore, ResourceVersion, StoredResource,
+    Cursor, NewResource, Page, PatientScope, ReadScope, ResourceId, ResourceStore, ResourceVersion,
+    StoredResource,
 };
 use export_core::provenance;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -318,13 +319,13 @@ fn page_by_time(
         let rid: i64 = row.get(0).map_err(db_err)?;
         let lu: i64 = row.get(2).map_err(db_err)?;
         page.resources.push(StoredResource {
-            id: row.get(1).map_err(db_err)?,
+            id: bodies.take_id(row.get_ref(1).map_err(db_err)?)?,
             json: bodies.take(row.get_ref(3).map_err(db_err)?)?,
         });
-        page.cursors.push(format!("{lu}:{rid}"));
+        page.cursors.push(format!("{lu}:{rid}").into());
     }
     page.more = page.resources.len() == limit;
-    page.next = page.cursors.last().cloned();
+    page.next = page.cursors.last().map(ToString::to_string);
     Ok(page)
 }
 
@@ -436,7 +437,7 @@ fn page_by_rid(
     let mut bodies = PageBodies::new(limit);
     while let Some(row) = rows.next().map_err(db_err)? {
         let rid: i64 = row.get(0).map_err(db_err)?;
-        let id: String = row.get(1).map_err(db_err)?;
+        let id = bodies.take_id(row.get_ref(1).map_err(db_err)?)?;
         read.push((rid, id, bodies.take(row.get_ref(2).map_err(db_err)?)?));
     }
     let mut page = Page {
@@ -458,7 +459,7 @@ fn page_by_rid(
             continue;
         }
         page.resources.push(StoredResource { id, json: body });
-        page.cursors.push(rid.to_string());
+        page.cursors.push(Cursor::Row(rid));
     }
     Ok(page)
 }
@@ -476,6 +477,13 @@ impl PageBodies {
     fn take(&mut self, body: rusqlite::types::ValueRef<'_>) -> StoreResult<Bytes> {
         self.0.extend_from_slice(body.as_bytes().map_err(db_err)?);
         Ok(self.0.split().freeze())
+    }
+
+    /// An id, copied into the same buffer.
+    fn take_id(&mut self, id: rusqlite::types::ValueRef<'_>) -> StoreResult<ResourceId> {
+        self.0
+            .extend_from_slice(id.as_str().map_err(db_err)?.as_bytes());
+        ResourceId::from_utf8(self.0.split().freeze()).map_err(db_err)
     }
 }
 
@@ -558,10 +566,10 @@ fn page_by_patient(
             if !owned_earlier {
                 let body: String = row.get(2).map_err(db_err)?;
                 page.resources.push(StoredResource {
-                    id: row.get(1).map_err(db_err)?,
+                    id: row.get::<_, String>(1).map_err(db_err)?.into(),
                     json: Bytes::from(body),
                 });
-                page.cursors.push(format!("{index}:{rid}"));
+                page.cursors.push(format!("{index}:{rid}").into());
             }
         }
         if page.resources.len() < limit && fetched < limit {
