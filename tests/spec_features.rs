@@ -1102,8 +1102,9 @@ fn provenance_by_target_uses_the_target_at_the_transaction_time() {
         .map(|r| r.to_string())
         .join("\n"),
     );
-    // One resource per page, 80 ms each: the export reads for about two seconds.
-    let server = Server::start(&dir, &["--page-size", "1", "--page-delay-ms", "80"]);
+    // One resource per page, 250 ms each: the export reads for several seconds, longer than the
+    // load below takes on a busy machine (at 80 ms an item could end before the poll).
+    let server = Server::start(&dir, &["--page-size", "1", "--page-delay-ms", "250"]);
     let path = format!(
         "/Patient/$export?_type=AllergyIntolerance,Provenance&_typeFilter={}",
         percent_encode("AllergyIntolerance?criticality=high")

@@ -300,7 +300,20 @@ async fn run_export(
         lock: store.clone(),
         output,
     };
-    let exporter = Arc::new(Exporter::new(ports, Settings::default()));
+    let mut settings = Settings::default();
+    if let Some(rows) = std::env::var("BENCH_PAGE")
+        .ok()
+        .and_then(|p| p.parse().ok())
+    {
+        settings.page_size = rows;
+    }
+    if let Some(items) = std::env::var("BENCH_CONCURRENCY")
+        .ok()
+        .and_then(|p| p.parse().ok())
+    {
+        settings.concurrency = items;
+    }
+    let exporter = Arc::new(Exporter::new(ports, settings));
     reset_peak_rss();
     let cpu_before = cpu_seconds();
     let started = Instant::now();

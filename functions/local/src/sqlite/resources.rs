@@ -263,6 +263,31 @@ impl SqliteStore {
     }
 }
 
+/// The live version of `type/id` current at `as_of` (microseconds), with the patients whose
+/// compartments hold it.
+fn resource_version(
+    conn: &Connection,
+    resource_type: &str,
+    id: &str,
+    as_of: i64,
+) -> StoreResult<Option<ResourceVersion>> {
+    let Some((rid, lu, body)) = SqliteStore::version_at(conn, resource_type, id, as_of)? else {
+        return Ok(None);
+    };
+    let patients = conn
+        .prepare_cached("SELECT patient FROM membership WHERE rid = ?1")
+        .map_err(db_err)?
+        .query_map([rid], |r| r.get::<_, String>(0))
+        .map_err(db_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_err)?;
+    Ok(Some(ResourceVersion {
+        json: Bytes::from(body),
+        last_updated: from_micros(lu),
+        patients,
+    }))
+}
+
 /// Reads a page over one type ordered by `(lu, rid)`, optionally only compartment members of
 /// any existing Patient.
 fn page_by_time(
@@ -647,24 +672,29 @@ impl ResourceStore for SqliteStore {
         as_of: Instant,
     ) -> StoreResult<Option<ResourceVersion>> {
         let (resource_type, id) = (resource_type.to_string(), id.to_string());
+        self.run(move |conn| resource_version(conn, &resource_type, &id, to_micros(as_of)))
+            .await
+    }
+
+    /// All of them in one read transaction on one blocking thread: a Patient-level export checks
+    /// the targets of every Provenance (~1M at 1M resources), and one task per target made the
+    /// Provenance item take 0.6 s, most of it handing work between threads.
+    async fn resources_at(
+        &self,
+        targets: &[(String, String)],
+        as_of: Instant,
+    ) -> StoreResult<Vec<Option<ResourceVersion>>> {
+        let targets = targets.to_vec();
         self.run(move |conn| {
-            let Some((rid, lu, body)) =
-                Self::version_at(conn, &resource_type, &id, to_micros(as_of))?
-            else {
-                return Ok(None);
-            };
-            let patients = conn
-                .prepare_cached("SELECT patient FROM membership WHERE rid = ?1")
-                .map_err(db_err)?
-                .query_map([rid], |r| r.get::<_, String>(0))
-                .map_err(db_err)?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(db_err)?;
-            Ok(Some(ResourceVersion {
-                json: Bytes::from(body),
-                last_updated: from_micros(lu),
-                patients,
-            }))
+            let tx = conn.transaction().map_err(db_err)?;
+            let versions = targets
+                .iter()
+                .map(|(resource_type, id)| {
+                    resource_version(&tx, resource_type, id, to_micros(as_of))
+                })
+                .collect::<StoreResult<Vec<_>>>()?;
+            tx.finish().map_err(db_err)?;
+            Ok(versions)
         })
         .await
     }
