@@ -18,6 +18,11 @@ use export_core::params::{ExportLevel, ExportParams};
 use export_core::ports::ResourceStore;
 use std::time::Instant;
 
+// The same /proc readings as the local benchmarks.
+#[path = "../../local/benches/support/process.rs"]
+mod process;
+use process::{cpu_seconds, peak_rss_kb};
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -134,14 +139,7 @@ async fn export_job(spec: &str) {
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_before;
-    let peak_kb: u64 = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0);
+    let peak_kb = peak_rss_kb();
     let parts = exporter.ports.jobs.parts(job_id).await.expect("parts");
     let count: u64 = parts.iter().map(|p| p.count).sum();
     let bytes: u64 = parts.iter().map(|p| p.bytes).sum();
@@ -157,22 +155,4 @@ async fn export_job(spec: &str) {
         cpu * 1000.0 / (count.max(1) as f64 / 1000.0),
         peak_kb as f64 / 1024.0
     );
-}
-
-/// User + system CPU time of this process, from /proc (Linux), in seconds.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (field(11) + field(12)) / 100.0
 }

@@ -72,9 +72,7 @@ pub async fn read_all(
         if !page.more {
             return Ok(());
         }
-        cursor = page
-            .next
-            .or_else(|| page.cursors.last().map(Cursor::to_string));
+        cursor = page.resume_after();
     }
 }
 
@@ -110,6 +108,16 @@ pub struct StoredResource {
     pub id: ResourceId,
     /// The resource as minified JSON, one line, no newline.
     pub json: Bytes,
+}
+
+impl Page {
+    /// Where the read goes on after this page: past the rows the store skipped, else after its
+    /// last resource (`None` for an empty page the store gave no position for).
+    pub fn resume_after(&self) -> Option<String> {
+        self.next
+            .clone()
+            .or_else(|| self.cursors.last().map(Cursor::to_string))
+    }
 }
 
 /// A page of an item's resources, in a stable order.

@@ -325,9 +325,7 @@ pub async fn candidates_for(
             if !page.more {
                 break;
             }
-            cursor = page
-                .next
-                .or_else(|| page.cursors.last().map(ToString::to_string));
+            cursor = page.resume_after();
         }
     }
     found.sort_unstable();

@@ -42,11 +42,7 @@ impl Drop for ReadAhead {
     }
 }
 
-/// Where the page after `page` starts: past the rows the store skipped, else after its last
-/// resource, else where `page` itself started.
+/// Where the page after `page` starts: [`Page::resume_after`], else where `page` itself started.
 pub fn cursor_after(page: &Page, started_at: Option<&str>) -> Option<String> {
-    page.next
-        .clone()
-        .or_else(|| page.cursors.last().map(ToString::to_string))
-        .or_else(|| started_at.map(String::from))
+    page.resume_after().or_else(|| started_at.map(String::from))
 }

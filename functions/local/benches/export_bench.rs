@@ -24,6 +24,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+#[path = "support/process.rs"]
+mod process;
+use process::{cpu_seconds, peak_rss_kb, reset_peak_rss};
+
 /// Resources the generator makes per patient (about).
 const PER_PATIENT: usize = 294;
 
@@ -341,45 +345,4 @@ async fn run_export(
         cpu_seconds,
         peak_rss_kb,
     }
-}
-
-/// User plus system CPU seconds of this process so far (Linux; 0 elsewhere), in clock ticks of
-/// 1/100 s: the export is the only work the process does while it runs.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces) end with ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the line: 11 and 12 after the name.
-    (ticks(11) + ticks(12)) as f64 / 100.0
-}
-
-/// Resets the kernel's peak-RSS counter for this process (Linux), so each export is measured alone.
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-/// Peak resident set size (VmHWM) in KiB, or 0 where /proc is not available.
-fn peak_rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .unwrap_or("0")
-                    .parse()
-                    .unwrap_or(0)
-            })
-        })
-        .unwrap_or(0)
 }

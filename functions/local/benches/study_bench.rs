@@ -25,6 +25,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+#[path = "support/process.rs"]
+mod process;
+use process::{peak_rss_kb, reset_peak_rss};
+
 /// The bench runs each job itself, right after creating it.
 struct RunHere;
 
@@ -233,25 +237,4 @@ fn ensure_store(db: &Path, participants: usize) -> (SqliteStore, u64) {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
     (SqliteStore::open(db).expect("open store"), count)
-}
-
-/// Resets the kernel's peak-RSS counter for this process (Linux), so each export is measured alone.
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-/// Peak resident set size (VmHWM) in KiB, or 0 where /proc is not available.
-fn peak_rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .unwrap_or("0")
-                    .parse()
-                    .unwrap_or(0)
-            })
-        })
-        .unwrap_or(0)
 }

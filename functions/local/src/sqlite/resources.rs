@@ -350,7 +350,7 @@ fn page_by_time(
         page.cursors.push(format!("{lu}:{rid}").into());
     }
     page.more = page.resources.len() == limit;
-    page.next = page.cursors.last().map(ToString::to_string);
+    page.next = page.resume_after();
     Ok(page)
 }
 
@@ -563,6 +563,7 @@ fn page_by_patient(
          ORDER BY m.rid LIMIT :limit";
     let mut stmt = conn.prepare_cached(sql).map_err(db_err)?;
     let mut page = Page::default();
+    let mut bodies = PageBodies::new(limit);
     while (index as usize) < patients.len() && page.resources.len() < limit {
         let patient = &patients[index as usize];
         let mut rows = stmt
@@ -589,10 +590,9 @@ fn page_by_patient(
                     .any(|other| patients.binary_search_by(|p| p.as_str().cmp(other)).is_ok())
             });
             if !owned_earlier {
-                let body: String = row.get(2).map_err(db_err)?;
                 page.resources.push(StoredResource {
-                    id: row.get::<_, String>(1).map_err(db_err)?.into(),
-                    json: Bytes::from(body),
+                    id: bodies.take_id(row.get_ref(1).map_err(db_err)?)?,
+                    json: bodies.take(row.get_ref(2).map_err(db_err)?)?,
                 });
                 page.cursors.push(format!("{index}:{rid}").into());
             }
