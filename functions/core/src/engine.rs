@@ -470,7 +470,7 @@ impl Exporter {
                         .await?
                 }
             };
-            if found.is_none() && page.more {
+            if found.is_none() && page.more && !self.ports.resources.reads_on_calling_thread() {
                 ahead = Some(ReadAhead::start(
                     self.ports.resources.clone(),
                     scope.clone(),
@@ -998,11 +998,15 @@ impl Exporter {
         Ok(set)
     }
 
-    /// The pause tests ask for between pages (`Settings::page_delay`), so they can act while an
-    /// export runs.
+    /// After each page: the pause tests ask for (`Settings::page_delay`), so they can act while
+    /// an export runs, or else a yield, where a stopped item is dropped: an item on its own
+    /// thread whose I/O never waits would otherwise run to its end in one poll (see
+    /// [`crate::runner`]).
     pub(crate) async fn pause_after_page(&self) {
         if !self.settings.page_delay.is_zero() {
             tokio::time::sleep(self.settings.page_delay).await;
+        } else {
+            tokio::task::yield_now().await;
         }
     }
 

@@ -13,6 +13,7 @@ pub mod fhir;
 pub mod generate;
 pub mod gzip;
 pub mod ids;
+pub mod item_thread;
 pub mod job;
 pub mod load;
 pub mod manifest;

@@ -210,6 +210,12 @@ pub trait ResourceStore: Send + Sync {
     ) -> StoreResult<Page>;
     /// Writes resources, each replacing the earlier version of the same type and id.
     async fn put_resources(&self, resources: Vec<NewResource>) -> StoreResult<()>;
+    /// Whether [`ResourceStore::read_page`] does its work on the calling thread (a local store
+    /// on an item thread, see [`crate::item_thread`]): then reading the next page ahead would
+    /// only hand the same work to another thread. A store that waits on the network reads ahead.
+    fn reads_on_calling_thread(&self) -> bool {
+        false
+    }
 }
 
 /// A finished NDJSON file of a job.

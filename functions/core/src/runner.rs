@@ -3,7 +3,9 @@
 
 use crate::engine::{Exporter, ItemOutcome};
 use crate::error::{StoreError, StoreResult};
+use crate::item_thread;
 use crate::job::JobStatus;
+use crate::ports::WorkItem;
 use std::sync::Arc;
 use tokio::task::JoinSet;
 
@@ -67,8 +69,7 @@ async fn run_items(exporter: &Arc<Exporter>, job_id: &str) -> StoreResult<bool> 
     loop {
         while running.len() < exporter.settings.concurrency.max(1) {
             let Some(item) = pending.next() else { break };
-            let exporter = exporter.clone();
-            running.spawn(async move { exporter.export_item(&item, None, None).await });
+            running.spawn(run_item(exporter.clone(), item));
         }
         let Some(joined) = running.join_next().await else {
             break;
@@ -86,6 +87,24 @@ async fn run_items(exporter: &Arc<Exporter>, job_id: &str) -> StoreResult<bool> 
     }
     let job = exporter.ports.jobs.get(job_id).await?;
     Ok(job.is_some_and(|j| j.status == JobStatus::InProgress))
+}
+
+/// Exports `item` on a blocking-pool thread of its own (see [`crate::item_thread`]). When this
+/// task is aborted (the job's runner was stopped), the item stops at its next page: a thread
+/// cannot be aborted, but the item's future is dropped when it next yields.
+async fn run_item(exporter: Arc<Exporter>, item: WorkItem) -> StoreResult<ItemOutcome> {
+    let (_running, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        item_thread::run(&runtime, async move {
+            tokio::select! {
+                outcome = exporter.export_item(&item, None, None) => outcome,
+                _ = stopped => Ok(ItemOutcome::Stopped),
+            }
+        })
+    })
+    .await
+    .map_err(|e| StoreError::new(format!("worker task ended abnormally: {e}")))?
 }
 
 /// Renews the export lock while the job runs (see [`Exporter::renew_lease`]).

@@ -4,6 +4,7 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use export_core::error::{StoreError, StoreResult};
+use export_core::item_thread;
 use export_core::ports::{ByteStream, OutputStore, PartWriter};
 use std::io::Write;
 use std::path::{Component, Path, PathBuf};
@@ -80,9 +81,10 @@ impl PartFile {
 }
 
 struct FilePart {
-    /// The file, with the write in flight (if any): a chunk is handed to the blocking pool as
-    /// it is, without the two copies tokio's buffered file writer makes, and written while the
-    /// engine reads the next pages; the next chunk waits for it.
+    /// The file, with the write in flight (if any): off an item thread, a chunk is handed to the
+    /// blocking pool as it is, without the two copies tokio's buffered file writer makes, and
+    /// written while the engine reads the next pages; the next chunk waits for it. On an item's
+    /// own thread (see [`export_core::item_thread`]) it is written right there.
     file: Option<PartFile>,
     in_flight: Option<tokio::task::JoinHandle<std::io::Result<PartFile>>>,
     partial: PathBuf,
@@ -101,10 +103,24 @@ impl FilePart {
     }
 }
 
+/// Runs blocking file work where [`item_thread::blocking`] says, as a store result.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> StoreResult<T> {
+    Ok(item_thread::blocking(work)
+        .await
+        .map_err(|e| StoreError::new(e.to_string()))??)
+}
+
 #[async_trait]
 impl PartWriter for FilePart {
     async fn write(&mut self, data: Bytes) -> StoreResult<()> {
         let mut file = self.settled().await?;
+        if item_thread::is_current() {
+            file.write(&data)?;
+            self.file = Some(file);
+            return Ok(());
+        }
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
             file.write(&data)?;
             Ok(file)
@@ -114,20 +130,23 @@ impl PartWriter for FilePart {
 
     async fn finish(mut self: Box<Self>) -> StoreResult<()> {
         let file = self.settled().await?;
-        tokio::task::spawn_blocking(move || file.file.sync_data())
-            .await
-            .map_err(|e| StoreError::new(e.to_string()))??;
-        tokio::fs::rename(&self.partial, &self.target).await?;
-        Ok(())
+        let (partial, target) = (self.partial.clone(), self.target.clone());
+        blocking(move || {
+            file.file.sync_data()?;
+            std::fs::rename(partial, target)
+        })
+        .await
     }
 
     async fn abort(mut self: Box<Self>) -> StoreResult<()> {
         // Whatever the write in flight did, the partial file goes.
         let _ = self.settled().await;
-        match tokio::fs::remove_file(&self.partial).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        let partial = self.partial.clone();
+        blocking(move || match std::fs::remove_file(partial) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
-        }
+        })
+        .await
     }
 }
 
@@ -135,11 +154,15 @@ impl PartWriter for FilePart {
 impl OutputStore for FileOutput {
     async fn create_part(&self, key: &str) -> StoreResult<Box<dyn PartWriter>> {
         let target = self.path(key)?;
-        if let Some(dir) = target.parent() {
-            tokio::fs::create_dir_all(dir).await?;
-        }
         let partial = target.with_extension("ndjson.partial");
-        let file = tokio::fs::File::create(&partial).await?.into_std().await;
+        let (dir, path) = (target.parent().map(Path::to_path_buf), partial.clone());
+        let file = blocking(move || {
+            if let Some(dir) = dir {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::File::create(path)
+        })
+        .await?;
         Ok(Box::new(FilePart {
             file: Some(PartFile {
                 file,

@@ -8,6 +8,7 @@
 //! while it runs.
 
 use export_core::error::{StoreError, StoreResult};
+use export_core::item_thread;
 use rusqlite::Connection;
 use rusqlite::config::DbConfig;
 use std::path::{Path, PathBuf};
@@ -161,13 +162,14 @@ impl SqliteStore {
         result
     }
 
-    /// Runs `f` with a pooled connection on tokio's blocking pool.
+    /// Runs `f` with a pooled connection: on an item's own thread right there, else on tokio's
+    /// blocking pool (see [`export_core::item_thread`]).
     pub(super) async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.with_conn(f))
+        item_thread::blocking(move || store.with_conn(f))
             .await
             .map_err(db_err)?
     }

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use export_core::error::{StoreError, StoreResult};
 use export_core::fhir::reference;
 use export_core::fhir::time::{Instant, from_micros, to_micros};
+use export_core::item_thread;
 use export_core::ports::{
     Cursor, NewResource, Page, PatientScope, ReadScope, ResourceId, ResourceStore, ResourceVersion,
     StoredResource,
@@ -794,5 +795,11 @@ impl ResourceStore for SqliteStore {
         tokio::task::spawn_blocking(move || store.put_resources_blocking(resources))
             .await
             .map_err(db_err)?
+    }
+
+    /// A page is CPU work (copying rows out of the page cache): on an item's own thread it is
+    /// done right there, and reading ahead would only move it to another thread.
+    fn reads_on_calling_thread(&self) -> bool {
+        item_thread::is_current()
     }
 }
