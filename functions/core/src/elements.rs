@@ -5,7 +5,7 @@
 
 use crate::fhir::is_resource_type;
 use crate::fhir::mandatory_elements;
-use crate::fhir::members::Member;
+use crate::fhir::members::{Member, members};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
@@ -99,9 +99,7 @@ impl ElementSelection {
             out.extend_from_slice(key.as_bytes());
             out.extend_from_slice(b"\":");
             if *key == "meta" && !meta_written {
-                let mut meta: Value = serde_json::from_slice(value)?;
-                tag_subsetted(&mut meta);
-                serde_json::to_writer(&mut out, &meta)?;
+                write_subsetted_meta(&mut out, value)?;
                 meta_written = true;
             } else {
                 out.extend_from_slice(value);
@@ -147,6 +145,39 @@ fn selects(wanted: &str, name: &str) -> bool {
             && name[base.len()..].starts_with(|c: char| c.is_ascii_uppercase()))
 }
 
+/// Writes stored `meta` bytes with the `SUBSETTED` tag added. Without tags yet (the usual case)
+/// the tag is appended to the stored bytes, as `serde_json` would write it after the members it
+/// keeps in order; tags present are parsed, to add it only once.
+fn write_subsetted_meta(out: &mut Vec<u8>, meta: &[u8]) -> Result<(), serde_json::Error> {
+    let untagged = match members(meta) {
+        Some(found) if !found.iter().any(|(key, _)| *key == "tag") => Some(found.is_empty()),
+        _ => None,
+    };
+    match untagged {
+        Some(empty) => {
+            let inside = meta.trim_ascii_end();
+            out.extend_from_slice(&inside[..inside.len() - 1]);
+            if !empty {
+                out.push(b',');
+            }
+            out.extend_from_slice(SUBSETTED_TAGS.as_bytes());
+            out.push(b'}');
+        }
+        None => {
+            let mut meta: Value = serde_json::from_slice(meta)?;
+            tag_subsetted(&mut meta);
+            serde_json::to_writer(out, &meta)?;
+        }
+    }
+    Ok(())
+}
+
+/// The `tag` member [`tag_subsetted`] adds to a `meta` without tags, as `serde_json` writes it.
+const SUBSETTED_TAGS: &str = concat!(
+    r#""tag":[{"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationValue","#,
+    r#""code":"SUBSETTED"}]"#
+);
+
 fn tag_subsetted(meta: &mut Value) {
     let Value::Object(meta) = meta else {
         return;
@@ -175,6 +206,26 @@ mod tests {
 
     fn select(v: &str) -> ElementSelection {
         ElementSelection::parse(&[v.to_string()]).unwrap()
+    }
+
+    #[test]
+    fn a_tag_added_to_stored_meta_bytes_is_what_a_parse_writes() {
+        for meta in [
+            json!({}),
+            json!({"versionId": "1", "lastUpdated": "2024-01-01T00:00:00Z"}),
+            json!({"profile": ["http://x/y"], "tag": [{"system": "s", "code": "c"}]}),
+            json!({"tag": [{"system": SUBSETTED_SYSTEM, "code": "SUBSETTED"}]}),
+        ] {
+            let mut out = Vec::new();
+            write_subsetted_meta(&mut out, &serde_json::to_vec(&meta).unwrap()).unwrap();
+            let mut parsed = meta.clone();
+            tag_subsetted(&mut parsed);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                serde_json::to_string(&parsed).unwrap(),
+                "{meta}"
+            );
+        }
     }
 
     #[test]

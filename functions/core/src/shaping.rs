@@ -60,6 +60,9 @@ impl Shaping {
             let Some(names) = read else {
                 return self.shape_parsed(resource_type, json);
             };
+            if !self.filters.may_match(resource_type, &found) {
+                return Ok(None);
+            }
             let mut partial = Map::new();
             for (key, value) in &found {
                 if names.iter().any(|name| names_member(name, key)) {
@@ -110,12 +113,18 @@ mod tests {
             r#"{"resourceType":"Observation","id":"a","meta":{"lastUpdated":"2024-01-01T00:00:00Z"},"status":"final","code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}]},"subject":{"reference":"Patient/p"},"effectiveDateTime":"2023-05-01","valueQuantity":{"value":72.5,"unit":"/min"}}"#,
             r#"{"resourceType":"Observation","id":"b","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"2339-0"}],"text":"glucose \"fasting\""},"effectivePeriod":{"start":"2021-01-01"},"_status":{"extension":[]}}"#,
             r#"{"resourceType":"Observation","id":"c","meta":{"tag":[{"system":"x","code":"y"}]},"status":"preliminary","code":{"text":"none"},"issued":"2022-03-01T10:00:00Z"}"#,
+            // A code stored with escapes: its bytes do not hold the text `say "hi"`.
+            r#"{"resourceType":"Observation","id":"d","status":"final","code":{"coding":[{"code":"say \"hi\""}]},"effectiveDateTime":"2023-01-01"}"#,
         ];
         let cases = [
             ExportParams {
                 type_filters: vec![
                     "Observation?code=http://loinc.org|8867-4,2339-0&date=ge2022".into(),
                 ],
+                ..ExportParams::default()
+            },
+            ExportParams {
+                type_filters: vec![r#"Observation?code=say "hi""#.into()],
                 ..ExportParams::default()
             },
             ExportParams {
@@ -133,17 +142,45 @@ mod tests {
             },
         ];
         let mut kept = 0;
+        let mut kept_by_filter = Vec::new();
         for params in &cases {
             for observation in observations {
                 let (fast, whole) = both(params, observation);
                 assert_eq!(fast, whole, "{params:?} {observation}");
                 kept += fast.is_some() as usize;
+                kept_by_filter.push(fast.is_some());
             }
         }
+        // The code stored with escapes is kept by its filter.
+        assert!(kept_by_filter[observations.len() + 3], "escaped code");
         // The cases keep some and leave some out, so both outcomes are compared.
         assert!(
             kept > 0 && kept < cases.len() * observations.len(),
             "{kept}"
         );
+    }
+
+    /// Where the stored text of a value is not the code it matches (escapes), the test on the
+    /// bytes must let the resource through to be parsed.
+    #[test]
+    fn the_byte_test_keeps_what_only_parsing_can_match() {
+        for (filter, observation) in [
+            (
+                "Observation?code=8867-4",
+                r#"{"resourceType":"Observation","id":"f","code":{"coding":[{"code":"8867\u002d4"}]}}"#,
+            ),
+            (
+                "Observation?code=http://loinc.org|8867-4",
+                r#"{"resourceType":"Observation","id":"g","code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}]}}"#,
+            ),
+        ] {
+            let params = ExportParams {
+                type_filters: vec![filter.into()],
+                ..ExportParams::default()
+            };
+            let (fast, whole) = both(&params, observation);
+            assert!(whole.is_some(), "{filter} matches {observation}");
+            assert_eq!(fast, whole, "{filter} {observation}");
+        }
     }
 }

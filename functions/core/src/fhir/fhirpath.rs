@@ -59,6 +59,12 @@ impl Expression {
             .collect()
     }
 
+    /// Whether every value the expression selects is one written in the resource (not one it
+    /// computes, like `exists() and != false`'s `true`).
+    pub fn selects_stored_values(&self) -> bool {
+        !self.branches.iter().flatten().any(|s| *s == Step::Truthy)
+    }
+
     /// Every value the expression selects in `resource`.
     pub fn evaluate<'a>(&self, resource: &'a Value) -> Vec<Found<'a>> {
         let mut out = Vec::new();

@@ -56,15 +56,35 @@ fn skip_space(json: &[u8], mut at: usize) -> usize {
     at
 }
 
-/// The index just past the string that starts (with its quote) at `start`.
+/// Bytes that matter inside a string: its closing quote and the escape.
+const IN_STRING: [bool; 256] = marks(b"\"\\");
+/// Bytes that matter inside an object or array, outside its strings: quotes and brackets.
+const IN_CONTAINER: [bool; 256] = marks(b"\"{}[]");
+
+const fn marks(bytes: &[u8]) -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < bytes.len() {
+        table[bytes[i] as usize] = true;
+        i += 1;
+    }
+    table
+}
+
+/// The index just past the string that starts (with its quote) at `start`. A table lookup per
+/// byte: most strings of a resource are short (codes, keys), where `memchr`'s set-up cost more
+/// than it saved (measured).
 fn string_end(json: &[u8], start: usize) -> Option<usize> {
     let mut at = start + 1;
     loop {
-        match json.get(at)? {
-            b'"' => return Some(at + 1),
-            b'\\' => at += 2,
-            _ => at += 1,
+        at += json
+            .get(at..)?
+            .iter()
+            .position(|&c| IN_STRING[c as usize])?;
+        if json[at] == b'"' {
+            return Some(at + 1);
         }
+        at += 2;
     }
 }
 
@@ -76,19 +96,22 @@ fn value_end(json: &[u8], start: usize) -> Option<usize> {
             let mut depth = 0usize;
             let mut at = start;
             loop {
-                match json.get(at)? {
+                at += json
+                    .get(at..)?
+                    .iter()
+                    .position(|&c| IN_CONTAINER[c as usize])?;
+                match json[at] {
                     b'"' => {
                         at = string_end(json, at)?;
                         continue;
                     }
                     b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
+                    _ => {
                         depth -= 1;
                         if depth == 0 {
                             return Some(at + 1);
                         }
                     }
-                    _ => {}
                 }
                 at += 1;
             }

@@ -7,12 +7,15 @@
 //! filters on SQLite and on DynamoDB.
 
 mod decimal;
+mod required;
 mod values;
 
 use crate::fhir::fhirpath::Expression;
 use crate::fhir::is_resource_type;
+use crate::fhir::members::Member;
 use crate::fhir::search_table::SEARCH_PARAMS;
 use percent_encoding::percent_decode_str;
+use required::RequiredText;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use values::{SearchValue, matches_value};
@@ -67,6 +70,8 @@ struct Criterion {
     values: Vec<SearchValue>,
     /// For `:missing`: whether the element must be missing.
     missing: bool,
+    /// Texts the stored members must contain for the criterion to match, when it has them.
+    required: Option<RequiredText>,
 }
 
 /// One `_typeFilter` query: all criteria must hold.
@@ -151,6 +156,20 @@ impl TypeFilters {
         names.sort_unstable();
         names.dedup();
         Some(names)
+    }
+
+    /// `false` when no resource with these top-level `members` (stored bytes) can pass the
+    /// filters of `resource_type`, found without parsing them (see [`required`]); `true` when
+    /// it may, and [`TypeFilters::matches`] decides.
+    pub fn may_match(&self, resource_type: &str, members: &[Member<'_>]) -> bool {
+        match self.by_type.get(resource_type) {
+            None => true,
+            Some(queries) => queries.iter().any(|q| {
+                q.criteria
+                    .iter()
+                    .all(|c| c.required.as_ref().is_none_or(|r| r.may_be_in(members)))
+            }),
+        }
     }
 
     /// Whether `resource` passes the filters of its type (always, for an unfiltered type).
@@ -315,12 +334,14 @@ fn compile_criterion(resource_type: &str, pair: &str) -> Result<Criterion, Filte
             values.push(value);
         }
     }
+    let required = RequiredText::of(kind, &modifier, &values, &expression);
     Ok(Criterion {
         expression,
         kind,
         modifier,
         values,
         missing,
+        required,
     })
 }
 
