@@ -53,6 +53,9 @@ impl Shaping {
         if !self.touches(resource_type) {
             return Ok(Some(json));
         }
+        if !self.filters.may_match_text(resource_type, &json) {
+            return Ok(None);
+        }
         let Some(found) = members(&json) else {
             return self.shape_parsed(resource_type, json);
         };

@@ -56,31 +56,51 @@ fn skip_space(json: &[u8], mut at: usize) -> usize {
     at
 }
 
-/// Bytes that matter inside a string: its closing quote and the escape.
-const IN_STRING: [bool; 256] = marks(b"\"\\");
-/// Bytes that matter inside an object or array, outside its strings: quotes and brackets.
-const IN_CONTAINER: [bool; 256] = marks(b"\"{}[]");
-
-const fn marks(bytes: &[u8]) -> [bool; 256] {
-    let mut table = [false; 256];
-    let mut i = 0;
-    while i < bytes.len() {
-        table[bytes[i] as usize] = true;
-        i += 1;
-    }
-    table
+/// Eight bytes at a time: a word with the high bit set in each byte equal to `byte`. Exact up
+/// to its lowest mark (a borrow can only mark bytes above a true one), which is all a search for
+/// the first one reads, also when several such words are OR-ed.
+fn marks(word: u64, byte: u8) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let v = word ^ (ONES * byte as u64);
+    v.wrapping_sub(ONES) & !v & (ONES << 7)
 }
 
-/// The index just past the string that starts (with its quote) at `start`. A table lookup per
-/// byte: most strings of a resource are short (codes, keys), where `memchr`'s set-up cost more
-/// than it saved (measured).
+/// Quotes and escapes: where a string's plain run ends.
+fn string_marks(word: u64) -> u64 {
+    marks(word, b'"') | marks(word, b'\\')
+}
+
+/// Quotes and brackets: what matters inside an object or array outside its strings. `[` and
+/// `]` differ from `{` and `}` only in bit 0x20, so setting it finds both with one test each.
+fn container_marks(word: u64) -> u64 {
+    let folded = word | 0x2020_2020_2020_2020;
+    marks(word, b'"') | marks(folded, b'{') | marks(folded, b'}')
+}
+
+/// The index of the first byte from `at` on that `find` marks (a whole word at a time) or
+/// `is` says (the last few bytes).
+#[inline(always)]
+fn next(
+    json: &[u8],
+    mut at: usize,
+    find: impl Fn(u64) -> u64,
+    is: impl Fn(u8) -> bool,
+) -> Option<usize> {
+    while let Some(chunk) = json.get(at..at + 8) {
+        let found = find(u64::from_le_bytes(chunk.try_into().expect("eight bytes")));
+        if found != 0 {
+            return Some(at + found.trailing_zeros() as usize / 8);
+        }
+        at += 8;
+    }
+    json.get(at..)?.iter().position(|&c| is(c)).map(|p| at + p)
+}
+
+/// The index just past the string that starts (with its quote) at `start`.
 fn string_end(json: &[u8], start: usize) -> Option<usize> {
     let mut at = start + 1;
     loop {
-        at += json
-            .get(at..)?
-            .iter()
-            .position(|&c| IN_STRING[c as usize])?;
+        at = next(json, at, string_marks, |c| matches!(c, b'"' | b'\\'))?;
         if json[at] == b'"' {
             return Some(at + 1);
         }
@@ -96,10 +116,9 @@ fn value_end(json: &[u8], start: usize) -> Option<usize> {
             let mut depth = 0usize;
             let mut at = start;
             loop {
-                at += json
-                    .get(at..)?
-                    .iter()
-                    .position(|&c| IN_CONTAINER[c as usize])?;
+                at = next(json, at, container_marks, |c| {
+                    matches!(c, b'"' | b'{' | b'}' | b'[' | b']')
+                })?;
                 match json[at] {
                     b'"' => {
                         at = string_end(json, at)?;
@@ -143,6 +162,21 @@ mod tests {
         for ((key, value), (want_key, want_value)) in found.iter().zip(map) {
             assert_eq!(key, want_key);
             assert_eq!(&serde_json::from_slice::<Value>(value).unwrap(), want_value);
+        }
+    }
+
+    /// Strings and containers of every length around the eight bytes read at once, with the
+    /// special bytes at every offset in a word.
+    #[test]
+    fn members_match_a_full_parse_at_every_offset() {
+        for n in 0..20 {
+            let pad = "x".repeat(n);
+            check(&format!(
+                r#"{{"a{pad}":"{pad}","b":["{pad}",{{"c":"{pad}\"{pad}"}},[]],"d{pad}":{{"e":[[["{pad}]}}"]]]}},"f":"\\{pad}"}}"#
+            ));
+            check(&format!(
+                r#"{{"{pad}":[{n},"{{{pad}[",{{}}],"z":{{"{pad}":"é{pad}☃"}}}}"#
+            ));
         }
     }
 

@@ -162,12 +162,22 @@ impl TypeFilters {
     /// filters of `resource_type`, found without parsing them (see [`required`]); `true` when
     /// it may, and [`TypeFilters::matches`] decides.
     pub fn may_match(&self, resource_type: &str, members: &[Member<'_>]) -> bool {
+        self.may_match_by(resource_type, |r| r.may_be_in(members))
+    }
+
+    /// [`TypeFilters::may_match`] on a whole stored resource, before its members are found: a
+    /// text absent from the resource is absent from every member.
+    pub fn may_match_text(&self, resource_type: &str, json: &[u8]) -> bool {
+        self.may_match_by(resource_type, |r| r.may_be_in_text(json))
+    }
+
+    fn may_match_by(&self, resource_type: &str, may_be: impl Fn(&RequiredText) -> bool) -> bool {
         match self.by_type.get(resource_type) {
             None => true,
             Some(queries) => queries.iter().any(|q| {
                 q.criteria
                     .iter()
-                    .all(|c| c.required.as_ref().is_none_or(|r| r.may_be_in(members)))
+                    .all(|c| c.required.as_ref().is_none_or(&may_be))
             }),
         }
     }

@@ -65,9 +65,13 @@ impl RequiredText {
         members
             .iter()
             .filter(|(key, _)| self.members.iter().any(|name| names_member(name, key)))
-            .any(|(_, bytes)| {
-                memchr::memchr(b'\\', bytes).is_some()
-                    || self.texts.iter().any(|text| text.find(bytes).is_some())
-            })
+            .any(|(_, bytes)| self.may_be_in_text(bytes))
+    }
+
+    /// The same test on bytes that hold the members (a whole stored resource): a vector search
+    /// for each text, before the members are even found.
+    pub(super) fn may_be_in_text(&self, bytes: &[u8]) -> bool {
+        memchr::memchr(b'\\', bytes).is_some()
+            || self.texts.iter().any(|text| text.find(bytes).is_some())
     }
 }
