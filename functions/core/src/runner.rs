@@ -60,51 +60,65 @@ pub async fn run_unlocked(exporter: &Arc<Exporter>, job_id: &str) -> StoreResult
 }
 
 /// Exports every unfinished item; `Ok(false)` when the job stopped being active.
+///
+/// When one item stops (the job was cancelled) or fails, the others are told to stop at their
+/// next page and waited for: each runs on a thread of its own that nothing can abort, and the
+/// caller deletes the job's files next, which must not be written to after that.
 async fn run_items(exporter: &Arc<Exporter>, job_id: &str) -> StoreResult<bool> {
     let items = exporter.plan(job_id).await?;
     let done = exporter.ports.jobs.completed_items(job_id).await?;
     let mut pending = items.into_iter().filter(|i| !done.contains(&i.item));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut running = JoinSet::new();
-    let mut all_done = true;
+    let mut result = Ok(true);
     loop {
-        while running.len() < exporter.settings.concurrency.max(1) {
+        while matches!(result, Ok(true)) && running.len() < exporter.settings.concurrency.max(1) {
             let Some(item) = pending.next() else { break };
-            running.spawn(run_item(exporter.clone(), item));
+            running.spawn(run_item(exporter.clone(), item, stopped.clone()));
         }
         let Some(joined) = running.join_next().await else {
             break;
         };
-        match joined
-            .map_err(|e| StoreError::new(format!("worker task ended abnormally: {e}")))??
-        {
-            ItemOutcome::Done => {}
-            ItemOutcome::Stopped | ItemOutcome::Continue(_) => all_done = false,
+        let outcome = joined
+            .map_err(|e| StoreError::new(format!("worker task ended abnormally: {e}")))
+            .and_then(|outcome| outcome);
+        match outcome {
+            Ok(ItemOutcome::Done) => continue,
+            Ok(ItemOutcome::Stopped | ItemOutcome::Continue(_)) => {
+                if result.is_ok() {
+                    result = Ok(false);
+                }
+            }
+            Err(e) => {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
         }
-        if !all_done {
-            running.shutdown().await;
-            return Ok(false);
-        }
+        let _ = stop.send(true);
+    }
+    if !result? {
+        return Ok(false);
     }
     let job = exporter.ports.jobs.get(job_id).await?;
     Ok(job.is_some_and(|j| j.status == JobStatus::InProgress))
 }
 
-/// Exports `item` on a blocking-pool thread of its own (see [`crate::item_thread`]). When this
-/// task is aborted (the job's runner was stopped), the item stops at its next page: a thread
-/// cannot be aborted, but the item's future is dropped when it next yields.
-async fn run_item(exporter: Arc<Exporter>, item: WorkItem) -> StoreResult<ItemOutcome> {
-    let (_running, stopped) = tokio::sync::oneshot::channel::<()>();
-    let runtime = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || {
-        item_thread::run(&runtime, async move {
-            tokio::select! {
-                outcome = exporter.export_item(&item, None, None) => outcome,
-                _ = stopped => Ok(ItemOutcome::Stopped),
-            }
-        })
+/// Exports `item` on a thread of its own (see [`crate::item_thread`]). It stops at its next
+/// page once `stopped` says so or its sender is gone (the runner itself was dropped).
+async fn run_item(
+    exporter: Arc<Exporter>,
+    item: WorkItem,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> StoreResult<ItemOutcome> {
+    item_thread::spawn(async move {
+        tokio::select! {
+            outcome = exporter.export_item(&item, None, None) => outcome,
+            _ = stopped.wait_for(|stop| *stop) => Ok(ItemOutcome::Stopped),
+        }
     })
     .await
-    .map_err(|e| StoreError::new(format!("worker task ended abnormally: {e}")))?
+    .map_err(|e| StoreError::new(format!("a work item ended abnormally: {e}")))?
 }
 
 /// Renews the export lock while the job runs (see [`Exporter::renew_lease`]).

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 
-/// How long a cancelled job's workers get to stop on their own.
-const CANCEL_GRACE: Duration = Duration::from_secs(10);
+/// How long a cancelled job's items may take to stop before the wait is logged.
+const CANCEL_SLOW: Duration = Duration::from_secs(10);
 
 /// Runs jobs as tasks of this process and stops them on cancel.
 pub struct LocalDispatcher {
@@ -37,14 +37,15 @@ impl Dispatcher for LocalDispatcher {
         Ok(())
     }
 
-    /// The job is already marked cancelled; its workers notice within a page and stop. Waits for
-    /// that (aborting after a grace period) so no file is written after the caller deletes them.
+    /// The job is already marked cancelled; its items notice within a page and stop. Waits for
+    /// that, however long it takes, so no file is written after the caller deletes them: an item
+    /// runs on a thread of its own, which aborting the job's task would not stop.
     async fn cancel(&self, job_id: &str) -> StoreResult<()> {
         let task = self.tasks.lock().expect("tasks").remove(job_id);
         if let Some(mut task) = task
-            && tokio::time::timeout(CANCEL_GRACE, &mut task).await.is_err()
+            && tokio::time::timeout(CANCEL_SLOW, &mut task).await.is_err()
         {
-            task.abort();
+            tracing::warn!(export_id = %job_id, "a cancelled export is slow to stop; waiting for it");
             let _ = task.await;
         }
         Ok(())

@@ -89,6 +89,18 @@ struct FilePart {
     in_flight: Option<tokio::task::JoinHandle<std::io::Result<PartFile>>>,
     partial: PathBuf,
     target: PathBuf,
+    /// Finished or aborted: the partial file is no longer this part's to remove.
+    closed: bool,
+}
+
+/// A part dropped before it was finished or aborted (its item was stopped between two awaits)
+/// takes its partial file with it: no half-written copy of the data stays on disk.
+impl Drop for FilePart {
+    fn drop(&mut self) {
+        if !self.closed {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
 }
 
 impl FilePart {
@@ -130,6 +142,7 @@ impl PartWriter for FilePart {
 
     async fn finish(mut self: Box<Self>) -> StoreResult<()> {
         let file = self.settled().await?;
+        self.closed = true;
         let (partial, target) = (self.partial.clone(), self.target.clone());
         blocking(move || {
             file.file.sync_data()?;
@@ -141,6 +154,7 @@ impl PartWriter for FilePart {
     async fn abort(mut self: Box<Self>) -> StoreResult<()> {
         // Whatever the write in flight did, the partial file goes.
         let _ = self.settled().await;
+        self.closed = true;
         let partial = self.partial.clone();
         blocking(move || match std::fs::remove_file(partial) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -172,6 +186,7 @@ impl OutputStore for FileOutput {
             in_flight: None,
             partial,
             target,
+            closed: false,
         }))
     }
 

@@ -62,7 +62,14 @@ impl Expression {
     /// Whether every value the expression selects is one written in the resource (not one it
     /// computes, like `exists() and != false`'s `true`).
     pub fn selects_stored_values(&self) -> bool {
-        !self.branches.iter().flatten().any(|s| *s == Step::Truthy)
+        self.branches.iter().flatten().all(|step| match step {
+            Step::Child(_)
+            | Step::As(_)
+            | Step::ResolvesTo(_)
+            | Step::FieldEquals(..)
+            | Step::Index(_) => true,
+            Step::Truthy => false,
+        })
     }
 
     /// Every value the expression selects in `resource`.

@@ -25,8 +25,9 @@ pub(super) struct RequiredText {
 
 impl RequiredText {
     /// The texts of a criterion, when it has them: a token search without modifier on values the
-    /// expression selects from the resource, each with a code. A code that reads as a number is
-    /// left out (a stored `1e2` matches the code `100.0`); `true` and `false` are written as such.
+    /// expression selects from the resource, each value with a code. When a code reads as a
+    /// number the criterion has none (a number might be written differently from the code it
+    /// matches); `true` and `false` are written as such.
     pub(super) fn of(
         kind: ParamKind,
         modifier: &Modifier,

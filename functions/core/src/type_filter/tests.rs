@@ -1173,3 +1173,68 @@ fn escapes_follow_r4() {
         &odd_unit
     ));
 }
+
+/// The test on stored bytes ([`TypeFilters::may_match_text`], [`TypeFilters::may_match`]) may
+/// only ever rule out what the evaluation of the parsed resource rules out: over token searches
+/// on codings, booleans, identifiers, `system|`, `|code`, OR-ed queries and criteria AND-ed
+/// with ones it cannot test, every resource the evaluation keeps passes it, and some that the
+/// evaluation leaves out are ruled out by it.
+#[test]
+fn the_test_on_stored_bytes_never_rules_out_a_match() {
+    let patient = json!({"resourceType": "Patient", "id": "p1", "active": true, "gender": "female",
+        "identifier": [{"system": "urn:mrn", "value": "MRN-7"}],
+        "telecom": [{"system": "phone", "value": "555-0100"}],
+        "name": [{"family": "Ng \"Nell\"", "given": ["Anne"]}]});
+    // Deceased by a date: `deceased=true` matches a value the expression computes.
+    let died = json!({"resourceType": "Patient", "id": "p2", "deceasedDateTime": "2020-01-01"});
+    let resources = [observation(), patient, died];
+    let queries = [
+        "Observation?code=8867-4",
+        "Observation?code=http://loinc.org|8867-4",
+        "Observation?code=http://loinc.org|",
+        "Observation?code=|8867-4",
+        "Observation?code=9999-9",
+        "Observation?code=9999-9,8867-4",
+        "Observation?code=9999-9&status=final",
+        "Observation?status=final&date=ge2020",
+        "Observation?code=9999-9&date=ge2020",
+        "Observation?category=vital-signs&code=8867-4",
+        "Observation?combo-code=8867-4",
+        "Observation?value-quantity=72.5",
+        "Patient?active=true",
+        "Patient?active=false",
+        "Patient?gender=female",
+        "Patient?gender=male",
+        "Patient?identifier=urn:mrn|MRN-7",
+        "Patient?identifier=MRN-8",
+        "Patient?telecom=555-0100",
+        "Patient?family=Ng \"Nell\"",
+        "Patient?deceased=false",
+        "Patient?deceased=true",
+    ];
+    let (mut kept, mut ruled_out) = (0, 0);
+    for resource in &resources {
+        let resource_type = resource["resourceType"].as_str().unwrap();
+        let stored = serde_json::to_vec(resource).unwrap();
+        let members = crate::fhir::members::members(&stored).unwrap();
+        for query in queries {
+            // Two queries for a type are OR-ed: a matching one must keep the resource passing.
+            for filters in [
+                filter(query),
+                TypeFilters::parse(&[query.into(), "Observation?code=0000-0".into()], false)
+                    .unwrap(),
+            ] {
+                let matches = filters.matches(resource_type, resource);
+                let may = filters.may_match_text(resource_type, &stored)
+                    && filters.may_match(resource_type, &members);
+                assert!(may || !matches, "{query} on {resource}");
+                kept += matches as usize;
+                ruled_out += !may as usize;
+            }
+        }
+    }
+    assert!(
+        kept > 0 && ruled_out > 0,
+        "kept {kept}, ruled out {ruled_out}"
+    );
+}
