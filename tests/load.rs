@@ -13,6 +13,38 @@ fn load(dir: &std::path::Path, files: &[&std::path::Path]) -> (String, String) {
     run_cli(&args)
 }
 
+/// The same content loaded again (same lastUpdated, same body) is not a new version, as on AWS
+/// (`NewResource::content_digest`); changed content with the same lastUpdated is.
+#[test]
+fn loading_the_same_resources_again_adds_no_version() {
+    let dir = scratch_dir("load-same");
+    let lines = |status: &str| {
+        [
+            json!({"resourceType": "Patient", "id": "p1", "gender": "female",
+                "meta": {"lastUpdated": "2021-03-04T05:06:07.000Z"}}),
+            json!({"resourceType": "Observation", "id": "o1", "status": status,
+                "meta": {"lastUpdated": "2021-03-04T05:06:07.000Z"}, "subject": {"reference": "Patient/p1"}}),
+        ]
+        .map(|v| v.to_string())
+        .join("\n")
+    };
+    let first = dir.join("first.ndjson");
+    std::fs::write(&first, lines("final")).unwrap();
+    let changed = dir.join("changed.ndjson");
+    std::fs::write(&changed, lines("amended")).unwrap();
+    load(&dir, &[&first]);
+    load(&dir, &[&first]);
+    load(&dir, &[&changed]);
+
+    let server = Server::start(&dir, &[]);
+    let exported = download_all(&server.export("/$export"));
+    assert_eq!(exported["Patient"].len(), 1);
+    assert_eq!(exported["Patient"][0]["meta"]["versionId"], "1");
+    assert_eq!(exported["Observation"].len(), 1);
+    assert_eq!(exported["Observation"][0]["status"], "amended");
+    assert_eq!(exported["Observation"][0]["meta"]["versionId"], "2");
+}
+
 #[test]
 fn loads_ndjson_gzip_and_bundles_skipping_bad_lines() {
     let dir = scratch_dir("load");

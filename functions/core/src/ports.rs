@@ -156,6 +156,39 @@ pub struct NewResource {
     pub deleted: bool,
 }
 
+impl NewResource {
+    /// What identifies a version's content: the hex SHA-256 of its type, id, lastUpdated,
+    /// deletion, patients and body without `meta.versionId`. A store adds no version when this
+    /// is the current version's, so loading the same line again changes nothing (and a retried
+    /// write adds nothing), on every store alike.
+    pub fn content_digest(&self) -> StoreResult<String> {
+        use sha2::Digest;
+        let mut json = self.json.clone();
+        if let Some(meta) = json
+            .get_mut("meta")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            meta.remove("versionId");
+        }
+        let mut patients = self.patients.clone();
+        patients.sort();
+        patients.dedup();
+        let text = format!(
+            "{}\n{}\n{}\n{}\n{}\n{}",
+            self.resource_type,
+            self.id,
+            crate::fhir::time::to_micros(self.last_updated),
+            self.deleted,
+            patients.join(","),
+            serde_json::to_string(&json)?
+        );
+        Ok(sha2::Sha256::digest(text.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+}
+
 /// The FHIR data being exported.
 #[async_trait]
 pub trait ResourceStore: Send + Sync {
@@ -445,5 +478,61 @@ mod resource_id_tests {
         assert_eq!(from_bytes, ResourceId::from("obs-é".to_string()));
         assert_eq!(format!("{from_bytes} {from_bytes:?}"), "obs-é \"obs-é\"");
         assert!(ResourceId::from_utf8(Bytes::from_static(b"\xff")).is_err());
+    }
+}
+
+#[cfg(test)]
+mod content_digest_tests {
+    use super::*;
+    use crate::fhir::time::from_micros;
+    use serde_json::json;
+
+    fn resource(json: serde_json::Value, patients: &[&str]) -> NewResource {
+        NewResource {
+            resource_type: "Observation".into(),
+            id: "o1".into(),
+            last_updated: from_micros(1_000_000),
+            json,
+            patients: patients.iter().map(|p| p.to_string()).collect(),
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn the_content_digest_ignores_only_the_version_id_and_patient_order() {
+        let a = resource(
+            json!({"meta": {"versionId": "1"}, "status": "final"}),
+            &["p1", "p2"],
+        );
+        let b = resource(
+            json!({"meta": {"versionId": "7"}, "status": "final"}),
+            &["p2", "p1", "p1"],
+        );
+        assert_eq!(a.content_digest().unwrap(), b.content_digest().unwrap());
+        for changed in [
+            resource(json!({"meta": {}, "status": "amended"}), &["p1", "p2"]),
+            resource(
+                json!({"meta": {"versionId": "1"}, "status": "final"}),
+                &["p1"],
+            ),
+            NewResource {
+                last_updated: from_micros(2_000_000),
+                ..a.clone()
+            },
+            NewResource {
+                deleted: true,
+                ..a.clone()
+            },
+            NewResource {
+                id: "o2".into(),
+                ..a.clone()
+            },
+        ] {
+            assert_ne!(
+                a.content_digest().unwrap(),
+                changed.content_digest().unwrap(),
+                "{changed:?}"
+            );
+        }
     }
 }

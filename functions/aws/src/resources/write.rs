@@ -10,8 +10,8 @@
 //! sets `sup` on that version's items. Several versions share a transaction up to its limits; a
 //! cancelled one (the pointer moved, or a conflict) is planned again from fresh pointers.
 //!
-//! A version whose content hash `h` (type, id, lastUpdated, deletion, patients and the body without
-//! `versionId`) is the current one's is skipped, so loading the same line again is a no-op.
+//! A version whose content hash `h` ([`NewResource::content_digest`]) is the current one's is
+//! skipped, so loading the same line again is a no-op.
 
 use super::blobs::{self, BlobRef, Blobs};
 use super::table_config::TableConfig;
@@ -57,24 +57,6 @@ struct Planned {
     id: String,
     /// For a Provenance: the `Type/id`s it names (the target index gets its id under each).
     provenance_targets: Vec<String>,
-}
-
-/// The hex SHA-256 that identifies a version's content.
-fn content_hash(r: &NewResource) -> StoreResult<String> {
-    let mut json = r.json.clone();
-    if let Some(meta) = json.get_mut("meta").and_then(Value::as_object_mut) {
-        meta.remove("versionId");
-    }
-    let text = format!(
-        "{}\n{}\n{}\n{}\n{}\n{}",
-        r.resource_type,
-        r.id,
-        to_micros(r.last_updated),
-        r.deleted,
-        r.patients.join(","),
-        serde_json::to_string(&json)?
-    );
-    Ok(blobs::sha256_hex(text.as_bytes()))
 }
 
 fn set_mark(pk: String, sk: String, lu: i64) -> TxAction {
@@ -145,7 +127,7 @@ impl DynamoResourceStore {
         }
         r.patients.sort();
         r.patients.dedup();
-        let hash = content_hash(&r)?;
+        let hash = r.content_digest()?;
         if previous.and_then(|p| get_s(p, "h")).as_ref() == Some(&hash) {
             return Ok(None);
         }
@@ -391,36 +373,6 @@ fn transactions(planned: Vec<Planned>) -> Vec<Vec<Planned>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use export_core::fhir::time::from_micros;
-
-    fn resource(id: &str, json: Value) -> NewResource {
-        NewResource {
-            resource_type: "Observation".into(),
-            id: id.into(),
-            last_updated: from_micros(1_000_000),
-            json,
-            patients: vec!["p1".into()],
-            deleted: false,
-        }
-    }
-
-    #[test]
-    fn the_content_hash_ignores_only_the_version_id() {
-        let a = resource(
-            "o1",
-            serde_json::json!({"meta": {"versionId": "1"}, "status": "final"}),
-        );
-        let b = resource(
-            "o1",
-            serde_json::json!({"meta": {"versionId": "7"}, "status": "final"}),
-        );
-        let c = resource("o1", serde_json::json!({"meta": {}, "status": "amended"}));
-        assert_eq!(content_hash(&a).unwrap(), content_hash(&b).unwrap());
-        assert_ne!(content_hash(&a).unwrap(), content_hash(&c).unwrap());
-        let mut later = a.clone();
-        later.last_updated = from_micros(2_000_000);
-        assert_ne!(content_hash(&a).unwrap(), content_hash(&later).unwrap());
-    }
 
     fn planned(actions: usize, bytes: usize) -> Planned {
         Planned {

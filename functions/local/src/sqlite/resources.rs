@@ -102,8 +102,10 @@ impl SqliteStore {
             {
                 let mut next_rids: std::collections::HashMap<String, i64> = Default::default();
                 let mut current = tx
-                    .prepare_cached("SELECT rid, version, deleted FROM resources WHERE type = ?1 AND id = ?2 AND superseded IS NULL")
+                    .prepare_cached("SELECT rid, version, deleted, lu FROM resources WHERE type = ?1 AND id = ?2 AND superseded IS NULL")
                     .map_err(db_err)?;
+                let mut stored_version = tx.prepare_cached("SELECT body FROM resources WHERE rid = ?1").map_err(db_err)?;
+                let mut stored_patients = tx.prepare_cached("SELECT patient FROM membership WHERE rid = ?1").map_err(db_err)?;
                 let mut supersede = tx.prepare_cached("UPDATE resources SET superseded = ?2 WHERE rid = ?1").map_err(db_err)?;
                 let mut insert = tx
                     .prepare_cached("INSERT INTO resources (rid, type, id, version, lu, body, deleted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
@@ -120,16 +122,39 @@ impl SqliteStore {
                     .map_err(db_err)?;
                 for mut resource in resources {
                     let lu = to_micros(resource.last_updated);
-                    let previous: Option<(i64, i64, bool)> = current
-                        .query_row(params![resource.resource_type, resource.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    let previous: Option<(i64, i64, bool, i64)> = current
+                        .query_row(params![resource.resource_type, resource.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
                         .optional()
                         .map_err(db_err)?;
                     // Deleting what does not exist (or is already deleted) changes nothing.
-                    if resource.deleted && previous.is_none_or(|(_, _, gone)| gone) {
+                    if resource.deleted && previous.is_none_or(|(_, _, gone, _)| gone) {
                         continue;
                     }
-                    let version = previous.map_or(1, |(_, v, _)| v + 1);
-                    if let Some((rid, _, _)) = previous {
+                    // Nor does the current version's content again (the same line loaded twice).
+                    if let Some((rid, _, false, previous_lu)) = previous
+                        && !resource.deleted
+                        && previous_lu == lu
+                    {
+                        let body: String = stored_version.query_row([rid], |r| r.get(0)).map_err(db_err)?;
+                        let patients = stored_patients
+                            .query_map([rid], |r| r.get::<_, String>(0))
+                            .map_err(db_err)?
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(db_err)?;
+                        let stored = NewResource {
+                            resource_type: resource.resource_type.clone(),
+                            id: resource.id.clone(),
+                            last_updated: resource.last_updated,
+                            json: serde_json::from_str(&body)?,
+                            patients,
+                            deleted: false,
+                        };
+                        if stored.content_digest()? == resource.content_digest()? {
+                            continue;
+                        }
+                    }
+                    let version = previous.map_or(1, |(_, v, _, _)| v + 1);
+                    if let Some((rid, _, _, _)) = previous {
                         supersede.execute(params![rid, lu]).map_err(db_err)?;
                     }
                     if let Some(meta) = resource.json.get_mut("meta").and_then(Value::as_object_mut) {
@@ -147,7 +172,7 @@ impl SqliteStore {
                     };
                     let rid = std::mem::replace(rid, *rid + 1);
                     insert.execute(params![rid, resource.resource_type, resource.id, version, lu, body, resource.deleted]).map_err(db_err)?;
-                    if let (true, Some((previous_rid, _, _))) = (resource.deleted, previous) {
+                    if let (true, Some((previous_rid, _, _, _))) = (resource.deleted, previous) {
                         inherit.execute(params![previous_rid, rid]).map_err(db_err)?;
                     }
                     for patient in &resource.patients {
