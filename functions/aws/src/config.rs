@@ -52,11 +52,13 @@ pub struct AwsSettings {
     pub page_url: Option<String>,
 }
 
-fn var(name: &str) -> Result<String, String> {
+/// A required environment variable (the import settings read theirs the same way).
+pub(crate) fn var(name: &str) -> Result<String, String> {
     std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))
 }
 
-fn number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
+/// An optional numeric environment variable, `default` when unset; an error when not a number.
+pub(crate) fn number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
     match std::env::var(name) {
         Ok(v) => v
             .parse()

@@ -1,5 +1,6 @@
 //! The importer's settings, read from the Lambda environment (see `template.yaml`).
 
+use crate::config::{number, var};
 use std::time::Duration;
 
 /// Names and tunables of the importer.
@@ -28,19 +29,6 @@ pub struct ImportSettings {
     /// queue's `maxReceiveCount`, so the job records the failure before the message would go
     /// to the dead-letter queue).
     pub max_attempts: u32,
-}
-
-fn var(name: &str) -> Result<String, String> {
-    std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))
-}
-
-fn number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .map_err(|_| format!("{name}='{v}' is not a number")),
-        Err(_) => Ok(default),
-    }
 }
 
 impl ImportSettings {
