@@ -10,7 +10,7 @@
 
 use crate::accept::{FHIR_JSON, resource_content_type};
 use crate::engine::{Exporter, JobView};
-use crate::error::ApiError;
+use crate::error::{ApiError, StoreError};
 use crate::fhir::capability::capability_statement;
 use crate::fhir::outcome::{IssueCode, operation_outcome};
 use crate::fhir::time::now_millis;
@@ -412,8 +412,19 @@ impl Api {
         if !self.exporter.mark_cancelled(job_id).await? {
             return Err(unknown_job(job_id));
         }
-        self.dispatcher.cancel(job_id).await?;
-        self.exporter.discard(job_id).await?;
+        // Stopping the work can take a moment (items stop after their page): done in a task of
+        // its own, so a client that gives up waiting does not leave the files and the lock behind.
+        let (exporter, dispatcher, id) = (
+            self.exporter.clone(),
+            self.dispatcher.clone(),
+            job_id.to_string(),
+        );
+        tokio::spawn(async move {
+            dispatcher.cancel(&id).await?;
+            exporter.discard(&id).await
+        })
+        .await
+        .map_err(|e| StoreError::new(format!("cancelling ended abnormally: {e}")))??;
         let outcome = operation_outcome(
             "information",
             IssueCode::Informational,

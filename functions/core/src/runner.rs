@@ -104,8 +104,9 @@ async fn run_items(exporter: &Arc<Exporter>, job_id: &str) -> StoreResult<bool> 
     Ok(job.is_some_and(|j| j.status == JobStatus::InProgress))
 }
 
-/// Exports `item` on a thread of its own (see [`crate::item_thread`]). It stops at its next
-/// page once `stopped` says so or its sender is gone (the runner itself was dropped).
+/// Exports `item` on a thread of its own (see [`crate::item_thread`]). It stops where it next
+/// yields (after each page; with network stores also at any wait) once `stopped` says so or its
+/// sender is gone (the runner itself was dropped).
 async fn run_item(
     exporter: Arc<Exporter>,
     item: WorkItem,

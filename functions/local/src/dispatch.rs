@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 /// How long a cancelled job's items may take to stop before the wait is logged.
 const CANCEL_SLOW: Duration = Duration::from_secs(10);
 
-/// Runs jobs as tasks of this process and stops them on cancel.
+/// Runs jobs as tasks of this process and, on cancel, waits for them to stop.
 pub struct LocalDispatcher {
     exporter: Arc<Exporter>,
     tasks: Mutex<HashMap<String, JoinHandle<()>>>,

@@ -142,13 +142,15 @@ impl PartWriter for FilePart {
 
     async fn finish(mut self: Box<Self>) -> StoreResult<()> {
         let file = self.settled().await?;
-        self.closed = true;
         let (partial, target) = (self.partial.clone(), self.target.clone());
         blocking(move || {
             file.file.sync_data()?;
             std::fs::rename(partial, target)
         })
-        .await
+        .await?;
+        // Only now is the data under its final name; had that failed, the partial file goes.
+        self.closed = true;
+        Ok(())
     }
 
     async fn abort(mut self: Box<Self>) -> StoreResult<()> {

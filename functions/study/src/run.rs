@@ -97,7 +97,11 @@ impl StudyService {
                         .await?;
                 }
             }
-            Err(Failure::Cancelled) => return Ok(()),
+            Err(Failure::Cancelled) => {
+                // Every item has ended by now (the runner waits for them): what they wrote goes.
+                self.delete_files(&job).await;
+                return Ok(());
+            }
             Err(Failure::Data(error)) => {
                 job.status = StudyJobStatus::Error;
                 job.progress = None;
