@@ -3,6 +3,7 @@
 //! `meta` and the type's mandatory elements are always kept, and trimmed resources carry the
 //! `SUBSETTED` tag so nobody mistakes them for complete ones.
 
+use crate::fhir::fhirpath::names_member;
 use crate::fhir::is_resource_type;
 use crate::fhir::mandatory_elements;
 use crate::fhir::members::{Member, members};
@@ -138,16 +139,7 @@ fn keeps(wanted: &[&str], key: &str) -> bool {
 
 /// Whether the selected element `wanted` (`value`, `value[x]`) covers the JSON property `name`.
 fn selects(wanted: &str, name: &str) -> bool {
-    // Most pairs differ in their first letter: that test spares a comparison call per pair
-    // (a dozen members against a handful of names, for every resource of an export).
-    if wanted.as_bytes().first() != name.as_bytes().first() {
-        return false;
-    }
-    let base = wanted.strip_suffix("[x]").unwrap_or(wanted);
-    name == base
-        || (name.len() > base.len()
-            && name.starts_with(base)
-            && name[base.len()..].starts_with(|c: char| c.is_ascii_uppercase()))
+    names_member(wanted.strip_suffix("[x]").unwrap_or(wanted), name)
 }
 
 /// Writes stored `meta` bytes with the `SUBSETTED` tag added. Without tags yet (the usual case)

@@ -18,8 +18,26 @@ pub fn stable_digest(parts: &[&str]) -> String {
     format!("{hash:016x}")
 }
 
+/// The SHA-256 of `data` as 64 lowercase hex digits: content hashes (resource versions, stored
+/// blobs, the audit chain) and keys derived from secrets.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sha256_of_the_empty_string() {
+        assert_eq!(
+            super::sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
     #[test]
     fn ids_differ() {
         let a = super::new_id();

@@ -162,7 +162,6 @@ impl NewResource {
     /// is the current version's, so loading the same line again changes nothing (and a retried
     /// write adds nothing), on every store alike.
     pub fn content_digest(&self) -> StoreResult<String> {
-        use sha2::Digest;
         let mut json = self.json.clone();
         if let Some(meta) = json
             .get_mut("meta")
@@ -182,10 +181,7 @@ impl NewResource {
             patients.join(","),
             serde_json::to_string(&json)?
         );
-        Ok(sha2::Sha256::digest(text.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect())
+        Ok(crate::ids::sha256_hex(text.as_bytes()))
     }
 }
 

@@ -5,9 +5,9 @@
 
 use async_trait::async_trait;
 use export_core::StoreResult;
+use export_core::ids::sha256_hex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 /// What happened.
@@ -126,10 +126,7 @@ impl AuditRecord {
         // serde_json keeps insertion order here; sorting the keys makes the hash independent
         // of how a store happened to round-trip the document.
         let canonical = canonical_json(&unhashed);
-        Sha256::digest(canonical.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        sha256_hex(canonical.as_bytes())
     }
 }
 

@@ -8,8 +8,8 @@
 
 use async_trait::async_trait;
 use export_core::StoreResult;
+use export_core::ids::sha256_hex;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// A signed-in session ends after this long without a request (seconds).
 pub const IDLE_LIMIT: i64 = 30 * 60;
@@ -86,10 +86,7 @@ impl Session {
 
 /// The store key of a cookie value.
 pub fn key_of(cookie: &str) -> String {
-    Sha256::digest(cookie.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    sha256_hex(cookie.as_bytes())
 }
 
 /// Where sessions are kept: SQLite locally, DynamoDB (with TTL) on AWS.

@@ -10,7 +10,7 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 use export_core::error::{StoreError, StoreResult};
-use sha2::{Digest, Sha256};
+use export_core::ids::sha256_hex;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -28,14 +28,6 @@ const PATIENT_LISTS_CACHED: usize = 64;
 
 fn s3_err(e: impl std::fmt::Debug) -> StoreError {
     StoreError::new(format!("s3: {e:?}"))
-}
-
-/// The hex SHA-256 of some bytes.
-pub fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Whether a body of `len` bytes, copied into `copies` items, is stored inline.

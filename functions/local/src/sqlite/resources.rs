@@ -105,7 +105,6 @@ impl SqliteStore {
                     .prepare_cached("SELECT rid, version, deleted, lu FROM resources WHERE type = ?1 AND id = ?2 AND superseded IS NULL")
                     .map_err(db_err)?;
                 let mut stored_version = tx.prepare_cached("SELECT body FROM resources WHERE rid = ?1").map_err(db_err)?;
-                let mut stored_patients = tx.prepare_cached("SELECT patient FROM membership WHERE rid = ?1").map_err(db_err)?;
                 let mut supersede = tx.prepare_cached("UPDATE resources SET superseded = ?2 WHERE rid = ?1").map_err(db_err)?;
                 let mut insert = tx
                     .prepare_cached("INSERT INTO resources (rid, type, id, version, lu, body, deleted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
@@ -136,11 +135,7 @@ impl SqliteStore {
                         && previous_lu == lu
                     {
                         let body: String = stored_version.query_row([rid], |r| r.get(0)).map_err(db_err)?;
-                        let patients = stored_patients
-                            .query_map([rid], |r| r.get::<_, String>(0))
-                            .map_err(db_err)?
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(db_err)?;
+                        let patients = patients_of_row(&tx, rid)?;
                         let stored = NewResource {
                             resource_type: resource.resource_type.clone(),
                             id: resource.id.clone(),
@@ -300,18 +295,21 @@ fn resource_version(
     let Some((rid, lu, body)) = SqliteStore::version_at(conn, resource_type, id, as_of)? else {
         return Ok(None);
     };
-    let patients = conn
-        .prepare_cached("SELECT patient FROM membership WHERE rid = ?1")
+    Ok(Some(ResourceVersion {
+        json: Bytes::from(body),
+        last_updated: from_micros(lu),
+        patients: patients_of_row(conn, rid)?,
+    }))
+}
+
+/// The patients whose compartments hold the stored version `rid`.
+fn patients_of_row(conn: &Connection, rid: i64) -> StoreResult<Vec<String>> {
+    conn.prepare_cached("SELECT patient FROM membership WHERE rid = ?1")
         .map_err(db_err)?
         .query_map([rid], |r| r.get::<_, String>(0))
         .map_err(db_err)?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(db_err)?;
-    Ok(Some(ResourceVersion {
-        json: Bytes::from(body),
-        last_updated: from_micros(lu),
-        patients,
-    }))
+        .map_err(db_err)
 }
 
 /// Reads a page over one type ordered by `(lu, rid)`, optionally only compartment members of
